@@ -1,0 +1,422 @@
+"""The extension surface of mmgrow: the base classes every plugin kind implements.
+
+Six kinds, one entry-point group each (``mmgrow.<kind>``):
+
+==============  ===============================  ==========================================
+kind            base class                       what it does
+==============  ===============================  ==========================================
+``mixers``      :class:`SequenceMixer`           token mixing along the sequence (attention,
+                                                 SSMs, linear attention ...)
+``memory``      :class:`MemoryLayer`             test-time-training memory, gated into a block
+``tokenizers``  :class:`Tokenizer`               modality codec: raw media <-> token ids
+``growth``      :class:`GrowthStrategy`          model surgery between training stages
+``objectives``  :class:`Objective`               loss + sampler over a :class:`ModelOutput`
+``tasks``       :class:`Task`                    raw :class:`Sample` -> list of :class:`Segment`
+==============  ===============================  ==========================================
+
+Every plugin class carries ``mmgrow_api`` (a version specifier such as ``">=1,<2"``) naming the
+plugin-API versions it was written against; :data:`PLUGIN_API` is the version this host implements.
+Capabilities are class attributes on the plugin (``supports_state``, ``supports_segments`` ...),
+never lists kept elsewhere. This module imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, ClassVar, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+PLUGIN_API = "1.0"
+"""Version of the plugin contract implemented by this mmgrow. Plugins declare ``mmgrow_api``."""
+
+KINDS = ("tokenizers", "mixers", "memory", "growth", "objectives", "tasks")
+
+NO_BLOCK = -1
+"""``block_ids`` value of a token that belongs to no bidirectional block (e.g. a text token)."""
+
+PAD_SEGMENT = -1
+"""``segment_ids`` value of a padding token: it sees nothing and nothing sees it."""
+
+
+class MixerCapabilityError(ValueError):
+    """A mixer was handed a :class:`SeqContext` feature it cannot honour (never silently ignored)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks and sequence context
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How tokens of one row may attend to each other, before segments and blocks are applied.
+
+    With query ``i`` and key ``j`` of the same row, key ``j`` is visible when all of these hold:
+
+    * **segments**: ``segment_ids[i] == segment_ids[j]`` and neither is :data:`PAD_SEGMENT`;
+    * **causality** (``causal=True``): ``j <= i`` (index order), *or* ``i`` and ``j`` are in the
+      same bidirectional block (``block_ids[i] == block_ids[j] != NO_BLOCK``). With
+      ``causal=False`` every pair passes this test;
+    * **window** (``window=W``): ``|positions[i] - positions[j]| < W``. Positions, not indices, so
+      the rule survives KV caches and sequence sharding.
+
+    A query row with no visible key produces a zero output (never NaN).
+    """
+
+    causal: bool = True
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"MaskSpec.window must be a positive int or None, got {self.window!r}")
+
+
+@dataclass
+class ContextParallel:
+    """Handle of the context-parallel (sequence-sharded) process group, if any.
+
+    ``layout`` is ``"contiguous"`` (rank r holds tokens ``[r*T/W, (r+1)*T/W)``) or ``"zigzag"``
+    (rank r holds chunks ``r`` and ``2W-1-r`` of ``2W`` equal chunks, balancing causal work).
+    """
+
+    group: Any
+    rank: int
+    world_size: int
+    layout: Literal["contiguous", "zigzag"] = "zigzag"
+
+
+@dataclass
+class SeqContext:
+    """Everything a mixer needs to know about the sequence besides the hidden states.
+
+    Built once per batch (see :meth:`SeqContext.from_batch`) and shared by all layers.
+
+    Shapes (``B`` batch, ``T`` tokens):
+        positions:    ``[B, T]`` int64, position of each token within its packed example (restarts
+                      at 0 per segment); RoPE and window masks use it.
+        segment_ids:  ``[B, T]`` int64 or None (= one segment per row); :data:`PAD_SEGMENT` = padding.
+        block_ids:    ``[B, T]`` int64 or None (= no blocks); equal ids >= 0 form a bidirectional block.
+        modality_ids: ``[B, T]`` int64 or None; index into the model's modality list.
+        mask:         the :class:`MaskSpec`.
+        condition:    ``[B, S, C]`` conditioning tokens (e.g. text embeddings) or None.
+        condition_mask: ``[B, S]`` bool, True = valid conditioning token, or None.
+        timestep:     ``[B, C]`` timestep embedding for diffusion or None.
+        cp:           :class:`ContextParallel` or None.
+    """
+
+    positions: Tensor
+    segment_ids: Tensor | None = None
+    block_ids: Tensor | None = None
+    modality_ids: Tensor | None = None
+    mask: MaskSpec = field(default_factory=MaskSpec)
+    condition: Tensor | None = None
+    condition_mask: Tensor | None = None
+    timestep: Tensor | None = None
+    cp: ContextParallel | None = None
+
+    _PER_TOKEN: ClassVar[tuple[str, ...]] = ("positions", "segment_ids", "block_ids", "modality_ids")
+
+    def __post_init__(self) -> None:
+        if self.positions.dim() != 2:
+            raise ValueError(f"SeqContext.positions must be [B, T], got shape {tuple(self.positions.shape)}")
+        for name in self._PER_TOKEN[1:]:
+            value = getattr(self, name)
+            if value is not None and value.shape != self.positions.shape:
+                raise ValueError(
+                    f"SeqContext.{name} has shape {tuple(value.shape)}, expected {tuple(self.positions.shape)} "
+                    "(the shape of positions)"
+                )
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.positions.shape[1]
+
+    @classmethod
+    def simple(
+        cls, batch_size: int, seq_len: int, *, device: torch.device | str | None = None,
+        causal: bool = True, window: int | None = None, offset: int = 0,
+    ) -> "SeqContext":
+        """A context for unpacked rows: positions ``offset .. offset+T-1``, no segments or blocks."""
+        pos = torch.arange(offset, offset + seq_len, device=device).expand(batch_size, seq_len)
+        return cls(positions=pos.contiguous(), mask=MaskSpec(causal=causal, window=window))
+
+    def slice(self, start: int, end: int) -> "SeqContext":
+        """The context of tokens ``[start, end)`` (for chunked prefill or step decoding)."""
+        kw = {n: (getattr(self, n)[:, start:end] if getattr(self, n) is not None else None) for n in self._PER_TOKEN}
+        return replace(self, **kw)
+
+    def select(self, index: Tensor) -> "SeqContext":
+        """The context of rows ``index`` (e.g. one packed example, for tests and sampling)."""
+        kw = {n: (getattr(self, n)[index] if getattr(self, n) is not None else None) for n in self._PER_TOKEN}
+        for n in ("condition", "condition_mask", "timestep"):
+            if getattr(self, n) is not None:
+                kw[n] = getattr(self, n)[index]
+        return replace(self, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plugin base
+# --------------------------------------------------------------------------------------------------
+
+
+class Plugin:
+    """Mixin carrying the metadata every plugin class declares."""
+
+    mmgrow_api: ClassVar[str] = ">=1,<2"
+    """Plugin-API versions this class targets (PEP 440 specifier against :data:`PLUGIN_API`)."""
+
+    @classmethod
+    def conformance_checks(cls) -> list[Callable[[], None]]:
+        """Extra self-checks run by ``mmgrow plugins check``; each raises on failure. Default: none."""
+        return []
+
+
+# --------------------------------------------------------------------------------------------------
+# 3.1 Sequence mixers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MixerState:
+    """Base of the small, typed per-layer decoding state a mixer returns (KV window, recurrent
+    matrix, conv tail, ...). Subclasses are dataclasses of tensors; no global layer-indexed cache."""
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "MixerState":
+        """Apply ``fn`` to every tensor field (device moves, batch selection for beam search ...)."""
+        kw = {f.name: (fn(v) if isinstance(v, Tensor) else v) for f in fields(self) for v in [getattr(self, f.name)]}
+        return replace(self, **kw)
+
+
+class SequenceMixer(Plugin, nn.Module):
+    """Mixes information along the sequence: ``y[b, t] = f(x[b, :], ctx)`` for the allowed tokens.
+
+    Construction is keyword-only: ``Mixer(dim=..., layer_idx=..., **hparams)``; recipes give the
+    hparams, the backbone supplies ``dim`` and ``layer_idx``.
+
+    Contract of :meth:`forward` (checked for every registered mixer by the conformance suite):
+
+    * ``x [B, T, D]`` -> ``y [B, T, D]``, same dtype and device;
+    * a causal context (``ctx.mask.causal``) never lets ``y[:, t]`` depend on ``x[:, t' > t]``
+      (except within a bidirectional block when ``supports_blocks``);
+    * with ``supports_segments``: a packed row equals running each segment as its own row;
+    * with ``supports_state``: running ``x[:, :t]`` then ``x[:, t:]`` with the returned state equals
+      one pass over ``x``, and token-by-token decoding (``T == 1`` steps) equals prefill;
+    * a context feature the mixer cannot honour raises :class:`MixerCapabilityError`.
+    """
+
+    causal_only: ClassVar[bool] = False
+    """True when the mixer cannot run with ``ctx.mask.causal == False``."""
+    supports_state: ClassVar[bool] = False
+    """True when :meth:`init_state` and stateful (chunked / step) forward work."""
+    supports_segments: ClassVar[bool] = False
+    """True when packed rows (``ctx.segment_ids``) are honoured."""
+    supports_blocks: ClassVar[bool] = False
+    """True when bidirectional blocks (``ctx.block_ids``) are honoured."""
+    supports_window: ClassVar[bool] = False
+    """True when ``ctx.mask.window`` is honoured."""
+    supports_context_parallel: ClassVar[bool] = False
+    """True when the mixer runs on a sequence sharded over ``ctx.cp``."""
+
+    def __init__(self, *, dim: int, layer_idx: int = 0) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{type(self).__name__}: dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.layer_idx = layer_idx
+
+    def forward(self, x: Tensor, ctx: SeqContext, state: MixerState | None = None) -> tuple[Tensor, MixerState | None]:
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> MixerState:
+        """An empty decoding state (nothing seen yet). Only when ``supports_state``."""
+        raise MixerCapabilityError(f"{type(self).__name__} does not support stateful decoding (supports_state=False)")
+
+    def state_size(self, seq_len: int) -> int:
+        """Number of state elements per example after ``seq_len`` tokens (KV cache grows, SSMs don't)."""
+        return 0
+
+    def residual_outputs(self) -> list[nn.Linear]:
+        """The output projections that write into the residual stream (zeroed by growth strategies)."""
+        return []
+
+    def check_context(self, x: Tensor, ctx: SeqContext) -> None:
+        """Validate ``x`` against ``ctx`` and this mixer's capabilities; raise a named error."""
+        check_mixer_input(self, x, ctx)
+
+
+def check_mixer_input(mixer: SequenceMixer, x: Tensor, ctx: SeqContext) -> None:
+    """Shared validation: shapes, dtype, and context features the mixer's attributes do not claim."""
+    name = type(mixer).__name__
+    if x.dim() != 3 or x.shape[-1] != mixer.dim:
+        raise ValueError(f"{name}: expected x of shape [B, T, {mixer.dim}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point x, got dtype {x.dtype}")
+    if tuple(ctx.positions.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{name}: ctx.positions is {tuple(ctx.positions.shape)} but x is {tuple(x.shape)}; "
+                         "expected [B, T] matching x")
+    if not ctx.mask.causal and mixer.causal_only:
+        raise MixerCapabilityError(f"{name} is causal-only but ctx.mask.causal is False")
+    if ctx.segment_ids is not None and not mixer.supports_segments:
+        raise MixerCapabilityError(f"{name} cannot honour ctx.segment_ids (packed rows); use a mixer with "
+                                   "supports_segments=True or unpacked batches")
+    if ctx.block_ids is not None and not mixer.supports_blocks and bool((ctx.block_ids != NO_BLOCK).any()):
+        raise MixerCapabilityError(f"{name} cannot honour ctx.block_ids (bidirectional blocks)")
+    if ctx.mask.window is not None and not mixer.supports_window:
+        raise MixerCapabilityError(f"{name} cannot honour ctx.mask.window={ctx.mask.window}")
+    if ctx.cp is not None and ctx.cp.world_size > 1 and not mixer.supports_context_parallel:
+        raise MixerCapabilityError(f"{name} does not support context parallelism (world size {ctx.cp.world_size})")
+
+
+MixerFactory = Callable[[int, int], SequenceMixer]
+"""``factory(dim, layer_idx) -> SequenceMixer``: what a recipe's ``mixer:`` entry becomes."""
+
+
+# --------------------------------------------------------------------------------------------------
+# 3.3 Memory layers
+# --------------------------------------------------------------------------------------------------
+
+
+class MemoryLayer(SequenceMixer):
+    """A test-time-training memory: the mixer contract, plus how the block gates it.
+
+    The block computes ``x + tanh(alpha) * memory(norm(x))`` with ``alpha`` initialised to
+    ``gate_init`` (and, when ``bidirectional``, a second pass over the time-reversed sequence with
+    its own gate). A memory layer may also be used directly as a block's mixer.
+    """
+
+    gate_init: ClassVar[float] = 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# 3.4 Tokenizers (modality codecs)
+# --------------------------------------------------------------------------------------------------
+
+
+class Tokenizer(Plugin, nn.Module):
+    """A modality codec: raw media <-> tokens (``kind="discrete"``) or latents (``"continuous"``).
+
+    Discrete codecs encode one item to a 1-D int64 tensor of ids in ``[0, vocab_size)``, special
+    tokens included. ``special_tokens`` maps names (``"eof"``, ``"eov"``, ``"bos"`` ...) to ids: the
+    codec declares them; nothing else hard-codes them. ``block_ids(tokens)`` says which tokens form
+    bidirectional blocks (one per frame for video); the default is none. Learned codecs implement
+    :meth:`loss` so the same loop can train them.
+    """
+
+    modality: ClassVar[str] = "text"
+    kind: ClassVar[Literal["discrete", "continuous"]] = "discrete"
+    vocab_size: int = 0
+    latent_dim: int = 0
+    special_tokens: dict[str, int]
+
+    def encode(self, raw: Any) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, tokens: Tensor) -> Any:
+        raise NotImplementedError
+
+    def block_ids(self, tokens: Tensor) -> Tensor:
+        """``[N]`` int64 block id per token (:data:`NO_BLOCK` where none)."""
+        return torch.full(tokens.shape[:1], NO_BLOCK, dtype=torch.long)
+
+    def loss(self, raw: Any) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__} is not a learned codec")
+
+
+# --------------------------------------------------------------------------------------------------
+# 3.5 Growth
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GrowthReport:
+    """What a growth step did: parameter names that are new, and whether the function is kept."""
+
+    new_parameters: list[str]
+    preserves: Literal["exact", "tolerance", "none"]
+    notes: str = ""
+
+
+class GrowthStrategy(Plugin):
+    """Surgery on a single-device model between training stages: ``apply(model, **cfg)``.
+
+    ``preserves`` states the guarantee tested by the conformance suite: ``"exact"`` (outputs
+    bit-identical before/after), ``"tolerance"`` (within a stated bound) or ``"none"``. Strategies
+    act on modules through ``residual_outputs()``, never on state-dict key strings.
+    """
+
+    preserves: ClassVar[Literal["exact", "tolerance", "none"]] = "exact"
+
+    def apply(self, model: nn.Module, **cfg: Any) -> GrowthReport:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# 3.6 Objectives
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutput:
+    """What the model hands an objective.
+
+    hidden: ``[B, T, D]`` final hidden states (after the final norm).
+    logits: ``logits(hidden_sel [N, D], modality: str) -> [N, V_modality]`` — the modality's head.
+    states: per-layer mixer states after the forward, when decoding.
+    """
+
+    hidden: Tensor
+    logits: Callable[[Tensor, str], Tensor]
+    states: list[Any] | None = None
+
+
+class Objective(Plugin):
+    """A training objective with its own sampler.
+
+    ``loss(output, batch) -> (scalar loss, metrics dict of floats/0-d tensors)``;
+    ``generate(model, prompt, ...)`` samples continuations with the mixers' states.
+    """
+
+    def loss(self, output: ModelOutput, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def generate(self, model: nn.Module, prompt: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Data tasks
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One raw example: media by modality name (``{"video": uint8 [F, H, W, 3]}``), a text, metadata."""
+
+    media: dict[str, Any]
+    text: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Segment:
+    """A piece of a training sequence: which codec encodes it and whether it is predicted."""
+
+    modality: str
+    raw: Any
+    role: Literal["input", "target"] = "input"
+
+
+class Task(Plugin):
+    """Turns a :class:`Sample` into ordered :class:`Segment` s (captioning, text-to-video, QA ...)."""
+
+    name: ClassVar[str] = ""
+    modalities: ClassVar[Sequence[str]] = ()
+
+    def segments(self, sample: Sample) -> list[Segment]:
+        raise NotImplementedError

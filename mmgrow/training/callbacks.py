@@ -1,0 +1,118 @@
+"""Callbacks that make every run leave evidence: weights, a summary, samples and a loss plot.
+
+All of them write into the run directory (``trainer.default_root_dir``) and only on global rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+
+from mmgrow.training.export import atomic_write_bytes, save_model
+
+log = logging.getLogger(__name__)
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory when on CUDA, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
+
+
+class ExportWeights(pl.Callback):
+    """At the end of ``fit``: ``model.safetensors`` + ``model.yaml`` (atomic writes)."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            path = save_model(pl_module.model, pl_module.model_config(), run_dir(trainer))
+            log.info("weights written to %s", path)
+
+
+class RunSummary(pl.Callback):
+    """Measures training throughput and writes ``summary.json`` at the end of ``fit``.
+
+    ``tokens_per_s`` counts non-padding tokens of training batches over the wall time of the training
+    batches themselves (data loading included, validation and sampling excluded).
+    """
+
+    def __init__(self) -> None:
+        self.train_time = 0.0
+        self.tokens = 0
+        self._t0: Optional[float] = None
+        self.fit_start = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit_start = time.perf_counter()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._t0 is not None:
+            self.train_time += time.perf_counter() - self._t0
+            self.tokens += batch.num_tokens
+            self._t0 = None
+
+    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        model = pl_module.model
+        dm = trainer.datamodule
+        seq_len = getattr(dm, "seq_len", None) or 0
+        state = sum(m.state_size(seq_len) for m in model.modules() if hasattr(m, "state_size")
+                    and callable(getattr(m, "state_size")) and m is not model) if seq_len else 0
+        return {
+            "final_train_loss": metrics.get("train/loss", metrics.get("train/loss_step")),
+            "final_val_loss": metrics.get("val/loss"),
+            "metrics": metrics,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "tokens_seen": int(pl_module.tokens_seen),
+            "train_tokens_this_run": self.tokens,
+            "tokens_per_s": self.tokens / self.train_time if self.train_time > 0 else None,
+            "train_batch_seconds": self.train_time,
+            "wall_seconds": time.perf_counter() - self.fit_start,
+            "global_step": int(trainer.global_step),
+            "peak_memory_bytes": peak_memory_bytes(pl_module.device),
+            "state_size_per_example": int(state),
+            "seq_len": int(seq_len),
+            "device": str(pl_module.device),
+        }
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            data = json.dumps(self.summary(trainer, pl_module), indent=2).encode()
+            atomic_write_bytes(run_dir(trainer) / "summary.json", data)
+
+
+class PlotMetrics(pl.Callback):
+    """At the end of ``fit``: ``plots/loss.png`` from the CSV logger's ``metrics.csv``."""
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning.pytorch.loggers import CSVLogger
+
+        from mmgrow.evaluation.plots import plot_metrics
+
+        for lg in trainer.loggers:
+            if isinstance(lg, CSVLogger):
+                lg.save()
+                csv = Path(lg.log_dir) / "metrics.csv"
+                if csv.exists():
+                    plot_metrics(csv, run_dir(trainer) / "plots" / "loss.png", keys=("train/loss", "val/loss"))
+                return

@@ -1,0 +1,181 @@
+"""``mmgrow fit|validate|test|predict --config recipe.yaml``: a LightningCLI subclass.
+
+What it adds to LightningCLI:
+
+* registry names work wherever a ``class_path`` is expected (``class_path: full``, or
+  ``mixers:full`` when a name exists in several kinds): they are rewritten to import paths before
+  parsing, so recipes stay short and the saved ``config.yaml`` still carries full paths;
+* ``data.vocab`` is linked into ``model.vocab`` at instantiation (the codecs decide the vocabulary);
+* a run directory: ``trainer.default_root_dir`` (default ``runs/<recipe name>``) receives
+  ``config.yaml``, ``metrics.csv`` (+ TensorBoard under ``tb/`` when installed), ``checkpoints/``
+  (resumable, ``last.ckpt``), and the evidence callbacks' files (weights, summary, samples, plots).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmgrow import registry
+
+
+def _rewrite_class_paths(node: Any) -> Any:
+    """Replace registry names in ``class_path`` values by import paths (recursively)."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "class_path" and isinstance(v, str):
+                out[k] = resolve_class_path(v)
+            else:
+                out[k] = _rewrite_class_paths(v)
+        return out
+    if isinstance(node, list):
+        return [_rewrite_class_paths(v) for v in node]
+    return node
+
+
+def resolve_class_path(value: str) -> str:
+    """``"full"`` / ``"mixers:full"`` -> ``"mmgrow.layers.attention.FullAttention"``; dotted paths and
+    unknown bare names (jsonargparse resolves imported class names itself) pass through."""
+    kind, sep, name = value.partition(":")
+    if sep:
+        return registry.import_path(kind, name)
+    if "." in value:
+        return value
+    kinds = registry.find_kinds(value)
+    if len(kinds) > 1:
+        raise ValueError(f"class_path {value!r} is registered in several kinds ({', '.join(kinds)}); "
+                         f"write it as '<kind>:{value}', e.g. '{kinds[0]}:{value}'")
+    return registry.import_path(kinds[0], value) if kinds else value
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """Resolve registry names in ``--config`` files and ``...class_path`` options of ``argv``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, inline = arg.partition("=")
+        if key in ("--config", "-c"):
+            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+            i += 1 if eq else 2
+            if value is None:
+                out.append(arg)
+                continue
+            out += ["--config", _rewrite_config_file(value)]
+            continue
+        if key.endswith(".class_path") or key.endswith("class_path"):
+            if eq:
+                out.append(f"{key}={resolve_class_path(inline)}")
+            else:
+                out.append(arg)
+                if i + 1 < len(argv):
+                    out.append(resolve_class_path(argv[i + 1]))
+                    i += 1
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _rewrite_config_file(value: str) -> str:
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {value}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{value} is not valid YAML: {exc}") from exc
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{value} must hold a mapping at the top level (fit/trainer/model/data ...), "
+                         f"got {type(cfg).__name__}")
+    new = _rewrite_class_paths(cfg)
+    trainer = new.setdefault("trainer", {}) if isinstance(new.get("trainer", {}), dict) else None
+    if trainer is not None and not trainer.get("default_root_dir"):
+        trainer["default_root_dir"] = str(Path("runs") / path.stem)
+    return yaml.safe_dump(new, sort_keys=False)
+
+
+def _make_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
+
+    class MMGrowCLI(LightningCLI):
+        """LightningCLI with mmgrow's links, run directory and evidence callbacks."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data.vocab", "model.init_args.vocab" if self.subclass_mode_model else "model.vocab",
+                                  apply_on="instantiate")
+
+        def instantiate_trainer(self, **kwargs: Any):
+            cfg = self._get(self.config_init, "trainer", default={})
+            root = cfg.get("default_root_dir") or str(Path("runs") / "default")
+            kwargs.setdefault("default_root_dir", root)
+            if cfg.get("logger") in (None, True):
+                kwargs["logger"] = default_loggers(root)
+            trainer = super().instantiate_trainer(**kwargs)
+            have = {type(c) for c in trainer.callbacks}
+            for cls in (RunSummary, ExportWeights, PlotMetrics, *_sample_callback()):
+                if cls not in have:
+                    trainer.callbacks.append(cls())
+            return trainer
+
+    return MMGrowCLI
+
+
+def _sample_callback() -> tuple[type, ...]:
+    from mmgrow.training.samples import GenerateSamples
+
+    return (GenerateSamples,)
+
+
+def default_loggers(root: str) -> list:
+    """CSV metrics in the run root, plus TensorBoard under ``tb/`` when it is installed."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=root, name="", version="")]
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return loggers
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers.append(TensorBoardLogger(save_dir=root, name="tb", version=""))
+    return loggers
+
+
+def build_cli(args: list[str] | None = None, run: bool = True):
+    """Build (and by default run) the CLI. ``args`` without the ``mmgrow`` program name."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    from mmgrow.data.datamodule import MMDataModule
+    from mmgrow.training.module import MMGrowModule
+
+    cls = _make_cli_class()
+    argv = rewrite_argv(list(sys.argv[1:] if args is None else args))
+    return cls(
+        MMGrowModule,
+        MMDataModule,
+        args=argv,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "callbacks": [
+                {"class_path": f"{ModelCheckpoint.__module__}.ModelCheckpoint", "init_args": {"save_last": True}},
+                {"class_path": f"{RichProgressBar.__module__}.RichProgressBar"},
+            ],
+        },
+        parser_kwargs={"description": "mmgrow: train and evaluate unified multimodal models from YAML recipes."},
+    )
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    build_cli(argv)
+    return 0

@@ -1,0 +1,160 @@
+"""The one LightningModule: builds the unified model, runs any objective, exports weights.
+
+Baselines and target systems differ only in what the recipe injects here (``mixer`` factories, the
+objective); there is no per-model training script.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+
+from mmgrow.batch import TokenBatch
+from mmgrow.protocols import Objective, SequenceMixer
+from mmgrow.training.export import CheckpointError, load_weights_into
+from mmgrow.training.factories import factory_from_spec, spec_from_factory
+
+MixerFactoryArg = Callable[[int, int], SequenceMixer]
+
+
+class MMGrowModule(pl.LightningModule):
+    """Train a :class:`~mmgrow.models.unified.UnifiedModel` with an :class:`~mmgrow.protocols.Objective`.
+
+    Args:
+        vocab: modality -> vocabulary size, in token-space order. Linked from ``data.vocab`` by the CLI.
+        dim, depth: backbone width and number of blocks.
+        mixer: a mixer factory (``class_path`` + ``init_args`` in YAML; ``dim`` and ``layer_idx`` are
+            supplied per layer) or a list of them cycled over layers. Default: full attention.
+        mlp_ratio: SwiGLU hidden size as a multiple of ``dim`` (None = the model's default).
+        objective: the training objective (default: autoregressive with LWM's modality weights).
+        lr, weight_decay, betas: AdamW settings (no decay on norms, biases and embeddings).
+        warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at
+            ``trainer.max_steps`` (constant after warm-up when ``max_steps`` is not set).
+        init_from: a ``model.safetensors`` file or a run directory holding one; loaded after the
+            model is built (architecture must match).
+    """
+
+    def __init__(
+        self,
+        vocab: Optional[dict[str, int]] = None,
+        dim: int = 256,
+        depth: int = 4,
+        mixer: Optional[Union[MixerFactoryArg, list[MixerFactoryArg]]] = None,
+        mlp_ratio: Optional[float] = None,
+        objective: Optional[Objective] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 20,
+        min_lr_ratio: float = 0.1,
+        init_from: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if vocab is None:
+            raise ValueError("MMGrowModule needs `vocab` (modality -> vocabulary size); the CLI links it from "
+                             "data.vocab — when building the module by hand pass e.g. vocab=datamodule.vocab")
+        if init_from is not None and not Path(init_from).exists():
+            raise CheckpointError(f"init_from path does not exist: {init_from} (expected a model.safetensors "
+                                  "file or a run directory containing one)")
+        self.save_hyperparameters(ignore=["objective"])
+        self.vocab = dict(vocab)
+        self.mixer = factory_from_spec(mixer) if isinstance(mixer, (dict, list)) else mixer
+        if objective is None:
+            from mmgrow.objectives.autoregressive import AutoregressiveObjective
+
+            objective = AutoregressiveObjective()
+        self.objective = objective
+        self.model: Optional[torch.nn.Module] = None
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ model
+    def model_config(self) -> dict[str, Any]:
+        """What ``model.yaml`` stores: enough to rebuild the model without the recipe."""
+        cfg: dict[str, Any] = {"token_space": self.vocab, "dim": self.hparams.dim, "depth": self.hparams.depth,
+                               "mixer": spec_from_factory(self.mixer)}
+        if self.hparams.mlp_ratio is not None:
+            cfg["mlp_ratio"] = self.hparams.mlp_ratio
+        return cfg
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from mmgrow.models.unified import UnifiedModel
+
+        kwargs = {"token_space": self.vocab, "dim": self.hparams.dim, "depth": self.hparams.depth,
+                  "mixer": self.mixer}
+        if self.hparams.mlp_ratio is not None:
+            kwargs["mlp_ratio"] = self.hparams.mlp_ratio
+        self.model = UnifiedModel(**kwargs)
+        bind = getattr(self.objective, "bind", None)
+        if callable(bind):
+            bind(self.model.token_space)
+        if self.hparams.init_from:
+            load_weights_into(self.model, self.hparams.init_from)
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: TokenBatch, stage: str) -> torch.Tensor:
+        ctx = self.objective.context(batch)
+        out = self.model(batch.input_ids, ctx)
+        loss, metrics = self.objective.loss(out, batch)
+        bs = batch.input_ids.shape[0]
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=bs)
+        for k, v in metrics.items():
+            if k != "loss":
+                self.log(f"{stage}/{k}", v, on_step=on_step, on_epoch=not on_step, batch_size=bs)
+        return loss
+
+    def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
+        self.tokens_seen += batch.num_tokens
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: TokenBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        ctx = self.objective.context(batch)
+        out = self.model(batch.input_ids, ctx)
+        return {"hidden": out.hidden}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+        hp = self.hparams
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mmgrow_tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()
+        self.tokens_seen = int(checkpoint.get("mmgrow_tokens_seen", 0))
+
+
+def warmup_cosine(warmup: int, total: Optional[int], min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: ``(s+1)/warmup`` during warm-up, then cosine from 1 to ``min_ratio`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if total is None or total <= warmup:
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
