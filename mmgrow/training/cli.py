@@ -46,10 +46,19 @@ def resolve_class_path(value: str) -> str:
     if "." in value:
         return value
     kinds = registry.find_kinds(value)
+    if not kinds:
+        import difflib
+
+        names = sorted({n for k in registry.KINDS for n in registry.available(k)})
+        close = difflib.get_close_matches(value, names, n=3, cutoff=0.75)
+        if close:
+            raise ValueError(f"unknown plugin name {value!r} in class_path; did you mean "
+                             f"{', '.join(repr(c) for c in close)}? (or give a full import path)")
+        return value
     if len(kinds) > 1:
         raise ValueError(f"class_path {value!r} is registered in several kinds ({', '.join(kinds)}); "
                          f"write it as '<kind>:{value}', e.g. '{kinds[0]}:{value}'")
-    return registry.import_path(kinds[0], value) if kinds else value
+    return registry.import_path(kinds[0], value)
 
 
 def rewrite_argv(argv: list[str]) -> list[str]:
@@ -105,6 +114,8 @@ def _rewrite_config_file(value: str) -> str:
 def _make_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
 
     class MMGrowCLI(LightningCLI):
@@ -120,12 +131,22 @@ def _make_cli_class():
             kwargs.setdefault("default_root_dir", root)
             if cfg.get("logger") in (None, True):
                 kwargs["logger"] = default_loggers(root)
-            trainer = super().instantiate_trainer(**kwargs)
-            have = {type(c) for c in trainer.callbacks}
-            for cls in (RunSummary, ExportWeights, PlotMetrics, *_sample_callback()):
-                if cls not in have:
-                    trainer.callbacks.append(cls())
-            return trainer
+            return super().instantiate_trainer(**kwargs)
+
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+            # Evidence callbacks are always on; a recipe that lists one of them configures it instead.
+            configured = list(config.get("callbacks") or []) + list(callbacks)
+            have = {type(c) for c in configured}
+            wanted = [RunSummary, ExportWeights, PlotMetrics, *_sample_callback()]
+            if config.get("enable_checkpointing", True) is not False:
+                wanted.append(lambda: ModelCheckpoint(save_last=True))
+            if config.get("enable_progress_bar", True) is not False:
+                wanted.append(RichProgressBar)
+            for make in wanted:
+                probe = make if isinstance(make, type) else ModelCheckpoint
+                if not any(issubclass(t, probe) for t in have):
+                    callbacks.append(make())
+            return super()._instantiate_trainer(config, callbacks)
 
     return MMGrowCLI
 
@@ -153,8 +174,6 @@ def default_loggers(root: str) -> list:
 
 def build_cli(args: list[str] | None = None, run: bool = True):
     """Build (and by default run) the CLI. ``args`` without the ``mmgrow`` program name."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-
     from mmgrow.data.datamodule import MMDataModule
     from mmgrow.training.module import MMGrowModule
 
@@ -166,12 +185,6 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         args=argv,
         run=run,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "callbacks": [
-                {"class_path": f"{ModelCheckpoint.__module__}.ModelCheckpoint", "init_args": {"save_last": True}},
-                {"class_path": f"{RichProgressBar.__module__}.RichProgressBar"},
-            ],
-        },
         parser_kwargs={"description": "mmgrow: train and evaluate unified multimodal models from YAML recipes."},
     )
 

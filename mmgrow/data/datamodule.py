@@ -1,0 +1,145 @@
+"""The LightningDataModule of mmgrow recipes: dataset -> tasks -> codecs -> padded TokenBatch.
+
+Only training code imports this module (it imports lightning at the top). Everything in the
+signature is a plain type, so LightningCLI / jsonargparse can fill it from YAML, and the attributes
+the model needs (``token_space``, ``vocab``) exist right after ``__init__`` for instantiate-time links
+such as ``data.vocab -> model.vocab``.
+
+Datasets are not a plugin kind yet; :data:`DATASETS` maps the few embedded ones by name.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import mmgrow
+from mmgrow.batch import TokenBatch
+from mmgrow.data.collate import pad_collate
+from mmgrow.data.sequence import EncodedSequence, SequenceBuilder
+from mmgrow.data.synthetic.shapes import ShapesDataset
+from mmgrow.protocols import Task
+
+DATASETS: dict[str, type] = {"shapes": ShapesDataset}
+"""Embedded datasets by name: ``cls(num_samples=..., seed=..., split=..., **dataset_args)``."""
+
+DEFAULT_CODECS: dict[str, str] = {"text": "bytes", "video": "pixels"}
+
+
+class TaskSequenceDataset(Dataset):
+    """``dataset[i]`` run through one task and the builder -> :class:`EncodedSequence`.
+
+    The task is chosen round-robin by index: sample ``i`` uses ``tasks[i % len(tasks)]``. This is
+    deterministic, needs no state shared with loader workers, and with a shuffled sampler every
+    batch mixes tasks in equal shares (the dataset draws a fresh random video for every index, so
+    every task still sees every combination).
+    """
+
+    def __init__(self, dataset: Any, tasks: list[Task], builder: SequenceBuilder) -> None:
+        self.dataset, self.tasks, self.builder = dataset, tasks, builder
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> EncodedSequence:
+        task = self.tasks[index % len(self.tasks)]
+        return self.builder.build(task.segments(self.dataset[index]))
+
+
+class MMDataModule(pl.LightningDataModule):
+    """Embedded dataset + tasks + codecs -> padded :class:`~mmgrow.batch.TokenBatch` es.
+
+    Args:
+        tasks: registered task names (``mmgrow.available("tasks")``), mixed round-robin per sample.
+        codecs: ``{modality: tokenizer name}``; default ``{"text": "bytes", "video": "pixels"}``. The
+            order fixes the token-space offsets and ``modality_ids``.
+        codec_args: ``{modality: {kwarg: value}}`` for the codecs (e.g. ``{"video": {"grid": 4}}``).
+        dataset: name in :data:`DATASETS`.
+        dataset_args: extra keyword arguments of the dataset class (e.g. ``{"frames": 4}``).
+        num_train, num_val: samples in the ``"train"`` and ``"val"`` splits.
+        seq_len: pad every batch to this length (an example longer than it is an error), or None to
+            pad each batch to its longest example.
+        batch_size, num_workers: DataLoader settings.
+        seed: seeds the dataset splits and the training shuffle order.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str] = ["text_to_video"],  # noqa: B006 - never mutated; a plain default for jsonargparse
+        codecs: dict[str, str] | None = None,
+        codec_args: dict[str, dict] | None = None,
+        dataset: str = "shapes",
+        dataset_args: dict | None = None,
+        num_train: int = 2048,
+        num_val: int = 64,
+        seq_len: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if isinstance(tasks, str) or not tasks:
+            raise ValueError(f"MMDataModule: tasks must be a non-empty list of task names, got {tasks!r}")
+        if dataset not in DATASETS:
+            raise ValueError(f"MMDataModule: unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+            raise ValueError(f"MMDataModule: seq_len must be a positive int or None, got {seq_len!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"MMDataModule: batch_size must be a positive int, got {batch_size!r}")
+        codecs = dict(DEFAULT_CODECS if codecs is None else codecs)
+        codec_args = dict(codec_args or {})
+        unknown = sorted(set(codec_args) - set(codecs))
+        if unknown:
+            raise ValueError(f"MMDataModule: codec_args given for {unknown} which have no codec; codecs: {sorted(codecs)}")
+
+        self.codecs = {m: mmgrow.create("tokenizers", name, **codec_args.get(m, {})) for m, name in codecs.items()}
+        self.builder = SequenceBuilder(self.codecs)
+        self.token_space = self.builder.token_space
+        self.vocab: dict[str, int] = self.token_space.to_dict()
+        self.tasks: list[Task] = [mmgrow.create("tasks", name) for name in tasks]
+        for name, task in zip(tasks, self.tasks):
+            missing = [m for m in task.modalities if m not in self.codecs]
+            if missing:
+                raise ValueError(f"MMDataModule: task {name!r} needs codecs for {missing}; codecs: {sorted(self.codecs)}")
+
+        self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
+        dataset_cls, args = DATASETS[dataset], dict(dataset_args or {})
+        self.train_set = dataset_cls(num_samples=num_train, seed=seed, split="train", **args)
+        self.val_set = dataset_cls(num_samples=num_val, seed=seed, split="val", **args)
+
+    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            TaskSequenceDataset(dataset, self.tasks, self.builder),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=partial(pad_collate, seq_len=self.seq_len),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a generator seeded by ``seed`` (same order for the same seed)."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def heldout_prompts(self) -> list[tuple[str, dict]]:
+        """``(caption, meta)`` of the dataset's held-out combinations (never seen in train / val)."""
+        prompts = getattr(self.train_set, "heldout_prompts", None)
+        if prompts is None:
+            raise NotImplementedError(f"dataset {self.hparams.dataset!r} declares no held-out prompts")
+        return prompts()
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # TokenBatch.to moves every field in one call and re-runs its shape checks.
+        if isinstance(batch, TokenBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)

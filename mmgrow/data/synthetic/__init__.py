@@ -1,0 +1,1 @@
+"""mmgrow.data.synthetic"""

@@ -1,0 +1,204 @@
+"""Moving shapes: an embedded, seeded text-video dataset (nothing downloaded).
+
+Each sample is a short video of one coloured shape on a black background moving one grid cell per
+frame in a straight line, with the caption ``"a <colour> <shape> moves <motion>"``.
+
+Drawing happens on a coarse grid of ``grid x grid`` cells (``size / grid`` pixels each), every cell
+one exact palette colour of :data:`mmgrow.tokenizers.pixels.DEFAULT_PALETTE`, so the pixel codec
+with the same grid quantises the video *exactly* and the shapes stay distinguishable at 8 x 8.
+Shapes, as cell masks (``#`` = filled)::
+
+    square   cross    ring     bar
+    ###      .#.      ###
+    ###      ###      #.#      ###
+    ###      .#.      ###
+
+Held-out combinations (:data:`HELDOUT_COMBOS`) never occur in ``"train"`` / ``"val"``, while each of
+their shapes, colours and motions does; ``split="heldout"`` yields only them (compositional
+generalisation: "a red square moves left" after seeing red things, squares and leftward motion).
+Samples are random access and deterministic per ``(seed, split, index)``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from itertools import product
+
+import torch
+from torch import Tensor
+
+from mmgrow.protocols import Sample
+from mmgrow.tokenizers.pixels import DEFAULT_PALETTE
+
+SHAPES: dict[str, tuple[str, ...]] = {
+    "square": ("###", "###", "###"),
+    "cross": (".#.", "###", ".#."),
+    "ring": ("###", "#.#", "###"),
+    "bar": ("###",),
+}
+"""Shape masks in grid cells, row by row."""
+
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "cyan", "magenta")
+"""Default shape colours (names of :data:`DEFAULT_PALETTE`)."""
+
+MOTIONS: dict[str, tuple[int, int]] = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+"""Motion name -> (row, column) step in cells per frame."""
+
+BACKGROUND = "black"
+
+HELDOUT_COMBOS: tuple[tuple[str, str, str], ...] = (
+    ("square", "red", "left"),
+    ("cross", "blue", "up"),
+    ("ring", "yellow", "right"),
+    ("bar", "green", "down"),
+    ("cross", "magenta", "left"),
+    ("ring", "cyan", "down"),
+)
+"""(shape, colour, motion) triples that appear only in the ``"heldout"`` split."""
+
+SPLITS = ("train", "val", "heldout")
+
+
+def caption(shape: str, colour: str, motion: str) -> str:
+    """The caption of a combination: ``"a red square moves left"``."""
+    return f"a {colour} {shape} moves {motion}"
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Random-access dataset of :class:`~mmgrow.protocols.Sample` s.
+
+    ``ds[i].media["video"]`` is ``uint8 [frames, size, size, 3]``, ``ds[i].text`` the caption and
+    ``ds[i].meta`` ``{"shape", "colour", "motion"}``.
+
+    Args:
+        num_samples: length of the dataset.
+        frames: frames per video; the shape travels ``frames - 1`` cells, so it must fit:
+            ``frames - 1 <= grid - extent`` along the motion axis (extent 3 for all shapes but the
+            bar's height of 1).
+        size: pixels per side; a multiple of ``grid``.
+        grid: cells per side of the drawing grid (match the pixel codec's ``grid`` for exact codes).
+        seed: base seed; samples depend on ``(seed, split, index)`` only.
+        split: ``"train"`` / ``"val"`` (all combinations except the held-out ones, uniformly) or
+            ``"heldout"`` (cycles through the held-out combinations).
+        shapes, colours, motions: subsets of :data:`SHAPES`, palette colour names, :data:`MOTIONS`.
+        heldout: held-out (shape, colour, motion) triples; default :data:`HELDOUT_COMBOS` restricted
+            to the chosen shapes, colours and motions.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 1024,
+        frames: int = 6,
+        size: int = 32,
+        grid: int = 8,
+        seed: int = 0,
+        split: str = "train",
+        shapes: Sequence[str] | None = None,
+        colours: Sequence[str] | None = None,
+        motions: Sequence[str] | None = None,
+        heldout: Sequence[Sequence[str]] | None = None,
+    ) -> None:
+        for name, value, low in (("num_samples", num_samples, 0), ("frames", frames, 1), ("size", size, 1),
+                                 ("grid", grid, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ShapesDataset: {name} must be an int >= {low}, got {value!r}")
+        if size % grid:
+            raise ValueError(f"ShapesDataset: size={size} must be a multiple of grid={grid}")
+        if split not in SPLITS:
+            raise ValueError(f"ShapesDataset: unknown split {split!r}; expected one of {SPLITS}")
+        self.shapes = _subset("shapes", shapes, tuple(SHAPES))
+        self.colours = _subset("colours", colours, COLOURS, allowed=tuple(c for c in DEFAULT_PALETTE if c != BACKGROUND))
+        self.motions = _subset("motions", motions, tuple(MOTIONS))
+        self.num_samples, self.frames, self.size, self.grid = num_samples, frames, size, grid
+        self.seed, self.split = seed, split
+        self._check_fits()
+
+        everything = list(product(self.shapes, self.colours, self.motions))
+        if heldout is None:
+            held = [c for c in HELDOUT_COMBOS if c in everything]
+        else:
+            held = [tuple(c) for c in heldout]
+            for c in held:
+                if c not in everything:
+                    raise ValueError(f"ShapesDataset: held-out combination {c} uses a shape, colour or motion "
+                                     f"outside shapes={self.shapes}, colours={self.colours}, motions={self.motions}")
+        self.heldout = tuple(held)
+        self.seen = tuple(c for c in everything if c not in self.heldout)
+        for axis, values in enumerate((self.shapes, self.colours, self.motions)):
+            missing = [v for v in values if not any(c[axis] == v for c in self.seen)]
+            if missing:
+                raise ValueError(f"ShapesDataset: {missing} would never appear in training; every part of a "
+                                 "held-out combination must also occur in a seen combination")
+        if split == "heldout" and not self.heldout:
+            raise ValueError("ShapesDataset: split='heldout' but there are no held-out combinations")
+
+    def _check_fits(self) -> None:
+        travel = self.frames - 1
+        for shape, motion in product(self.shapes, self.motions):
+            rows, cols = len(SHAPES[shape]), len(SHAPES[shape][0])
+            extent = rows if MOTIONS[motion][0] else cols
+            if travel > self.grid - extent:
+                raise ValueError(f"ShapesDataset: a {shape} moving {motion} travels {travel} cells in {self.frames} "
+                                 f"frames but only {self.grid - extent} fit in a {self.grid}-cell grid; "
+                                 "use fewer frames or a larger grid")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def heldout_captions(self) -> list[str]:
+        """Captions of the held-out combinations, in :attr:`heldout` order."""
+        return [caption(*c) for c in self.heldout]
+
+    def heldout_prompts(self) -> list[tuple[str, dict[str, str]]]:
+        """``(caption, {"shape", "colour", "motion"})`` for each held-out combination."""
+        return [(caption(*c), _meta(*c)) for c in self.heldout]
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -self.num_samples <= index < self.num_samples:
+            raise IndexError(f"ShapesDataset index {index} out of range for {self.num_samples} samples")
+        index %= self.num_samples
+        # A str seed is hashed with SHA-512 by `random`, so samples do not depend on PYTHONHASHSEED.
+        rng = random.Random(f"shapes/{self.seed}/{self.split}/{index}")
+        if self.split == "heldout":
+            shape, colour, motion = self.heldout[index % len(self.heldout)]
+        else:
+            shape, colour, motion = rng.choice(self.seen)
+        video = self.render(shape, colour, motion, rng)
+        return Sample(media={"video": video}, text=caption(shape, colour, motion), meta=_meta(shape, colour, motion))
+
+    def render(self, shape: str, colour: str, motion: str, rng: random.Random) -> Tensor:
+        """``uint8 [frames, size, size, 3]``: the shape at a random start, stepping one cell per frame."""
+        mask = torch.tensor([[ch == "#" for ch in row] for row in SHAPES[shape]])
+        rows, cols = mask.shape
+        d_row, d_col = MOTIONS[motion]
+        travel = self.frames - 1
+        # Start range keeps every frame inside the grid: r0 + d_row * t in [0, grid - rows] for all t.
+        r0 = rng.randint(max(0, -d_row * travel), self.grid - rows - max(0, d_row * travel))
+        c0 = rng.randint(max(0, -d_col * travel), self.grid - cols - max(0, d_col * travel))
+        cells = torch.zeros(self.frames, self.grid, self.grid, 3, dtype=torch.uint8)
+        cells[:] = torch.tensor(DEFAULT_PALETTE[BACKGROUND], dtype=torch.uint8)
+        rgb = torch.tensor(DEFAULT_PALETTE[colour], dtype=torch.uint8)
+        for t in range(self.frames):
+            r, c = r0 + d_row * t, c0 + d_col * t
+            cells[t, r:r + rows, c:c + cols][mask] = rgb
+        px = self.size // self.grid
+        return cells.repeat_interleave(px, dim=1).repeat_interleave(px, dim=2)
+
+
+def _meta(shape: str, colour: str, motion: str) -> dict[str, str]:
+    return {"shape": shape, "colour": colour, "motion": motion}
+
+
+def _subset(what: str, chosen: Sequence[str] | None, default: tuple[str, ...],
+            allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    allowed = default if allowed is None else allowed
+    if chosen is None:
+        return default
+    if isinstance(chosen, str):
+        raise TypeError(f"ShapesDataset: {what} must be a list of names, got the string {chosen!r}")
+    values = tuple(chosen)
+    bad = [v for v in values if v not in allowed]
+    if bad or not values or len(set(values)) != len(values):
+        raise ValueError(f"ShapesDataset: {what} must be distinct names from {allowed}, got {list(values)}")
+    return values

@@ -1,0 +1,250 @@
+"""Deterministic pixel-grid video codec: one palette-colour token per grid cell, no training.
+
+A frame ``[H, W, 3]`` is cut into ``grid x grid`` cells of ``(H/grid) x (W/grid)`` pixels; each cell
+is the area average of its pixels, quantised to the nearest palette colour (squared RGB distance,
+ties to the lower id). It plays the role of LWM's per-frame VQGAN at toy scale, with the same
+serialisation (LWM, arXiv 2402.08268, Sec. 3): frame tokens, ``eof`` after each frame, ``eov``
+instead of the last ``eof``, the whole video introduced by ``bov`` (LWM's ``<vision>``)::
+
+    [bov] c(0,0) .. c(0,G*G-1) eof  c(1,0) .. c(1,G*G-1) eof  ...  c(F-1,0) .. c(F-1,G*G-1) eov
+
+Ids: palette colours ``0..P-1``, then ``bov = P``, ``eof = P+1``, ``eov = P+2``; ``vocab_size = P+3``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mmgrow.protocols import NO_BLOCK, Tokenizer
+
+DEFAULT_PALETTE: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "grey": (128, 128, 128),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "orange": (255, 128, 0),
+    "purple": (128, 0, 255),
+    "brown": (128, 64, 0),
+}
+"""The default palette, in id order (``black`` = 0 is the background colour used by ``decode``)."""
+
+SPECIALS: tuple[str, ...] = ("bov", "eof", "eov")
+"""Special tokens, in id order after the palette colours."""
+
+
+class PixelTokenizer(Tokenizer):
+    """Video ``uint8 [F, H, W, 3]`` (or one image ``[H, W, 3]``) <-> ``[1 + F*(G*G+1)]`` int64 tokens.
+
+    Args:
+        grid: cells per side ``G``; ``H`` and ``W`` must be multiples of it.
+        palette: RGB triples (ints in ``0..255``, distinct), or None for :data:`DEFAULT_PALETTE`.
+            ``palette[0]`` is the background colour that ``decode`` writes where a cell is missing.
+    """
+
+    modality: ClassVar[str] = "video"
+    kind: ClassVar[str] = "discrete"
+
+    def __init__(self, grid: int = 8, palette: Sequence[Sequence[int]] | None = None) -> None:
+        super().__init__()
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"PixelTokenizer: grid must be a positive int, got {grid!r}")
+        self.grid = grid
+        self.palette = _check_palette(list(DEFAULT_PALETTE.values()) if palette is None else palette)
+        self.palette_names: list[str] | None = list(DEFAULT_PALETTE) if palette is None else None
+        num_colours = self.palette.shape[0]
+        self.special_tokens: dict[str, int] = {name: num_colours + i for i, name in enumerate(SPECIALS)}
+        self.vocab_size = num_colours + len(SPECIALS)
+
+    # ---------------------------------------------------------------------------------------------
+    # sizes and ids
+    # ---------------------------------------------------------------------------------------------
+
+    @property
+    def num_colours(self) -> int:
+        return int(self.palette.shape[0])
+
+    @property
+    def cells_per_frame(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """``G*G`` cell tokens plus the frame's ``eof`` / ``eov``."""
+        return self.cells_per_frame + 1
+
+    def num_tokens(self, num_frames: int) -> int:
+        """Length of an encoded video of ``num_frames`` frames: ``1 + F * (G*G + 1)``."""
+        return 1 + num_frames * self.tokens_per_frame
+
+    def colour_id(self, name: str) -> int:
+        """Palette id of a named colour (default palette only)."""
+        if self.palette_names is None:
+            raise ValueError("PixelTokenizer.colour_id: this codec has a custom palette without colour names")
+        if name not in self.palette_names:
+            raise KeyError(f"unknown colour {name!r}; palette colours: {', '.join(self.palette_names)}")
+        return self.palette_names.index(name)
+
+    # ---------------------------------------------------------------------------------------------
+    # encode / decode
+    # ---------------------------------------------------------------------------------------------
+
+    def quantize(self, video: Any) -> Tensor:
+        """``uint8 [F, H, W, 3]`` or ``[H, W, 3]`` -> ``[F, G, G]`` int64 palette ids.
+
+        ``cell[f, i, j] = mean(video[f, i*h:(i+1)*h, j*w:(j+1)*w])`` (float64, ``h = H/G``, ``w = W/G``),
+        ``id = argmin_p ||cell - palette[p]||^2`` (first minimum on ties).
+        """
+        v = self._check_video(video)
+        f, h, w, _ = v.shape
+        g = self.grid
+        cells = v.to(torch.float64).reshape(f, g, h // g, g, w // g, 3).mean(dim=(2, 4))  # [F, G, G, 3]
+        dist = ((cells[..., None, :] - self.palette.to(torch.float64)) ** 2).sum(-1)  # [F, G, G, P]
+        return dist.argmin(dim=-1)
+
+    def encode(self, video: Any) -> Tensor:
+        """``uint8 [F, H, W, 3]`` or ``[H, W, 3]`` -> ``[1 + F*(G*G+1)]`` int64 (layout in the module doc)."""
+        ids = self.quantize(video).reshape(-1, self.cells_per_frame)  # [F, G*G]
+        ends = torch.full((ids.shape[0], 1), self.special_tokens["eof"], dtype=torch.long)
+        ends[-1] = self.special_tokens["eov"]
+        body = torch.cat([ids, ends], dim=1).reshape(-1)
+        return torch.cat([torch.tensor([self.special_tokens["bov"]]), body])
+
+    def decode(self, tokens: Tensor | Sequence[int]) -> Tensor:
+        """``[N]`` tokens -> ``uint8 [F, G, G, 3]`` frames (one pixel per cell).
+
+        Robust to sampled output: a leading ``bov`` is optional; frames end at ``eof`` / ``eov``
+        and decoding stops at the first ``eov``; trailing cells without an end token form a last
+        frame; a frame with fewer than ``G*G`` cells is padded, extra cells are dropped; a cell
+        holding a non-palette id gets the background ``palette[0]``.
+        ``decode(encode(v)) == palette[quantize(v)]`` exactly.
+        """
+        ids = _as_ids(tokens, "PixelTokenizer.decode")
+        bov, eof, eov = (self.special_tokens[n] for n in SPECIALS)
+        if ids.numel() and int(ids[0]) == bov:
+            ids = ids[1:]
+        stop = (ids == eov).nonzero()
+        if stop.numel():
+            ids = ids[: int(stop[0]) + 1]
+        frames: list[Tensor] = []
+        start = 0
+        for end in ((ids == eof) | (ids == eov)).nonzero().flatten().tolist() + [ids.numel()]:
+            cells = ids[start:end]
+            if end < ids.numel() or cells.numel():  # a frame closed by eof/eov, or a non-empty tail
+                frames.append(self._frame_ids(cells))
+            start = end + 1
+        if not frames:
+            return torch.zeros(0, self.grid, self.grid, 3, dtype=torch.uint8)
+        return self.palette[torch.stack(frames)]
+
+    def _frame_ids(self, cells: Tensor) -> Tensor:
+        """Up to ``G*G`` cell ids -> ``[G, G]`` palette ids (non-palette and missing -> 0)."""
+        out = torch.zeros(self.cells_per_frame, dtype=torch.long)
+        cells = cells[: self.cells_per_frame]
+        valid = (cells >= 0) & (cells < self.num_colours)
+        out[: cells.numel()] = torch.where(valid, cells, torch.zeros_like(cells))
+        return out.reshape(self.grid, self.grid)
+
+    # ---------------------------------------------------------------------------------------------
+    # structure for the model and the sampler
+    # ---------------------------------------------------------------------------------------------
+
+    def block_ids(self, tokens: Tensor) -> Tensor:
+        """``[N]`` int64: frame index of each token (its ``eof`` / ``eov`` included), ``NO_BLOCK`` for
+        ``bov`` and for anything after the first ``eov``. Tokens of one frame attend bidirectionally."""
+        ids = _as_ids(tokens, "PixelTokenizer.block_ids")
+        bov, eof, eov = (self.special_tokens[n] for n in SPECIALS)
+        is_end = ((ids == eof) | (ids == eov)).long()
+        frame = torch.cumsum(is_end, 0) - is_end  # ends seen strictly before each token
+        after_eov = (torch.cumsum((ids == eov).long(), 0) - (ids == eov).long()) > 0
+        return torch.where((ids == bov) | after_eov, torch.full_like(frame, NO_BLOCK), frame)
+
+    def generation_constraint(self, num_frames: int) -> Callable[[int], Tensor]:
+        """Allowed next ids while generating a ``num_frames`` video after its ``bov``.
+
+        ``allowed(k) -> bool [vocab_size]`` for generation step ``k = 0 .. F*(G*G+1)-1``: palette ids
+        at cell positions, only ``eof`` at the end of frames ``0..F-2``, only ``eov`` at the very end.
+        """
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"generation_constraint: num_frames must be a positive int, got {num_frames!r}")
+        cells = torch.zeros(self.vocab_size, dtype=torch.bool)
+        cells[: self.num_colours] = True
+        only_eof = torch.zeros(self.vocab_size, dtype=torch.bool)
+        only_eof[self.special_tokens["eof"]] = True
+        only_eov = torch.zeros(self.vocab_size, dtype=torch.bool)
+        only_eov[self.special_tokens["eov"]] = True
+        tpf, total = self.tokens_per_frame, num_frames * self.tokens_per_frame
+
+        def allowed(step: int) -> Tensor:
+            if not 0 <= step < total:
+                raise IndexError(f"generation step {step} is outside a {num_frames}-frame video "
+                                 f"(steps 0..{total - 1} after bov)")
+            if step % tpf < self.cells_per_frame:
+                return cells.clone()
+            return (only_eov if step == total - 1 else only_eof).clone()
+
+        return allowed
+
+    # ---------------------------------------------------------------------------------------------
+    # validation
+    # ---------------------------------------------------------------------------------------------
+
+    def _check_video(self, video: Any) -> Tensor:
+        if not isinstance(video, Tensor):
+            if type(video).__module__ == "numpy":
+                video = torch.from_numpy(video)
+            else:
+                raise TypeError(f"PixelTokenizer expects a uint8 tensor [F, H, W, 3] or [H, W, 3], "
+                                f"got {type(video).__name__}")
+        if video.dtype != torch.uint8:
+            raise TypeError(f"PixelTokenizer expects dtype uint8 pixels, got {video.dtype}")
+        if video.dim() == 3:
+            video = video[None]
+        if video.dim() != 4 or video.shape[-1] != 3:
+            raise ValueError(f"PixelTokenizer expects shape [F, H, W, 3] or [H, W, 3], got {tuple(video.shape)}")
+        f, h, w, _ = video.shape
+        if f < 1 or h < 1 or w < 1:
+            raise ValueError(f"PixelTokenizer: empty video of shape {tuple(video.shape)}")
+        if h % self.grid or w % self.grid:
+            raise ValueError(f"PixelTokenizer: frame size {h}x{w} is not divisible by grid={self.grid}; "
+                             f"expected H and W to be multiples of {self.grid}")
+        return video.cpu()  # the palette lives on the CPU, like the data pipeline
+
+
+def _check_palette(palette: Sequence[Sequence[int]]) -> Tensor:
+    """RGB triples -> ``uint8 [P, 3]``, with named errors for bad entries."""
+    try:
+        rows = [tuple(c) for c in palette]
+    except TypeError:
+        raise TypeError(f"PixelTokenizer: palette must be a list of RGB triples, got {palette!r}") from None
+    if not rows:
+        raise ValueError("PixelTokenizer: palette must hold at least one colour")
+    for c in rows:
+        if len(c) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c):
+            raise ValueError(f"PixelTokenizer: palette colour {c!r} is not an RGB triple of ints in 0..255")
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"PixelTokenizer: palette colours must be distinct, got {rows}")
+    return torch.tensor(rows, dtype=torch.uint8)
+
+
+def _as_ids(tokens: Any, where: str) -> Tensor:
+    """A 1-D int tensor or list of ints -> ``[N]`` int64 tensor, with a named error otherwise."""
+    if isinstance(tokens, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in tokens):
+            raise TypeError(f"{where}: expected a sequence of ints")
+        return torch.tensor(tokens, dtype=torch.long)
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{where}: expected a 1-D int tensor or a list of ints, got {type(tokens).__name__}")
+    if tokens.dim() != 1:
+        raise ValueError(f"{where}: expected a 1-D tensor of tokens [N], got shape {tuple(tokens.shape)}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"{where}: expected integer tokens, got dtype {tokens.dtype}")
+    return tokens.long().cpu()

@@ -1,0 +1,115 @@
+"""ShapesDataset: determinism, held-out combinations, and captions that match the pixels."""
+
+import pytest
+import torch
+
+from mmgrow.data.synthetic.shapes import HELDOUT_COMBOS, ShapesDataset
+from mmgrow.tokenizers.pixels import DEFAULT_PALETTE, PixelTokenizer
+
+# Written out independently of the module: the cell pattern each shape name must show (1 = colour).
+EXPECTED_CELLS = {
+    "square": [[1, 1, 1], [1, 1, 1], [1, 1, 1]],
+    "cross": [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
+    "ring": [[1, 1, 1], [1, 0, 1], [1, 1, 1]],
+    "bar": [[1, 1, 1]],
+}
+STEP = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
+
+
+def cells_of(video: torch.Tensor, grid: int = 8) -> torch.Tensor:
+    """[F, H, W, 3] -> [F, G, G, 3] by taking one pixel per cell (cells are uniform, checked separately)."""
+    px = video.shape[1] // grid
+    return video[:, ::px, ::px]
+
+
+def test_deterministic_and_random_access():
+    a = ShapesDataset(num_samples=20, seed=3)
+    b = ShapesDataset(num_samples=20, seed=3)
+    later_first = [b[i] for i in reversed(range(20))][::-1]
+    for x, y in zip([a[i] for i in range(20)], later_first):
+        assert x.text == y.text and x.meta == y.meta and torch.equal(x.media["video"], y.media["video"])
+    assert a[-1].text == a[19].text
+    other_seed = ShapesDataset(num_samples=20, seed=4)
+    val = ShapesDataset(num_samples=20, seed=3, split="val")
+    assert any(not torch.equal(a[i].media["video"], other_seed[i].media["video"]) for i in range(20))
+    assert any(not torch.equal(a[i].media["video"], val[i].media["video"]) for i in range(20))
+    with pytest.raises(IndexError, match="index 20 out of range for 20 samples"):
+        a[20]
+
+
+def test_heldout_combinations_never_in_train_or_val_but_their_parts_are():
+    heldout = set(HELDOUT_COMBOS)
+    assert len(heldout) >= 4
+    seen = set()
+    for split in ("train", "val"):
+        ds = ShapesDataset(num_samples=600, seed=0, split=split)
+        for i in range(len(ds)):
+            m = ds[i].meta
+            seen.add((m["shape"], m["colour"], m["motion"]))
+    assert not seen & heldout
+    for axis in range(3):
+        assert {c[axis] for c in heldout} <= {c[axis] for c in seen}
+    # 600 + 600 draws from 90 combinations: every non-held-out one shows up
+    assert len(seen) == 4 * 6 * 4 - len(heldout)
+
+    ds = ShapesDataset(num_samples=2 * len(HELDOUT_COMBOS), split="heldout")
+    got = [(ds[i].meta["shape"], ds[i].meta["colour"], ds[i].meta["motion"]) for i in range(len(ds))]
+    assert set(got) == heldout
+    assert ds.heldout_captions() == [f"a {c} {s} moves {m}" for s, c, m in HELDOUT_COMBOS]
+    assert [p[0] for p in ds.heldout_prompts()] == ds.heldout_captions()
+    assert [ds[i].text for i in range(len(HELDOUT_COMBOS))] == ds.heldout_captions()
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_caption_matches_colour_shape_and_motion(split):
+    ds = ShapesDataset(num_samples=40, seed=1, split=split)
+    black = torch.tensor(DEFAULT_PALETTE["black"], dtype=torch.uint8)
+    for i in range(len(ds)):
+        s = ds[i]
+        video, meta = s.media["video"], s.meta
+        assert video.dtype == torch.uint8 and video.shape == (6, 32, 32, 3)
+        assert s.text == f"a {meta['colour']} {meta['shape']} moves {meta['motion']}"
+        colour = torch.tensor(DEFAULT_PALETTE[meta["colour"]], dtype=torch.uint8)
+        is_colour = (video == colour).all(-1)
+        assert (is_colour | (video == black).all(-1)).all(), "pixels must be the shape colour or the background"
+        # each 4x4 pixel cell is uniform
+        cells = cells_of(video)
+        assert torch.equal(cells.repeat_interleave(4, 1).repeat_interleave(4, 2), video)
+        expected = torch.tensor(EXPECTED_CELLS[meta["shape"]], dtype=torch.bool)
+        centroids = []
+        for t in range(6):
+            on = (cells[t] == colour).all(-1)
+            rows, cols = on.nonzero(as_tuple=True)
+            crop = on[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert torch.equal(crop, expected), f"frame {t} of {s.text!r} does not show a {meta['shape']}"
+            pix = is_colour[t].nonzero().to(torch.float64)
+            centroids.append(pix.mean(0))
+        steps = torch.stack(centroids).diff(dim=0)  # [F-1, 2] (row, col) in pixels
+        expected_step = torch.tensor(STEP[meta["motion"]], dtype=torch.float64) * 4  # one cell per frame
+        assert torch.allclose(steps, expected_step.expand_as(steps)), f"{s.text!r}: centroid steps {steps.tolist()}"
+
+
+def test_videos_are_exact_under_the_pixel_codec():
+    codec = PixelTokenizer(grid=8)
+    ds = ShapesDataset(num_samples=5, seed=2)
+    for i in range(len(ds)):
+        video = ds[i].media["video"]
+        assert torch.equal(codec.decode(codec.encode(video)), cells_of(video))
+
+
+def test_options_and_errors():
+    small = ShapesDataset(num_samples=30, frames=4, size=16, grid=8, shapes=["bar"], colours=["red", "white"],
+                          motions=["up", "down"], heldout=[("bar", "red", "up")])
+    assert small[0].media["video"].shape == (4, 16, 16, 3)
+    assert {tuple(small[i].meta.values()) for i in range(30)} == {("bar", "red", "down"), ("bar", "white", "up"),
+                                                                 ("bar", "white", "down")}
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        ShapesDataset(split="test")
+    with pytest.raises(ValueError, match="travels 7 cells in 8 frames but only 5 fit"):
+        ShapesDataset(frames=8)
+    with pytest.raises(ValueError, match="size=30 must be a multiple of grid=8"):
+        ShapesDataset(size=30)
+    with pytest.raises(ValueError, match="colours must be distinct names"):
+        ShapesDataset(colours=["red", "black"])
+    with pytest.raises(ValueError, match=r"\['up'\] would never appear in training"):
+        ShapesDataset(shapes=["bar"], colours=["red"], motions=["up", "down"], heldout=[("bar", "red", "up")])
