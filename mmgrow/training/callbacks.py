@@ -16,6 +16,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 
+from mmgrow.protocols import SequenceMixer
 from mmgrow.training.export import atomic_write_bytes, save_model
 
 log = logging.getLogger(__name__)
@@ -45,46 +46,52 @@ class ExportWeights(pl.Callback):
 class RunSummary(pl.Callback):
     """Measures training throughput and writes ``summary.json`` at the end of ``fit``.
 
-    ``tokens_per_s`` counts non-padding tokens of training batches over the wall time of the training
-    batches themselves (data loading included, validation and sampling excluded).
+    ``tokens_per_s`` counts non-padding tokens of training batches over the training loop's wall
+    time from the end of the first batch to the end of the last (data loading, forward, backward and
+    optimizer included; the first batch, validation and sampling excluded).
     """
 
     def __init__(self) -> None:
         self.train_time = 0.0
         self.tokens = 0
-        self._t0: Optional[float] = None
         self.fit_start = 0.0
+        self.max_seq_len = 0
+        self._last: Optional[float] = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.perf_counter()
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._t0 is not None:
-            self.train_time += time.perf_counter() - self._t0
+        now = time.perf_counter()
+        if self._last is not None:  # the first batch (warm-up, lazy init) is not timed
+            self.train_time += now - self._last
             self.tokens += batch.num_tokens
-            self._t0 = None
+        self._last = now
+        self.max_seq_len = max(self.max_seq_len, int(batch.input_ids.shape[1]))
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last = None  # validation time is not training time
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._last = None
 
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         model = pl_module.model
-        dm = trainer.datamodule
-        seq_len = getattr(dm, "seq_len", None) or 0
-        state = sum(m.state_size(seq_len) for m in model.modules() if hasattr(m, "state_size")
-                    and callable(getattr(m, "state_size")) and m is not model) if seq_len else 0
+        # State after the longest training row: what decoding that row would hold per example.
+        seq_len = self.max_seq_len
+        state = sum(m.state_size(seq_len) for m in model.modules() if isinstance(m, SequenceMixer))
         return {
             "final_train_loss": metrics.get("train/loss", metrics.get("train/loss_step")),
             "final_val_loss": metrics.get("val/loss"),
             "metrics": metrics,
             "parameters": sum(p.numel() for p in model.parameters()),
             "tokens_seen": int(pl_module.tokens_seen),
-            "train_tokens_this_run": self.tokens,
+            "timed_train_tokens": self.tokens,
             "tokens_per_s": self.tokens / self.train_time if self.train_time > 0 else None,
-            "train_batch_seconds": self.train_time,
+            "timed_train_seconds": self.train_time,
             "wall_seconds": time.perf_counter() - self.fit_start,
             "global_step": int(trainer.global_step),
             "peak_memory_bytes": peak_memory_bytes(pl_module.device),

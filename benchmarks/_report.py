@@ -1,0 +1,34 @@
+"""Shared helper of the benchmark scripts: rewrite one section of docs/benchmarks.md in place.
+
+Each benchmark owns the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``; other
+sections are left untouched, so scripts can be re-run independently.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(name: str, title: str, command: str, device: str, header: list[str],
+                         rows: list[list[str]], note: str = "") -> None:
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    body = "\n".join([
+        start, f"## {title}", "",
+        f"Measured {_dt.date.today().isoformat()} on {device} with `{command}`.", "",
+        markdown_table(header, rows), "", note, end,
+    ])
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nNumbers written by the scripts in `benchmarks/`.\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    DOC.write_text(text)
