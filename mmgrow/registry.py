@@ -51,7 +51,7 @@ class PluginConflictError(PluginError):
 class PluginLoadError(PluginError, ImportError):
     """A plugin could not be imported or does not satisfy its kind's contract."""
 
-    def __init__(self, entry: "EntryInfo", cause: str, hint: str) -> None:
+    def __init__(self, entry: EntryInfo, cause: str, hint: str) -> None:
         self.entry = entry
         self.cause = cause
         self.hint = hint
@@ -79,6 +79,7 @@ class EntryInfo:
 _discovered: dict[str, dict[str, list[EntryInfo]]] | None = None
 _local: dict[str, dict[str, EntryInfo]] = {k: {} for k in KINDS}
 _loaded: dict[tuple[str, str], type] = {}
+_local_classes: dict[tuple[str, str], type] = {}  # registered as class objects: survive discover(refresh)
 
 
 def _check_kind(kind: str) -> None:
@@ -122,6 +123,7 @@ def discover(refresh: bool = False) -> dict[str, dict[str, list[EntryInfo]]]:
             )
     _discovered = found
     _loaded.clear()
+    _loaded.update(_local_classes)
     return found
 
 
@@ -134,7 +136,7 @@ def register(kind: str, name: str, target: str | type, *, dist: str = "local") -
         raise PluginConflictError(f"{kind} plugin {name!r} is already registered by {', '.join(owners)}")
     if isinstance(target, type):
         value = f"{target.__module__}:{target.__qualname__}"
-        _loaded[(kind, name)] = target
+        _loaded[(kind, name)] = _local_classes[(kind, name)] = target
     else:
         value = target
     _local[kind][name] = EntryInfo(kind, name, value, dist, "local")
@@ -142,8 +144,11 @@ def register(kind: str, name: str, target: str | type, *, dist: str = "local") -
 
 def unregister(kind: str, name: str) -> None:
     """Remove a plugin added with :func:`register` (tests use this to clean up)."""
-    _local[kind].pop(name, None)
-    _loaded.pop((kind, name), None)
+    _check_kind(kind)
+    if name in _local[kind]:
+        del _local[kind][name]
+        _loaded.pop((kind, name), None)
+        _local_classes.pop((kind, name), None)
 
 
 def _entries(kind: str, name: str) -> list[EntryInfo]:
@@ -202,7 +207,7 @@ def load_plugin(kind: str, name: str) -> type:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split(".") if attr else []:
             obj = getattr(obj, part)
-    except Exception as exc:  # noqa: BLE001 - any plugin failure is isolated and named
+    except Exception as exc:
         raise PluginLoadError(info, f"{type(exc).__name__}: {exc}", hint) from exc
     base = base_class(kind)
     if not (isinstance(obj, type) and issubclass(obj, base)):
@@ -210,7 +215,7 @@ def load_plugin(kind: str, name: str) -> type:
     spec = getattr(obj, "mmgrow_api", None)
     try:
         ok = spec is not None and api_compatible(spec)
-    except Exception as exc:  # noqa: BLE001 - an unparsable specifier is the plugin's fault
+    except Exception as exc:
         raise PluginLoadError(info, f"invalid mmgrow_api specifier {spec!r} ({exc})", hint) from exc
     if not ok:
         raise PluginLoadError(
@@ -257,11 +262,12 @@ def status(kind: str, name: str) -> str:
         return f"error: {type(exc).__name__}: {exc}"
 
 
-def plugin_rows(kinds: tuple[str, ...] = KINDS, load: bool = True) -> list[dict[str, str]]:
-    """One row per (kind, name, distribution) for ``mmgrow plugins list``; never raises."""
+def plugin_rows(kinds: tuple[str, ...] = KINDS, load: bool = True, pattern: str = "*") -> list[dict[str, str]]:
+    """One row per (kind, name, distribution) for ``mmgrow plugins list``; never raises. Only names
+    matching ``pattern`` are imported (when ``load``)."""
     rows = []
     for kind in kinds:
-        for name in available(kind):
+        for name in available(kind, pattern):
             st = status(kind, name) if load else "not loaded"
             for e in _entries(kind, name):
                 rows.append({"kind": kind, "name": name, "distribution": e.dist, "version": e.version,
