@@ -81,3 +81,27 @@ def test_kill_switch_hides_the_installed_plugin(plugin_env):
     rows = json.loads(out.stdout)
     assert {r["distribution"] for r in rows} == {"mmgrow"}
     assert "short_conv" not in {r["name"] for r in rows}
+
+
+def test_installed_plugin_trains_by_name_in_a_recipe(plugin_env, tmp_path):
+    """A recipe that names the plugin's mixer (`class_path: short_conv`) trains and exports it."""
+    recipe = tmp_path / "short_conv.yaml"
+    recipe.write_text(
+        "trainer: {accelerator: cpu, devices: 1, max_steps: 3, limit_val_batches: 1, val_check_interval: 2,\n"
+        "          check_val_every_n_epoch: null, enable_progress_bar: false}\n"
+        "model:\n  dim: 32\n  depth: 2\n  mixer: {class_path: short_conv, init_args: {kernel_size: 3}}\n"
+        "data:\n  num_train: 16\n  num_val: 4\n  batch_size: 4\n"
+        "  dataset_args: {frames: 2, size: 32}\n  codec_args: {video: {grid: 4}}\n"
+    )
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "mmgrow", "fit", "--config", str(recipe),
+                          "--trainer.default_root_dir", str(run)],
+                         capture_output=True, text=True, check=False, timeout=600, env=plugin_env, cwd=str(REPO))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "mmgrow_example.short_conv.ShortConvMixer" in (run / "config.yaml").read_text()
+    model_yaml = (run / "model.yaml").read_text()
+    assert "mmgrow_example.short_conv.ShortConvMixer" in model_yaml and "kernel_size: 3" in model_yaml
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 3 and summary["final_val_loss"] > 0
+    # the KV-cache-free mixer's state is its conv tail: (kernel_size - 1) * dim per layer
+    assert summary["state_size_per_example"] == 2 * (3 - 1) * 32

@@ -1,0 +1,217 @@
+"""Full softmax attention (``mixers: full``) on ``torch.nn.functional.scaled_dot_product_attention``.
+
+.. math::
+
+    q, k, v = x W_q, x W_k, x W_v; \\quad q, k \\leftarrow \\operatorname{RoPE}(q, k, \\text{positions});
+    \\quad y = \\operatorname{softmax}\\!\\big(q k^\\top / \\sqrt{hd} + \\log M\\big) \\, v \\, W_o
+
+The boolean mask ``M`` comes from :mod:`mmgrow.layers.masks` and honours the whole context:
+causality, sliding window, bidirectional blocks and packed segments. Grouped-query attention shares
+each key/value head between ``num_heads // num_kv_heads`` query heads.
+
+**Empty rows.** A query with no visible key (a padding token, or a window that excludes everything)
+gets output 0. SDPA's result for an all-False row depends on the torch version and backend (NaN in
+several), so such rows are unmasked before the call (any finite result) and multiplied by 0 after
+it: the output and every gradient through those rows are exactly 0, on every backend.
+
+**KV cache.** With a :class:`KVCache` the new keys/values (after RoPE) are appended and the queries
+attend to cache + new tokens, with stream indices ``seen .. seen+T-1`` for the queries, so chunked
+prefill and ``T == 1`` decoding reproduce one full pass whenever the chunk boundaries cut no
+visibility (causal masks, and blocks not split across chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from mmgrow.layers.masks import attention_mask, mask_from_context
+from mmgrow.layers.rope import RotaryEmbedding
+from mmgrow.protocols import NO_BLOCK, MixerState, SeqContext, SequenceMixer
+
+
+@dataclass
+class KVCache(MixerState):
+    """Keys and values of every token a :class:`FullAttention` layer has seen.
+
+    k, v:        ``[B, Hk, S, hd]`` (keys after RoPE);
+    positions:   ``[B, S]`` int64 positions of the cached keys (for the window);
+    segment_ids: ``[B, S]`` int64 (0 where the context had none);
+    block_ids:   ``[B, S]`` int64 (``NO_BLOCK`` where the context had none);
+    seen:        tokens seen so far; the cached keys have stream indices ``seen - S .. seen - 1``
+                 (``S == seen`` here; a subclass that evicts old keys keeps the indices right).
+    """
+
+    k: Tensor
+    v: Tensor
+    positions: Tensor
+    segment_ids: Tensor
+    block_ids: Tensor
+    seen: int = 0
+
+    @property
+    def size(self) -> int:
+        """Number of cached tokens ``S``."""
+        return self.k.shape[2]
+
+
+def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, causal: bool = False,
+                dropout_p: float = 0.0) -> Tensor:
+    """SDPA with a ``[B, Tq, Tk]`` bool mask (or ``causal`` and no mask); empty rows give exactly 0.
+
+    ``q [B, H, Tq, hd]``, ``k, v [B, Hk, Tk, hd]`` with ``H % Hk == 0`` -> ``[B, H, Tq, hd]``.
+    """
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        # Expanded K/V rather than SDPA's enable_gqa: with an explicit mask, GQA-aware SDPA falls back
+        # to the math kernel on GPU, and the copy is small next to the [Tq, Tk] mask anyway.
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    has_key = mask.any(dim=-1, keepdim=True)  # [B, Tq, 1]
+    safe_mask = mask | ~has_key
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None], dropout_p=dropout_p)
+    return out * has_key[:, None].to(out.dtype)
+
+
+class FullAttention(SequenceMixer):
+    """Multi-head (grouped-query) softmax attention with RoPE: ``x [B, T, D] -> y [B, T, D]``.
+
+    Args:
+        dim: model width ``D``.
+        layer_idx: index of the layer in the backbone.
+        num_heads: query heads ``H``.
+        num_kv_heads: key/value heads ``Hk`` (GQA; default ``H``); must divide ``H``.
+        head_dim: ``hd`` (default ``D // H``; must be even for RoPE).
+        rope_theta: RoPE base; changeable later through :attr:`rope_theta`.
+        qkv_bias: biases on the q/k/v projections (the output projection has none).
+        dropout: attention-probability dropout while training.
+    """
+
+    supports_state = True
+    supports_segments = True
+    supports_blocks = True
+    supports_window = True
+    supports_context_parallel = False
+
+    def __init__(self, *, dim: int, layer_idx: int = 0, num_heads: int = 4, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, rope_theta: float = 10000.0, qkv_bias: bool = False,
+                 dropout: float = 0.0) -> None:
+        super().__init__(dim=dim, layer_idx=layer_idx)
+        name = type(self).__name__
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"{name}: num_heads ({num_heads}) must be a positive multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        if head_dim is None:
+            if dim % num_heads != 0:
+                raise ValueError(f"{name}: dim ({dim}) is not divisible by num_heads ({num_heads}); "
+                                 "pass head_dim explicitly")
+            head_dim = dim // num_heads
+        if head_dim < 2 or head_dim % 2 != 0:
+            raise ValueError(f"{name}: head_dim must be even (RoPE rotates pairs), got {head_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
+        self.rope = RotaryEmbedding(head_dim, theta=rope_theta)
+
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        """Small settings for the conformance suite: 4 query heads sharing 2 key/value heads (GQA)."""
+        return {"num_heads": 4, "num_kv_heads": 2}
+
+    @property
+    def rope_theta(self) -> float:
+        return self.rope.theta
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        if value <= 0:
+            raise ValueError(f"rope_theta must be positive, got {value}")
+        self.rope.theta = float(value)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, ctx: SeqContext, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
+        self.check_context(x, ctx)
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, k, ctx.positions)
+        dropout_p = self.dropout if self.training else 0.0
+
+        if state is None:
+            new_state = None
+            if self._needs_mask(ctx):
+                out = masked_sdpa(q, k, v, mask_from_context(ctx), dropout_p=dropout_p)
+            else:  # plain causal or bidirectional: let SDPA pick its fastest kernel
+                out = masked_sdpa(q, k, v, None, causal=ctx.mask.causal, dropout_p=dropout_p)
+        else:
+            out, new_state = self._attend_with_cache(q, k, v, ctx, state, dropout_p)
+        y = self.out_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        return y, new_state
+
+    @staticmethod
+    def _needs_mask(ctx: SeqContext) -> bool:
+        has_blocks = ctx.block_ids is not None and bool((ctx.block_ids != NO_BLOCK).any())
+        return ctx.segment_ids is not None or has_blocks or ctx.mask.window is not None
+
+    def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, state: KVCache,
+                           dropout_p: float) -> tuple[Tensor, KVCache]:
+        name = type(self).__name__
+        if not isinstance(state, KVCache):
+            raise TypeError(f"{name} (layer {self.layer_idx}): expected a KVCache state, got {type(state).__name__}")
+        B, T = ctx.positions.shape
+        if state.k.shape[0] != B or state.k.shape[1] != self.num_kv_heads or state.k.shape[3] != self.head_dim:
+            raise ValueError(f"{name} (layer {self.layer_idx}): KV cache has shape {tuple(state.k.shape)}, expected "
+                             f"[{B}, {self.num_kv_heads}, S, {self.head_dim}]")
+        if state.k.dtype != k.dtype or state.k.device != k.device:
+            raise ValueError(f"{name} (layer {self.layer_idx}): KV cache is {state.k.dtype} on {state.k.device} but "
+                             f"the input is {k.dtype} on {k.device}; build it with init_state(..., dtype=x.dtype)")
+        device = ctx.positions.device
+        seg = ctx.segment_ids if ctx.segment_ids is not None else torch.zeros_like(ctx.positions)
+        blk = ctx.block_ids if ctx.block_ids is not None else torch.full_like(ctx.positions, NO_BLOCK)
+        k_all = torch.cat((state.k, k), dim=2)
+        v_all = torch.cat((state.v, v), dim=2)
+        pos_all = torch.cat((state.positions, ctx.positions), dim=1)
+        seg_all = torch.cat((state.segment_ids, seg), dim=1)
+        blk_all = torch.cat((state.block_ids, blk), dim=1)
+        first_cached = state.seen - state.size
+        q_index = torch.arange(state.seen, state.seen + T, device=device)
+        k_index = torch.arange(first_cached, state.seen + T, device=device)
+        mask = attention_mask(ctx.positions, pos_all, ctx.mask, seg, seg_all, blk, blk_all, q_index, k_index)
+        out = masked_sdpa(q, k_all, v_all, mask, dropout_p=dropout_p)
+        return out, KVCache(k_all, v_all, pos_all, seg_all, blk_all, state.seen + T)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
+        """An empty KV cache (``S = 0``) for ``batch_size`` rows."""
+        kv = torch.empty(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        ids = torch.empty(batch_size, 0, device=device, dtype=torch.long)
+        return KVCache(k=kv, v=kv.clone(), positions=ids, segment_ids=ids.clone(), block_ids=ids.clone(), seen=0)
+
+    def state_size(self, seq_len: int) -> int:
+        """Elements of K and V cached per example after ``seq_len`` tokens: ``2 * Hk * hd * seq_len``
+        (plus three int64 bookkeeping numbers per token: position, segment and block id)."""
+        return 2 * self.num_kv_heads * self.head_dim * seq_len
+
+    def residual_outputs(self) -> list[nn.Linear]:
+        return [self.out_proj]
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, layer_idx={self.layer_idx}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dropout={self.dropout}")

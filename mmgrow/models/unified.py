@@ -1,0 +1,148 @@
+"""The one model every recipe trains: shared token embedding -> backbone -> final norm -> heads.
+
+Inputs are *global* ids of a :class:`~mmgrow.tokenspace.TokenSpace` (``offset(modality) + local id``),
+embedded by one table over all ``token_space.total`` ids. Outputs are per-modality heads
+(``nn.Linear(dim, size(modality), bias=False)``) predicting *local* ids of that modality, so text and
+vision logits never compete in one softmax (LWM keeps its heads apart the same way).
+
+Initialisation: every ``nn.Linear`` and ``nn.Embedding`` weight ~ ``N(0, init_std)``, every bias 0,
+norm gains 1. A mixer that needs its own initialisation (SSM decay rates, gates ...) defines
+``init_weights(init_std: float)``; the model calls it instead of applying the default to that mixer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mmgrow.layers.norm import RMSNorm
+from mmgrow.models.backbone import Backbone
+from mmgrow.protocols import MixerCapabilityError, MixerFactory, MixerState, ModelOutput, SeqContext, SequenceMixer
+from mmgrow.tokenspace import TokenSpace
+
+
+class UnifiedModel(nn.Module):
+    """``input_ids [B, T]`` (global ids) + :class:`SeqContext` -> :class:`ModelOutput`.
+
+    Args:
+        token_space: ``{modality: vocab_size}`` in offset order, or a :class:`TokenSpace`.
+        dim: model width ``D``.
+        depth: number of blocks.
+        mixer: a mixer factory, a list cycled over layers, or None (FullAttention, 4 heads).
+        mlp_ratio: SwiGLU hidden size = ``ceil(mlp_ratio * dim)`` rounded up to a multiple of 8
+            (8/3 matches the parameters of a 4x GELU MLP).
+        norm_eps: RMSNorm epsilon.
+        init_std: standard deviation of the normal init of linear and embedding weights.
+    """
+
+    def __init__(self, *, token_space: dict[str, int] | TokenSpace, dim: int = 256, depth: int = 4,
+                 mixer: MixerFactory | Sequence[MixerFactory] | None = None, mlp_ratio: float = 8 / 3,
+                 norm_eps: float = 1e-6, init_std: float = 0.02) -> None:
+        super().__init__()
+        if isinstance(token_space, dict):
+            token_space = TokenSpace.from_dict(token_space)
+        if not isinstance(token_space, TokenSpace):
+            raise TypeError(f"UnifiedModel: token_space must be a dict or TokenSpace, got {type(token_space).__name__}")
+        for m in token_space.modalities:
+            if not m or "." in m:
+                raise ValueError(f"UnifiedModel: modality name {m!r} cannot name a head (empty or contains '.')")
+        if init_std <= 0:
+            raise ValueError(f"UnifiedModel: init_std must be positive, got {init_std}")
+        self.token_space = token_space
+        self.dim = dim
+        self.init_std = init_std
+        self.embed = nn.Embedding(token_space.total, dim)
+        self.backbone = Backbone(dim, depth, mixer, mlp_ratio=mlp_ratio, norm_eps=norm_eps)
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.heads = nn.ModuleDict({m: nn.Linear(dim, n, bias=False) for m, n in token_space.sizes})
+        self.reset_parameters()
+
+    # ---------------------------------------------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights and zero biases; mixers with ``init_weights`` do their own."""
+        def init(module: nn.Module) -> None:
+            if isinstance(module, SequenceMixer) and hasattr(module, "init_weights"):
+                module.init_weights(self.init_std)
+                return  # its submodules are its business
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            for child in module.children():
+                init(child)
+
+        init(self)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.backbone.blocks
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.token_space.modalities
+
+    @property
+    def supports_state(self) -> bool:
+        """True when every layer's mixer can decode with a state."""
+        return all(m.supports_state for m in self.backbone.mixers)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, input_ids: Tensor, ctx: SeqContext) -> None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"UnifiedModel: input_ids must be a tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype != torch.long:
+            raise TypeError(f"UnifiedModel: input_ids must be int64 (torch.long), got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"UnifiedModel: input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if tuple(input_ids.shape) != tuple(ctx.positions.shape):
+            raise ValueError(f"UnifiedModel: input_ids is {tuple(input_ids.shape)} but ctx.positions is "
+                             f"{tuple(ctx.positions.shape)}; expected the same [B, T]")
+        total = self.token_space.total
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= total):
+            raise ValueError(f"UnifiedModel: input_ids must lie in [0, {total}) (global ids of the token space "
+                             f"{self.token_space.to_dict()}), got range [{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    def forward(self, input_ids: Tensor, ctx: SeqContext, states: Sequence[MixerState] | None = None) -> ModelOutput:
+        """``input_ids [B, T]`` int64 global ids -> ``ModelOutput(hidden [B, T, D], logits, states)``.
+
+        With ``states`` (from :meth:`init_states` or a previous call) every mixer continues from its
+        state and the new states are returned; otherwise ``states`` is None.
+        """
+        self._check_inputs(input_ids, ctx)
+        x = self.embed(input_ids)
+        x, new_states = self.backbone(x, ctx, states)
+        return ModelOutput(hidden=self.norm(x), logits=self.logits, states=new_states)
+
+    def logits(self, hidden: Tensor, modality: str) -> Tensor:
+        """``hidden [..., D] -> [..., V_modality]`` logits over the *local* ids of ``modality``."""
+        if modality not in self.heads:
+            raise KeyError(f"UnifiedModel has no head for modality {modality!r}; modalities: {self.modalities}")
+        return self.heads[modality](hidden)
+
+    def init_states(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> list[MixerState]:
+        """One empty decoding state per layer."""
+        states = []
+        for i, mixer in enumerate(self.backbone.mixers):
+            if not mixer.supports_state:
+                raise MixerCapabilityError(f"UnifiedModel: layer {i} ({type(mixer).__name__}) does not support "
+                                           "stateful decoding (supports_state=False)")
+            states.append(mixer.init_state(batch_size, device, dtype))
+        return states
+
+    def residual_outputs(self) -> list[nn.Linear]:
+        """Output projections of every residual branch, block by block."""
+        return self.backbone.residual_outputs()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; ``exclude_embeddings`` leaves out the embedding table and the heads (the
+        non-embedding ``N`` of scaling laws)."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(p) for p in (*self.embed.parameters(), *self.heads.parameters())}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)

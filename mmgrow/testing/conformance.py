@@ -1,0 +1,419 @@
+"""The plugin conformance suite, as library code.
+
+``tests/conformance`` parametrises it over the registry (so every registered plugin, built-in or
+pip-installed, is tested by being registered) and ``mmgrow plugins check NAME`` runs it on one
+installed plugin. Capabilities decide which checks apply; there are no name-based skip lists.
+
+Mixers and memory layers (:func:`mixer_checks`) are built small, ``cls(dim=32, layer_idx=0,
+**cls.conformance_kwargs())`` (the classmethod is optional), in float64 and eval mode, and checked:
+
+1. ``shapes_and_dtype``: ``y`` has the shape, dtype and device of ``x`` (float32 and float64);
+2. ``no_future_leakage``: with a causal context, perturbing ``x[:, t0:]`` leaves ``y[:, :t0]``
+   unchanged to 1e-12 (also with blocks starting at ``t0``, a window, packed rows when supported);
+3. ``packed_equals_separate`` (``supports_segments``): a packed row equals each segment run alone;
+4. ``state_split_equals_one_pass`` and ``decode_equals_prefill`` (``supports_state``);
+5. ``gradients_finite_nonzero``: gradients w.r.t. ``x`` and every parameter are finite and nonzero
+   (finite also with padding tokens, whose attention rows are empty);
+6. ``unsupported_features_raise``: each context feature the class does not claim raises
+   :class:`~mmgrow.protocols.MixerCapabilityError`.
+
+Each check is a no-argument callable raising ``AssertionError`` with a message naming what differs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmgrow.protocols import (
+    NO_BLOCK,
+    PAD_SEGMENT,
+    ContextParallel,
+    MaskSpec,
+    MixerCapabilityError,
+    SeqContext,
+    SequenceMixer,
+)
+
+Check = tuple[str, Callable[[], None]]
+
+DIM = 32
+EXACT_TOL = 1e-12  # float64: masked-out tokens must not move the output at all
+EQUIV_TOL = 1e-10  # float64: same maths, different summation order (chunks, packing)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    passed: bool
+    message: str = ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers: building the mixer, inputs and contexts
+# --------------------------------------------------------------------------------------------------
+
+
+def build_small(cls: type, dtype: torch.dtype = torch.float64, seed: int = 0) -> SequenceMixer:
+    """``cls(dim=32, layer_idx=0, **cls.conformance_kwargs())`` in ``dtype``, eval mode, seeded
+    without touching the caller's global RNG."""
+    kwargs: dict[str, Any] = cls.conformance_kwargs() if hasattr(cls, "conformance_kwargs") else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mixer = cls(dim=DIM, layer_idx=0, **kwargs)
+    return mixer.to(dtype).eval()
+
+
+def _randn(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen, dtype=dtype)
+
+
+def _packed_context(rows: list[list[int]], T: int, *, causal: bool = True, window: int | None = None,
+                    blocks: bool = False) -> SeqContext:
+    """Rows packed from segments of the given lengths, padded with ``PAD_SEGMENT`` to ``T``.
+
+    With ``blocks`` each segment is ``[one loose token, blocks of 3 ...]`` (a text token, then frames).
+    """
+    pos = torch.zeros(len(rows), T, dtype=torch.long)
+    seg = torch.full((len(rows), T), PAD_SEGMENT, dtype=torch.long)
+    blk = torch.full((len(rows), T), NO_BLOCK, dtype=torch.long)
+    for b, lengths in enumerate(rows):
+        if sum(lengths) > T:
+            raise ValueError(f"segments {lengths} do not fit in {T} tokens")
+        start = 0
+        for s, length in enumerate(lengths):
+            pos[b, start:start + length] = torch.arange(length)
+            seg[b, start:start + length] = s
+            blk[b, start:start + length] = _local_blocks(length, offset=100 * s)
+            start += length
+    return SeqContext(positions=pos, segment_ids=seg, block_ids=blk if blocks else None,
+                      mask=MaskSpec(causal=causal, window=window))
+
+
+def _local_blocks(length: int, offset: int = 0) -> Tensor:
+    """Block ids of one example: token 0 loose, then blocks of 3 tokens."""
+    ids = torch.full((length,), NO_BLOCK, dtype=torch.long)
+    ids[1:] = offset + torch.arange(length - 1) // 3
+    return ids
+
+
+def _single_context(length: int, *, causal: bool, window: int | None, blocks: bool) -> SeqContext:
+    return SeqContext(positions=torch.arange(length)[None], block_ids=_local_blocks(length)[None] if blocks else None,
+                      mask=MaskSpec(causal=causal, window=window))
+
+
+def _max_diff(a: Tensor, b: Tensor) -> float:
+    return float((a - b).detach().abs().max()) if a.numel() else 0.0
+
+
+def _output(mixer: SequenceMixer, x: Tensor, ctx: SeqContext, state: Any = None) -> tuple[Tensor, Any]:
+    result = mixer(x, ctx, state)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise AssertionError(f"{type(mixer).__name__}.forward must return (y, state), got {type(result).__name__}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_shapes(cls: type) -> None:
+    for dtype in (torch.float32, torch.float64):
+        mixer = build_small(cls, dtype)
+        x = _randn(2, 7, DIM, dtype=dtype)
+        y, _ = _output(mixer, x, SeqContext.simple(2, 7))
+        assert isinstance(y, Tensor), f"y must be a tensor, got {type(y).__name__}"
+        assert y.shape == x.shape, f"{dtype}: y has shape {tuple(y.shape)}, expected {tuple(x.shape)}"
+        assert y.dtype == dtype, f"y has dtype {y.dtype}, expected the input's {dtype}"
+        assert y.device == x.device, f"y is on {y.device}, expected {x.device}"
+        assert bool(torch.isfinite(y).all()), f"{dtype}: y contains NaN or inf"
+    size = build_small(cls).state_size(16)
+    assert isinstance(size, int) and size >= 0, f"state_size(16) must be a non-negative int, got {size!r}"
+
+
+def _leakage_contexts(cls: type, T: int) -> list[tuple[str, SeqContext, int]]:
+    """(description, causal context, t0) pairs; t0 is a block start when blocks are used."""
+    out = [("causal", SeqContext.simple(2, T), 5)]
+    if cls.supports_window:
+        out.append(("causal + window 3", SeqContext.simple(2, T, window=3), 5))
+    if cls.supports_blocks:
+        blocks = _local_blocks(T).expand(2, T).contiguous()  # blocks start at 1, 4, 7, ...
+        out.append(("causal + blocks", SeqContext(positions=torch.arange(T).expand(2, T).contiguous(),
+                                                   block_ids=blocks), 4))
+    if cls.supports_segments:
+        out.append(("causal + packed segments", _packed_context([[3, 5, 2], [6, 3]], T), 5))
+    return out
+
+
+def _check_no_future_leakage(cls: type) -> None:
+    mixer = build_small(cls)
+    T = 10
+    x = _randn(2, T, DIM)
+    for what, ctx, t0 in _leakage_contexts(cls, T):
+        perturbed = x.clone()
+        perturbed[:, t0:] += _randn(2, T - t0, DIM, seed=2)
+        y, _ = _output(mixer, x, ctx)
+        y2, _ = _output(mixer, perturbed, ctx)
+        diff = _max_diff(y[:, :t0], y2[:, :t0])
+        assert diff <= EXACT_TOL, (f"{what}: outputs before t0={t0} moved by {diff:.3g} when only x[:, {t0}:] "
+                                   "changed (the future leaks into the past)")
+        assert _max_diff(y[:, t0:], y2[:, t0:]) > 1e-8, (
+            f"{what}: outputs from t0={t0} on did not change when x[:, {t0}:] changed (the check is vacuous: "
+            "does y depend on x?)")
+
+
+def _check_packed_equals_separate(cls: type) -> None:
+    mixer = build_small(cls)
+    rows, T = [[5, 4, 3], [7, 3]], 12
+    x = _randn(2, T, DIM)
+    variants = [(True, None, False)]
+    if not cls.causal_only:
+        variants.append((False, None, False))
+    if cls.supports_window:
+        variants.append((True, 3, False))
+    if cls.supports_blocks:
+        variants.append((True, None, True))
+    for causal, window, blocks in variants:
+        what = f"causal={causal}, window={window}, blocks={blocks}"
+        y_packed, _ = _output(mixer, x, _packed_context(rows, T, causal=causal, window=window, blocks=blocks))
+        for b, lengths in enumerate(rows):
+            start = 0
+            for s, length in enumerate(lengths):
+                ctx = _single_context(length, causal=causal, window=window, blocks=blocks)
+                y_alone, _ = _output(mixer, x[b:b + 1, start:start + length], ctx)
+                diff = _max_diff(y_packed[b:b + 1, start:start + length], y_alone)
+                assert diff <= EQUIV_TOL, (f"{what}: row {b} segment {s} (tokens {start}..{start + length - 1}) "
+                                           f"differs from running it alone by {diff:.3g} (segments leak)")
+                start += length
+
+
+def _state_contexts(cls: type, T: int, *, allow_blocks: bool) -> list[tuple[str, SeqContext]]:
+    out = [("causal", SeqContext.simple(2, T, offset=3))]
+    if cls.supports_segments:
+        out.append(("packed segments", _packed_context([[T - 4, 4], [3, T - 5]], T)))
+    if cls.supports_window:
+        out.append(("window 3", SeqContext.simple(2, T, window=3)))
+    if allow_blocks and cls.supports_blocks:  # blocks [1,4), [4,7), [7,10): never cut by the splits below
+        out.append(("blocks", SeqContext(positions=torch.arange(T).expand(2, T).contiguous(),
+                                         block_ids=_local_blocks(T).expand(2, T).contiguous())))
+    return out
+
+
+def _run_chunks(mixer: SequenceMixer, x: Tensor, ctx: SeqContext, bounds: list[int]) -> Tensor:
+    state = mixer.init_state(x.shape[0], x.device, x.dtype)
+    ys = []
+    for start, end in itertools.pairwise(bounds):
+        y, state = _output(mixer, x[:, start:end], ctx.slice(start, end), state)
+        assert state is not None, "a stateful forward returned state None"
+        ys.append(y)
+    return torch.cat(ys, dim=1)
+
+
+def _check_state_split(cls: type) -> None:
+    mixer = build_small(cls)
+    T = 10
+    x = _randn(2, T, DIM)
+    for what, ctx in _state_contexts(cls, T, allow_blocks=True):
+        y_full, _ = _output(mixer, x, ctx)
+        y_chunks = _run_chunks(mixer, x, ctx, [0, 4, 7, T])
+        diff = _max_diff(y_full, y_chunks)
+        assert diff <= EQUIV_TOL, f"{what}: chunks [0,4) [4,7) [7,10) with carried state differ from one pass by {diff:.3g}"
+
+
+def _check_decode(cls: type) -> None:
+    mixer = build_small(cls)
+    T = 8
+    x = _randn(2, T, DIM)
+    for what, ctx in _state_contexts(cls, T, allow_blocks=False):
+        y_full, _ = _output(mixer, x, ctx)
+        y_steps = _run_chunks(mixer, x, ctx, list(range(T + 1)))
+        diff = _max_diff(y_full, y_steps)
+        assert diff <= EQUIV_TOL, f"{what}: token-by-token decoding differs from prefill by {diff:.3g}"
+
+
+def _check_gradients(cls: type) -> None:
+    contexts = [("causal", SeqContext.simple(2, 9), True)]
+    if cls.supports_segments:  # padding tokens have empty attention rows: gradients must stay finite
+        contexts.append(("packed with padding", _packed_context([[4, 3], [5]], 9), False))
+    for what, ctx, require_nonzero in contexts:
+        mixer = build_small(cls)
+        x = _randn(2, 9, DIM).requires_grad_(True)
+        y, _ = _output(mixer, x, ctx)
+        (y * _randn(*y.shape, seed=3)).sum().backward()
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all()), f"{what}: gradient w.r.t. x is not finite"
+        if require_nonzero:
+            assert bool(x.grad.abs().sum() > 0), f"{what}: gradient w.r.t. x is zero"
+        for name, p in mixer.named_parameters():
+            if not p.requires_grad:
+                continue
+            assert p.grad is not None, f"{what}: parameter {name} received no gradient (unused?)"
+            assert bool(torch.isfinite(p.grad).all()), f"{what}: gradient of parameter {name} is not finite"
+            if require_nonzero:
+                assert bool(p.grad.abs().sum() > 0), f"{what}: gradient of parameter {name} is exactly zero"
+
+
+def _unsupported_features(cls: type) -> list[tuple[str, Callable[[SequenceMixer], Any]]]:
+    """(feature, call that must raise MixerCapabilityError) for every capability the class lacks."""
+    T = 6
+    x = _randn(2, T, DIM)
+    pos = torch.arange(T).expand(2, T).contiguous()
+    out: list[tuple[str, Callable[[SequenceMixer], Any]]] = []
+    if not cls.supports_segments:
+        seg = torch.zeros(2, T, dtype=torch.long)
+        seg[:, 3:] = 1
+        out.append(("segment_ids", lambda m: m(x, SeqContext(positions=pos, segment_ids=seg))))
+    if not cls.supports_blocks:
+        blk = _local_blocks(T).expand(2, T).contiguous()
+        out.append(("block_ids", lambda m: m(x, SeqContext(positions=pos, block_ids=blk))))
+    if not cls.supports_window:
+        out.append(("mask.window", lambda m: m(x, SeqContext.simple(2, T, window=3))))
+    if cls.causal_only:
+        out.append(("mask.causal=False", lambda m: m(x, SeqContext.simple(2, T, causal=False))))
+    if not cls.supports_context_parallel:
+        cp = ContextParallel(group=None, rank=0, world_size=2)
+        out.append(("context parallel (cp.world_size=2)", lambda m: m(x, SeqContext(positions=pos, cp=cp))))
+    if not cls.supports_state:
+        out.append(("init_state", lambda m: m.init_state(2, "cpu", torch.float64)))
+    return out
+
+
+def _check_unsupported_raise(cls: type) -> None:
+    mixer = build_small(cls)
+    for feature, call in _unsupported_features(cls):
+        try:
+            call(mixer)
+        except MixerCapabilityError:
+            continue
+        raise AssertionError(f"{cls.__name__} does not claim support for {feature} but did not raise "
+                             "MixerCapabilityError when given it (a context feature must never be ignored)")
+
+
+def mixer_checks(cls: type) -> list[Check]:
+    """Named checks for a :class:`SequenceMixer` (or :class:`MemoryLayer`) class, chosen by its
+    capability attributes."""
+    checks: list[Check] = [
+        ("shapes_and_dtype", lambda: _check_shapes(cls)),
+        ("no_future_leakage", lambda: _check_no_future_leakage(cls)),
+    ]
+    if cls.supports_segments:
+        checks.append(("packed_equals_separate", lambda: _check_packed_equals_separate(cls)))
+    if cls.supports_state:
+        checks.append(("state_split_equals_one_pass", lambda: _check_state_split(cls)))
+        checks.append(("decode_equals_prefill", lambda: _check_decode(cls)))
+    checks.append(("gradients_finite_nonzero", lambda: _check_gradients(cls)))
+    if _unsupported_features(cls):
+        checks.append(("unsupported_features_raise", lambda: _check_unsupported_raise(cls)))
+    return checks
+
+
+# --------------------------------------------------------------------------------------------------
+# Other kinds: the contract's attributes only
+# --------------------------------------------------------------------------------------------------
+
+
+def _overrides(cls: type, base: type, method: str) -> bool:
+    return getattr(cls, method, None) is not getattr(base, method, None)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.shape != b.shape:
+            return False
+        if a.is_floating_point() or b.is_floating_point():
+            return bool(torch.allclose(a.double(), b.double(), atol=1e-5))
+        return bool(torch.equal(a, b))
+    return a == b
+
+
+def _tokenizer_checks(cls: type) -> list[Check]:
+    def attributes() -> None:
+        tok = cls()
+        assert isinstance(tok.modality, str) and tok.modality, f"modality must be a non-empty str, got {tok.modality!r}"
+        assert tok.kind in ("discrete", "continuous"), f"kind must be 'discrete' or 'continuous', got {tok.kind!r}"
+        if tok.kind == "discrete":
+            assert isinstance(tok.vocab_size, int) and tok.vocab_size >= 1, \
+                f"a discrete tokenizer needs vocab_size >= 1, got {tok.vocab_size!r}"
+            for name, idx in getattr(tok, "special_tokens", {}).items():
+                assert isinstance(idx, int) and 0 <= idx < tok.vocab_size, \
+                    f"special token {name!r} has id {idx!r}, outside [0, {tok.vocab_size})"
+        else:
+            assert isinstance(tok.latent_dim, int) and tok.latent_dim >= 1, \
+                f"a continuous tokenizer needs latent_dim >= 1, got {tok.latent_dim!r}"
+
+    def round_trip() -> None:
+        tok = cls()
+        raw = cls.conformance_sample()
+        tokens = tok.encode(raw)
+        if tok.kind == "discrete":
+            assert isinstance(tokens, Tensor) and tokens.dim() == 1 and tokens.dtype == torch.long, \
+                f"encode must return a 1-D int64 tensor, got {getattr(tokens, 'dtype', type(tokens))} " \
+                f"{tuple(getattr(tokens, 'shape', ()))}"
+            if tokens.numel():
+                lo, hi = int(tokens.min()), int(tokens.max())
+                assert 0 <= lo and hi < tok.vocab_size, f"token ids span [{lo}, {hi}], outside [0, {tok.vocab_size})"
+        decoded = tok.decode(tokens)
+        assert _same(decoded, raw), f"decode(encode(sample)) != sample: got {decoded!r:.200}, expected {raw!r:.200}"
+
+    checks: list[Check] = [("tokenizer_attributes", attributes)]
+    if hasattr(cls, "conformance_sample"):
+        checks.append(("tokenizer_round_trip", round_trip))
+    return checks
+
+
+def _attribute_checks(kind: str, cls: type, base: type) -> list[Check]:
+    def growth() -> None:
+        assert cls.preserves in ("exact", "tolerance", "none"), \
+            f"preserves must be 'exact', 'tolerance' or 'none', got {cls.preserves!r}"
+        assert _overrides(cls, base, "apply"), f"{cls.__name__} does not implement apply()"
+
+    def objective() -> None:
+        assert _overrides(cls, base, "loss"), f"{cls.__name__} does not implement loss()"
+
+    def task() -> None:
+        assert isinstance(cls.name, str) and cls.name, f"a task needs a non-empty class attribute name, got {cls.name!r}"
+        assert all(isinstance(m, str) for m in cls.modalities), f"modalities must be strings, got {cls.modalities!r}"
+        assert _overrides(cls, base, "segments"), f"{cls.__name__} does not implement segments()"
+
+    fn = {"growth": growth, "objectives": objective, "tasks": task}[kind]
+    return [(f"{kind}_contract", fn)]
+
+
+def run_checks(kind: str, cls: type) -> list[CheckResult]:
+    """Run every applicable check on ``cls`` registered as ``kind``; never raises for a failing check.
+
+    Mixers and memory layers get :func:`mixer_checks`; tokenizers their attributes and (with a
+    ``conformance_sample()`` classmethod) an encode/decode round trip; growth strategies, objectives and
+    tasks their contract attributes. The class's own ``conformance_checks()`` run last.
+    """
+    from mmgrow.registry import base_class
+
+    base = base_class(kind)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        return [CheckResult("subclass", False, f"{cls!r} is not a subclass of {base.__module__}.{base.__name__}")]
+    if kind in ("mixers", "memory"):
+        checks = mixer_checks(cls)
+    elif kind == "tokenizers":
+        checks = _tokenizer_checks(cls)
+    else:
+        checks = _attribute_checks(kind, cls, base)
+    for i, extra in enumerate(cls.conformance_checks()):
+        checks.append((f"plugin:{getattr(extra, '__name__', i)}", extra))
+
+    results = []
+    for name, check in checks:
+        try:
+            check()
+        except AssertionError as exc:
+            results.append(CheckResult(name, False, str(exc) or "assertion failed"))
+        except Exception as exc:  # noqa: BLE001 - a crashing check is a failed check, named
+            results.append(CheckResult(name, False, f"{type(exc).__name__}: {exc}"))
+        else:
+            results.append(CheckResult(name, True, ""))
+    return results
