@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import update_benchmarks_md  # noqa: E402
+from _report import update_benchmarks_md
 
 MODEL = {"dim": 128, "depth": 4}
 DATA = {"tasks": ["text_to_video"], "codecs": {"text": "bytes", "video": "pixels"}, "codec_args": {"video": {"grid": 8}},

@@ -44,7 +44,7 @@ class TokenBatch:
         if self.input_ids.dtype != torch.long:
             raise TypeError(f"TokenBatch.input_ids must be int64, got {self.input_ids.dtype}")
 
-    def to(self, device: torch.device | str) -> "TokenBatch":
+    def to(self, device: torch.device | str) -> TokenBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def context(self, mask: MaskSpec | None = None, **extra) -> SeqContext:

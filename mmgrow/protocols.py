@@ -22,8 +22,9 @@ never lists kept elsewhere. This module imports only torch and the standard libr
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -141,17 +142,17 @@ class SeqContext:
     def simple(
         cls, batch_size: int, seq_len: int, *, device: torch.device | str | None = None,
         causal: bool = True, window: int | None = None, offset: int = 0,
-    ) -> "SeqContext":
+    ) -> SeqContext:
         """A context for unpacked rows: positions ``offset .. offset+T-1``, no segments or blocks."""
         pos = torch.arange(offset, offset + seq_len, device=device).expand(batch_size, seq_len)
         return cls(positions=pos.contiguous(), mask=MaskSpec(causal=causal, window=window))
 
-    def slice(self, start: int, end: int) -> "SeqContext":
+    def slice(self, start: int, end: int) -> SeqContext:
         """The context of tokens ``[start, end)`` (for chunked prefill or step decoding)."""
         kw = {n: (getattr(self, n)[:, start:end] if getattr(self, n) is not None else None) for n in self._PER_TOKEN}
         return replace(self, **kw)
 
-    def select(self, index: Tensor) -> "SeqContext":
+    def select(self, index: Tensor) -> SeqContext:
         """The context of rows ``index`` (e.g. one packed example, for tests and sampling)."""
         kw = {n: (getattr(self, n)[index] if getattr(self, n) is not None else None) for n in self._PER_TOKEN}
         for n in ("condition", "condition_mask", "timestep"):
@@ -187,7 +188,7 @@ class MixerState:
     """Base of the small, typed per-layer decoding state a mixer returns (KV window, recurrent
     matrix, conv tail, ...). Subclasses are dataclasses of tensors; no global layer-indexed cache."""
 
-    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "MixerState":
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> MixerState:
         """Apply ``fn`` to every tensor field (device moves, batch selection for beam search ...)."""
         kw = {f.name: (fn(v) if isinstance(v, Tensor) else v) for f in fields(self) for v in [getattr(self, f.name)]}
         return replace(self, **kw)
@@ -245,6 +246,16 @@ class SequenceMixer(Plugin, nn.Module):
         """The output projections that write into the residual stream (zeroed by growth strategies)."""
         return []
 
+    @classmethod
+    def conformance_kwargs(cls) -> dict[str, Any]:
+        """Hyperparameters the conformance suite adds when it builds a small instance
+        (``cls(dim=32, layer_idx=0, **conformance_kwargs())``), e.g. to exercise GQA. Default: none."""
+        return {}
+
+    # Optional hook: ``init_weights(self, init_std: float)``. When a mixer defines it, the model
+    # calls it instead of applying its generic normal(0, init_std) init to the mixer's parameters
+    # (SSMs and TTT layers need structured initialisations).
+
     def check_context(self, x: Tensor, ctx: SeqContext) -> None:
         """Validate ``x`` against ``ctx`` and this mixer's capabilities; raise a named error."""
         check_mixer_input(self, x, ctx)
@@ -273,8 +284,9 @@ def check_mixer_input(mixer: SequenceMixer, x: Tensor, ctx: SeqContext) -> None:
         raise MixerCapabilityError(f"{name} does not support context parallelism (world size {ctx.cp.world_size})")
 
 
-MixerFactory = Callable[[int, int], SequenceMixer]
-"""``factory(dim, layer_idx) -> SequenceMixer``: what a recipe's ``mixer:`` entry becomes."""
+MixerFactory = Callable[..., SequenceMixer]
+"""What a recipe's ``mixer:`` entry becomes: called as ``factory(dim=..., layer_idx=...)`` by keyword
+(mixer constructors are keyword-only; jsonargparse's partials forward positionals as positionals)."""
 
 
 # --------------------------------------------------------------------------------------------------

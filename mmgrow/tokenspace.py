@@ -31,7 +31,7 @@ class TokenSpace:
                 raise ValueError(f"TokenSpace: vocab size of {m!r} must be a positive int, got {n!r}")
 
     @classmethod
-    def from_dict(cls, sizes: dict[str, int]) -> "TokenSpace":
+    def from_dict(cls, sizes: dict[str, int]) -> TokenSpace:
         return cls(tuple((str(k), int(v)) for k, v in sizes.items()))
 
     def to_dict(self) -> dict[str, int]:

@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -56,7 +56,7 @@ class RunSummary(pl.Callback):
         self.tokens = 0
         self.fit_start = 0.0
         self.max_seq_len = 0
-        self._last: Optional[float] = None
+        self._last: float | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.perf_counter()

@@ -76,7 +76,7 @@ def rewrite_argv(argv: list[str]) -> list[str]:
                 continue
             out += ["--config", _rewrite_config_file(value)]
             continue
-        if key.endswith(".class_path") or key.endswith("class_path"):
+        if key.endswith("class_path"):
             if eq:
                 out.append(f"{key}={resolve_class_path(inline)}")
             else:
@@ -102,7 +102,7 @@ def _rewrite_config_file(value: str) -> str:
     if cfg is None:
         cfg = {}
     if not isinstance(cfg, dict):
-        raise ValueError(f"{value} must hold a mapping at the top level (fit/trainer/model/data ...), "
+        raise TypeError(f"{value} must hold a mapping at the top level (fit/trainer/model/data ...), "
                          f"got {type(cfg).__name__}")
     new = _rewrite_class_paths(cfg)
     trainer = new.setdefault("trainer", {}) if isinstance(new.get("trainer", {}), dict) else None
@@ -112,9 +112,8 @@ def _rewrite_config_file(value: str) -> str:
 
 
 def _make_cli_class():
-    from lightning.pytorch.cli import LightningCLI
-
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.cli import LightningCLI
 
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
 

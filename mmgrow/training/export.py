@@ -70,7 +70,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     data = weights.read_bytes()
     try:
         return load(data)
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as exc:
         raise CheckpointError(f"{weights} is not a valid safetensors file (truncated or corrupted?): {exc}") from exc
 
 

@@ -7,8 +7,9 @@ objective); there is no per-model training script.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -40,18 +41,18 @@ class MMGrowModule(pl.LightningModule):
 
     def __init__(
         self,
-        vocab: Optional[dict[str, int]] = None,
+        vocab: dict[str, int] | None = None,
         dim: int = 256,
         depth: int = 4,
-        mixer: Optional[Union[MixerFactoryArg, list[MixerFactoryArg]]] = None,
-        mlp_ratio: Optional[float] = None,
-        objective: Optional[Objective] = None,
+        mixer: MixerFactoryArg | list[MixerFactoryArg] | None = None,
+        mlp_ratio: float | None = None,
+        objective: Objective | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
-        init_from: Optional[str] = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -68,7 +69,7 @@ class MMGrowModule(pl.LightningModule):
 
             objective = AutoregressiveObjective()
         self.objective = objective
-        self.model: Optional[torch.nn.Module] = None
+        self.model: torch.nn.Module | None = None
         self.tokens_seen = 0
 
     # ------------------------------------------------------------------ model
@@ -146,7 +147,7 @@ class MMGrowModule(pl.LightningModule):
         self.tokens_seen = int(checkpoint.get("mmgrow_tokens_seen", 0))
 
 
-def warmup_cosine(warmup: int, total: Optional[int], min_ratio: float) -> Callable[[int], float]:
+def warmup_cosine(warmup: int, total: int | None, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier: ``(s+1)/warmup`` during warm-up, then cosine from 1 to ``min_ratio`` at ``total``."""
 
     def factor(step: int) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -46,7 +46,7 @@ class GenerateSamples(pl.Callback):
     """
 
     def __init__(self, num_samples: int = 4, greedy: bool = True, temperature: float = 1.0,
-                 top_k: Optional[int] = None, seed: int = 0, modality: str = "video") -> None:
+                 top_k: int | None = None, seed: int = 0, modality: str = "video") -> None:
         self.num_samples = num_samples
         self.greedy, self.temperature, self.top_k, self.seed = greedy, temperature, top_k, seed
         self.modality = modality
@@ -60,7 +60,7 @@ class GenerateSamples(pl.Callback):
         prompt = torch.cat([text.input_ids, space.to_global(prefix, self.modality)])[None].to(pl_module.device)
         constraint_fn = getattr(codec, "generation_constraint", None)
         constraint = constraint_fn(num_frames) if callable(constraint_fn) else None
-        per_frame = getattr(codec, "tokens_per_frame")
+        per_frame = codec.tokens_per_frame
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         new = pl_module.objective.generate(
             pl_module.model, prompt, modality=self.modality, max_new_tokens=num_frames * per_frame,

@@ -74,7 +74,7 @@ def test_missing_file_and_shape_mismatch(tmp_path):
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    import mmgrow.training.export as export
+    from mmgrow.training import export
 
     def boom(*a, **k):
         raise OSError("disk full")

@@ -95,7 +95,7 @@ def test_inconsistent_recipe_is_rejected_with_the_key(tmp_path, capsys):
 def test_config_that_is_not_a_mapping(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")
-    with pytest.raises(ValueError, match="mapping at the top level"):
+    with pytest.raises(TypeError, match="mapping at the top level"):
         build_cli(["fit", "--config", str(bad)])
     with pytest.raises(FileNotFoundError, match="config file not found"):
         build_cli(["fit", "--config", str(tmp_path / "nope.yaml")])
