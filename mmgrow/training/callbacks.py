@@ -48,7 +48,7 @@ class RunSummary(pl.Callback):
 
     ``tokens_per_s`` counts non-padding tokens of training batches over the training loop's wall
     time from the end of the first batch to the end of the last (data loading, forward, backward and
-    optimizer included; the first batch, validation and sampling excluded).
+    optimizer included; the first batch, validation, epoch boundaries and sampling excluded).
     """
 
     def __init__(self) -> None:
@@ -57,17 +57,25 @@ class RunSummary(pl.Callback):
         self.fit_start = 0.0
         self.max_seq_len = 0
         self._last: float | None = None
+        self._batch_start = 0.0
+        self._seen_first = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.perf_counter()
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start = time.perf_counter()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self._last is not None:  # the first batch (warm-up, lazy init) is not timed
-            self.train_time += now - self._last
+        if self._seen_first:  # the first batch of the run (warm-up, lazy init) is not timed
+            # Since the previous batch ended (data loading included), or since this batch started
+            # when validation or an epoch boundary came in between.
+            self.train_time += now - (self._last if self._last is not None else self._batch_start)
             self.tokens += batch.num_tokens
+        self._seen_first = True
         self._last = now
         self.max_seq_len = max(self.max_seq_len, int(batch.input_ids.shape[1]))
 

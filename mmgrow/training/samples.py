@@ -8,6 +8,7 @@ Generation uses the objective's sampler and the codec's ``generation_constraint`
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -17,12 +18,19 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.protocols import NO_BLOCK, Segment
+from mmgrow.training.export import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "sample"
+
+
+def match_rates(records: list[dict]) -> dict[str, float]:
+    """Fraction of samples whose generated video shows what the caption asked, per attribute."""
+    keys = sorted({k for r in records for k in r.get("match", {})})
+    return {k: sum(r["match"][k] for r in records) / len(records) for k in keys}
 
 
 def video_prefix(codec: Any, frame_shape: tuple[int, ...]) -> torch.Tensor:
@@ -39,13 +47,14 @@ class GenerateSamples(pl.Callback):
 
     Args:
         num_samples: how many held-out captions (in the dataset's order).
-        greedy, temperature, top_k: sampler settings (greedy by default: the picture shows the
-            model's most likely video, which is what a reader wants to judge).
+        greedy, temperature, top_k: sampler settings. Sampling, not greedy, by default: where the
+            data places a shape at random, no single cell is likely to hold it, so greedy decoding
+            of the first frame picks the background everywhere and draws an empty video.
         seed: seeds sampling when not greedy.
         modality: the generated modality (its codec must decode tokens to ``uint8 [F, H, W, 3]``).
     """
 
-    def __init__(self, num_samples: int = 4, greedy: bool = True, temperature: float = 1.0,
+    def __init__(self, num_samples: int = 4, greedy: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, seed: int = 0, modality: str = "video") -> None:
         self.num_samples = num_samples
         self.greedy, self.temperature, self.top_k, self.seed = greedy, temperature, top_k, seed
@@ -81,12 +90,20 @@ class GenerateSamples(pl.Callback):
         example = dm.train_set[0].media[self.modality]
         num_frames, frame_shape = int(example.shape[0]), tuple(example.shape[1:])
         out = Path(trainer.default_root_dir) / "samples"
-        videos, captions = [], []
-        for i, (caption, _meta) in enumerate(dm.heldout_prompts()[: self.num_samples]):
+        describe = getattr(dm.train_set, "describe", None)  # datasets that can read a video back
+        videos, captions, records = [], [], []
+        for i, (caption, meta) in enumerate(dm.heldout_prompts()[: self.num_samples]):
             frames = self.generate(pl_module, dm, caption, num_frames, frame_shape)
-            write_gif(frames, out / f"{i:02d}_{_slug(caption)}.gif")
+            path = write_gif(frames, out / f"{i:02d}_{_slug(caption)}.gif")
             videos.append(frames)
             captions.append(caption)
+            record = {"caption": caption, "gif": path.name, "asked": dict(meta)}
+            if callable(describe):
+                record["seen"] = describe(frames)
+                record["match"] = {k: record["seen"].get(k) == v for k, v in meta.items()}
+            records.append(record)
         if videos:
             frames_grid_png(videos, captions, out / "heldout.png")
+            atomic_write_bytes(out / "heldout.json", json.dumps(
+                {"samples": records, "match_rate": match_rates(records)}, indent=2).encode())
             log.info("samples written to %s", out)

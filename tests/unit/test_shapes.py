@@ -113,3 +113,47 @@ def test_options_and_errors():
         ShapesDataset(colours=["red", "black"])
     with pytest.raises(ValueError, match=r"\['up'\] would never appear in training"):
         ShapesDataset(shapes=["bar"], colours=["red"], motions=["up", "down"], heldout=[("bar", "red", "up")])
+
+
+def test_describe_video_reads_back_every_rendered_combination():
+    from mmgrow.data.synthetic.shapes import describe_video
+    from mmgrow.tokenizers.pixels import PixelTokenizer
+
+    codec = PixelTokenizer(grid=8)
+    for random_start in (True, False):
+        ds = ShapesDataset(num_samples=200, frames=4, seed=3, random_start=random_start)
+        for i in range(len(ds)):
+            s = ds[i]
+            frames = codec.decode(codec.encode(s.media["video"]))
+            assert describe_video(frames) == s.meta, (i, s.text)
+
+
+def test_describe_video_says_none_when_nothing_is_shown():
+    from mmgrow.data.synthetic.shapes import describe_video
+
+    empty = torch.zeros(3, 6, 6, 3, dtype=torch.uint8)
+    assert describe_video(empty) == {"colour": None, "shape": None, "motion": None}
+    still = ShapesDataset(num_samples=1, frames=1, grid=6, size=24)[0].media["video"][:, ::4, ::4]
+    desc = describe_video(still.repeat(3, 1, 1, 1))
+    assert desc["motion"] is None and desc["colour"] == still_colour(still)
+    with pytest.raises(ValueError, match="uint8 frames"):
+        describe_video(empty.float())
+
+
+def still_colour(video):
+    from mmgrow.tokenizers.pixels import DEFAULT_PALETTE
+
+    rgb = [tuple(int(v) for v in p) for p in video.reshape(-1, 3)]
+    names = {tuple(v): k for k, v in DEFAULT_PALETTE.items()}
+    return next(names[p] for p in rgb if names[p] != "black")
+
+
+def test_centred_start_is_deterministic_given_the_caption():
+    ds = ShapesDataset(num_samples=300, frames=4, grid=6, size=24, random_start=False)
+    by_caption = {}
+    for i in range(len(ds)):
+        s = ds[i]
+        if s.text in by_caption:
+            assert torch.equal(by_caption[s.text], s.media["video"])
+        by_caption[s.text] = s.media["video"]
+    assert len(by_caption) > 40

@@ -35,6 +35,9 @@ def test_run_directory_holds_the_evidence(run_dir):
                  "summary.json", "plots/loss.png", "samples/heldout.png"]:
         assert (d / name).is_file() and (d / name).stat().st_size > 0, name
     assert len(list((d / "samples").glob("*.gif"))) == 4
+    scores = json.loads((d / "samples" / "heldout.json").read_text())
+    assert [r["caption"] for r in scores["samples"]] == [c for c, _ in cli.datamodule.heldout_prompts()[:4]]
+    assert set(scores["match_rate"]) == {"colour", "motion", "shape"}
     assert not [p for p in d.rglob("*.tmp")], "temporary files left behind"
     s = json.loads((d / "summary.json").read_text())
     assert s["global_step"] == 3 and s["tokens_seen"] > 0 and s["tokens_per_s"] > 0

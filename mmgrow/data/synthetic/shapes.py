@@ -84,6 +84,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         shapes, colours, motions: subsets of :data:`SHAPES`, palette colour names, :data:`MOTIONS`.
         heldout: held-out (shape, colour, motion) triples; default :data:`HELDOUT_COMBOS` restricted
             to the chosen shapes, colours and motions.
+        random_start: draw the start cell at random within the range that keeps every frame inside
+            the grid (default), or start at the centre of that range, so the caption alone
+            determines the video (the quickstart uses this: a 3-minute CPU run can then learn to
+            compose colour, shape and motion for unseen captions).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         colours: Sequence[str] | None = None,
         motions: Sequence[str] | None = None,
         heldout: Sequence[Sequence[str]] | None = None,
+        random_start: bool = True,
     ) -> None:
         for name, value, low in (("num_samples", num_samples, 0), ("frames", frames, 1), ("size", size, 1),
                                  ("grid", grid, 1)):
@@ -112,6 +117,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.motions = _subset("motions", motions, tuple(MOTIONS))
         self.num_samples, self.frames, self.size, self.grid = num_samples, frames, size, grid
         self.seed, self.split = seed, split
+        self.random_start = bool(random_start)
         self._check_fits()
 
         everything = list(product(self.shapes, self.colours, self.motions))
@@ -150,6 +156,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         """Captions of the held-out combinations, in :attr:`heldout` order."""
         return [caption(*c) for c in self.heldout]
 
+    @staticmethod
+    def describe(frames: Tensor) -> dict[str, str | None]:
+        """What a grid-resolution video shows, as ``{"colour", "shape", "motion"}`` (see
+        :func:`describe_video`); used to score generated samples against their captions."""
+        return describe_video(frames)
+
     def heldout_prompts(self) -> list[tuple[str, dict[str, str]]]:
         """``(caption, {"shape", "colour", "motion"})`` for each held-out combination."""
         return [(caption(*c), _meta(*c)) for c in self.heldout]
@@ -168,14 +180,19 @@ class ShapesDataset(torch.utils.data.Dataset):
         return Sample(media={"video": video}, text=caption(shape, colour, motion), meta=_meta(shape, colour, motion))
 
     def render(self, shape: str, colour: str, motion: str, rng: random.Random) -> Tensor:
-        """``uint8 [frames, size, size, 3]``: the shape at a random start, stepping one cell per frame."""
+        """``uint8 [frames, size, size, 3]``: the shape at a random (or, with ``random_start=False``,
+        centred) start, stepping one cell per frame."""
         mask = torch.tensor([[ch == "#" for ch in row] for row in SHAPES[shape]])
         rows, cols = mask.shape
         d_row, d_col = MOTIONS[motion]
         travel = self.frames - 1
         # Start range keeps every frame inside the grid: r0 + d_row * t in [0, grid - rows] for all t.
-        r0 = rng.randint(max(0, -d_row * travel), self.grid - rows - max(0, d_row * travel))
-        c0 = rng.randint(max(0, -d_col * travel), self.grid - cols - max(0, d_col * travel))
+        r_range = (max(0, -d_row * travel), self.grid - rows - max(0, d_row * travel))
+        c_range = (max(0, -d_col * travel), self.grid - cols - max(0, d_col * travel))
+        if self.random_start:
+            r0, c0 = rng.randint(*r_range), rng.randint(*c_range)
+        else:  # centre of the allowed range: the caption alone determines the video
+            r0, c0 = sum(r_range) // 2, sum(c_range) // 2
         cells = torch.zeros(self.frames, self.grid, self.grid, 3, dtype=torch.uint8)
         cells[:] = torch.tensor(DEFAULT_PALETTE[BACKGROUND], dtype=torch.uint8)
         rgb = torch.tensor(DEFAULT_PALETTE[colour], dtype=torch.uint8)
@@ -202,3 +219,43 @@ def _subset(what: str, chosen: Sequence[str] | None, default: tuple[str, ...],
     if bad or not values or len(set(values)) != len(values):
         raise ValueError(f"ShapesDataset: {what} must be distinct names from {allowed}, got {list(values)}")
     return values
+
+
+def describe_video(frames: Tensor) -> dict[str, str | None]:
+    """Read a (generated) shapes video back into words: the inverse of :meth:`ShapesDataset.render`.
+
+    ``frames``: ``uint8 [F, g, g, 3]`` at grid resolution (what the pixel codec decodes to). Returns
+    ``{"colour", "shape", "motion"}``; each is None when the video does not show one clearly:
+    colour = the most frequent non-background palette colour; shape = the most frequent exact match
+    of a frame's cropped foreground against :data:`SHAPES`; motion = the direction of the larger
+    displacement of the foreground's bounding box between the first and last non-empty frames.
+    """
+    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"describe_video expects uint8 frames [F, g, g, 3], got {frames.dtype} {tuple(frames.shape)}")
+    background = torch.tensor(DEFAULT_PALETTE[BACKGROUND], dtype=torch.uint8)
+    foreground = (frames != background).any(-1)  # [F, g, g]
+    colours: list[str] = []
+    for name, rgb in DEFAULT_PALETTE.items():
+        if name != BACKGROUND:
+            colours += [name] * int((frames == torch.tensor(rgb, dtype=torch.uint8)).all(-1).sum())
+    colour = max(set(colours), key=colours.count) if colours else None
+    shapes, corners = [], []
+    for fg in foreground:
+        if not fg.any():
+            continue
+        rows, cols = fg.any(1).nonzero()[:, 0], fg.any(0).nonzero()[:, 0]
+        crop = fg[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1]
+        corners.append((int(rows[0]), int(cols[0])))
+        for name, pattern in SHAPES.items():
+            mask = torch.tensor([[ch == "#" for ch in row] for row in pattern])
+            if mask.shape == crop.shape and torch.equal(mask, crop):
+                shapes.append(name)
+    shape = max(set(shapes), key=shapes.count) if shapes else None
+    motion = None
+    if len(corners) >= 2:
+        d_row, d_col = corners[-1][0] - corners[0][0], corners[-1][1] - corners[0][1]
+        if abs(d_row) > abs(d_col):
+            motion = "down" if d_row > 0 else "up"
+        elif abs(d_col) > abs(d_row):
+            motion = "right" if d_col > 0 else "left"
+    return {"colour": colour, "shape": shape, "motion": motion}
