@@ -178,14 +178,20 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
     cls = _make_cli_class()
     argv = rewrite_argv(list(sys.argv[1:] if args is None else args))
-    return cls(
-        MMGrowModule,
-        MMDataModule,
-        args=argv,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "mmgrow: train and evaluate unified multimodal models from YAML recipes."},
-    )
+    # LightningCLI warns when it gets `args` while sys.argv also holds arguments; ours *are* sys.argv
+    # after the registry-name rewrite, so hide the originals while it parses.
+    saved, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return cls(
+            MMGrowModule,
+            MMDataModule,
+            args=argv,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "mmgrow: train and evaluate unified multimodal models from YAML recipes."},
+        )
+    finally:
+        sys.argv = saved
 
 
 def cli_main(argv: list[str] | None = None) -> int:
