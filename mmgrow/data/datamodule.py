@@ -60,7 +60,8 @@ class MMDataModule(pl.LightningDataModule):
         codec_args: ``{modality: {kwarg: value}}`` for the codecs (e.g. ``{"video": {"grid": 4}}``).
         dataset: name in :data:`DATASETS`.
         dataset_args: extra keyword arguments of the dataset class (e.g. ``{"frames": 4}``).
-        num_train, num_val: samples in the ``"train"`` and ``"val"`` splits.
+        num_train, num_val: samples in the ``"train"`` and ``"val"`` splits; ``num_val`` also sizes
+            the ``"heldout"`` split used by ``test_dataloader`` / ``predict_dataloader``.
         seq_len: pad every batch to this length (an example longer than it is an error), or None to
             pad each batch to its longest example.
         batch_size, num_workers: DataLoader settings.
@@ -111,6 +112,8 @@ class MMDataModule(pl.LightningDataModule):
         dataset_cls, args = DATASETS[dataset], dict(dataset_args or {})
         self.train_set = dataset_cls(num_samples=num_train, seed=seed, split="train", **args)
         self.val_set = dataset_cls(num_samples=num_val, seed=seed, split="val", **args)
+        # `mmgrow test` / `predict` run on the held-out combinations: never seen in train or val.
+        self.test_set = dataset_cls(num_samples=num_val, seed=seed, split="heldout", **args)
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -130,6 +133,13 @@ class MMDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The ``"heldout"`` split (``num_val`` samples): the loss on compositions never trained on."""
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
 
     def heldout_prompts(self) -> list[tuple[str, dict]]:
         """``(caption, meta)`` of the dataset's held-out combinations (never seen in train / val)."""

@@ -138,7 +138,9 @@ def _make_cli_class():
             have = {type(c) for c in configured}
             wanted = [RunSummary, ExportWeights, PlotMetrics, *_sample_callback()]
             if config.get("enable_checkpointing", True) is not False:
-                wanted.append(lambda: ModelCheckpoint(save_last=True))
+                # Saved at every epoch end, including the one max_steps cuts short: last.ckpt is the final
+                # state whatever the validation schedule (resumable, and equal to model.safetensors).
+                wanted.append(lambda: ModelCheckpoint(save_last=True, save_on_train_epoch_end=True))
             if config.get("enable_progress_bar", True) is not False:
                 wanted.append(RichProgressBar)
             for make in wanted:

@@ -121,9 +121,10 @@ class MMGrowModule(pl.LightningModule):
         return self._step(batch, "test")
 
     def predict_step(self, batch: TokenBatch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """The objective's loss and metrics of each batch (e.g. held-out loss per modality)."""
         ctx = self.objective.context(batch)
-        out = self.model(batch.input_ids, ctx)
-        return {"hidden": out.hidden}
+        loss, metrics = self.objective.loss(self.model(batch.input_ids, ctx), batch)
+        return {"loss": loss.detach(), **{k: torch.as_tensor(v).detach() for k, v in metrics.items()}}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

@@ -102,3 +102,25 @@ def test_config_that_is_not_a_mapping(tmp_path):
         build_cli(["fit", "--config", str(bad)])
     with pytest.raises(FileNotFoundError, match="config file not found"):
         build_cli(["fit", "--config", str(tmp_path / "nope.yaml")])
+
+
+def test_validate_test_and_predict_from_the_checkpoint(run_dir, tmp_path):
+    d, fit_cli = run_dir
+    ckpt = str(d / "checkpoints/last.ckpt")
+    common = ["--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--trainer.default_root_dir", str(tmp_path),
+              "--ckpt_path", ckpt]
+    val = build_cli(["validate", *common])
+    test = build_cli(["test", *common])
+    pred = build_cli(["predict", *common])
+    # validate on last.ckpt equals the loss of the exported final weights on the first val batch
+    model = load_model(d).eval()
+    batch = next(iter(val.datamodule.val_dataloader()))
+    with torch.no_grad():
+        expected, _ = fit_cli.model.objective.loss(model(batch.input_ids, fit_cli.model.objective.context(batch)), batch)
+    assert abs(float(val.trainer.callback_metrics["val/loss"]) - float(expected)) < 1e-5
+    # test runs on the held-out combinations, which the validation split never contains
+    assert float(test.trainer.callback_metrics["test/loss"]) > 0
+    heldout = {c for c, _ in test.datamodule.heldout_prompts()}
+    assert {test.datamodule.test_set[i].text for i in range(len(test.datamodule.test_set))} <= heldout
+    outputs = pred.trainer.predict_loop.predictions
+    assert outputs and all(torch.isfinite(o["loss"]) for o in outputs)

@@ -1,1 +1,0 @@
-"""mmgrow.growth"""
