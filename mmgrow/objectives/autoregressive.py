@@ -58,6 +58,14 @@ def target_mask(batch: TokenBatch) -> Tensor:
     return torch.cat([torch.zeros_like(targets[:, :1]), targets], dim=1)
 
 
+def single_example_rows(segment_ids: Tensor) -> bool:
+    """Whether every row of ``segment_ids [B, T]`` is one example followed only by right padding."""
+    real = segment_ids != PAD_SEGMENT
+    one_segment = ((segment_ids == segment_ids[:, :1]) | ~real).all()
+    padding_is_a_suffix = (real[:, 1:] <= real[:, :-1]).all()  # no real token after a padding token
+    return bool(real[:, 0].all() and one_segment and padding_is_a_suffix)
+
+
 class AutoregressiveObjective(Objective):
     """Next-token cross-entropy with per-modality weights (LWM) and a stateful sampler.
 
@@ -117,19 +125,21 @@ class AutoregressiveObjective(Objective):
     def context(self, batch: TokenBatch, **extra) -> SeqContext:
         """The :class:`SeqContext` for training on ``batch``.
 
-        Causal mask; ``segment_ids`` kept whenever a row is packed or padded (dropped only when every
-        row is one example without padding, so mixers without segment support can train on plain
-        rows); modality ids kept; ``block_ids`` always dropped -- a bidirectional frame block would
-        let position ``t-1`` see token ``t`` and leak the target. ``extra`` goes to
-        :class:`SeqContext` (``condition``, ``timestep``, ``cp`` ...); a ``mask=`` in it must be causal.
+        Causal mask; ``segment_ids`` kept when a row is packed (several examples) or padded anywhere
+        but at its end. A row holding one example followed by right padding needs none: under a
+        causal mask a real token never sees the padding after it, and no target comes from padding
+        (:func:`target_mask`). Dropping them lets mixers without segment support train on padded
+        batches and lets attention use its unmasked causal kernel. Modality ids are kept;
+        ``block_ids`` are always dropped -- a bidirectional frame block would let position ``t-1``
+        see token ``t`` and leak the target. ``extra`` goes to :class:`SeqContext` (``condition``,
+        ``timestep``, ``cp`` ...); a ``mask=`` in it must be causal.
         """
         mask = extra.pop("mask", None) or MaskSpec(causal=True)
         if not mask.causal:
             raise ValueError("AutoregressiveObjective needs a causal mask; got MaskSpec(causal=False), which "
                              "would let position t-1 see its own target t")
         seg = batch.segment_ids
-        one_example_per_row = bool((seg >= 0).all()) and bool((seg == seg[:, :1]).all())
-        return SeqContext(positions=batch.positions, segment_ids=None if one_example_per_row else seg,
+        return SeqContext(positions=batch.positions, segment_ids=None if single_example_rows(seg) else seg,
                           block_ids=None, modality_ids=batch.modality_ids, mask=mask, **extra)
 
     # ------------------------------------------------------------------ loss

@@ -243,6 +243,12 @@ def test_context_is_causal_without_blocks():
     assert torch.equal(ctx.modality_ids, batch.modality_ids)
     plain = make_batch(segments=[[0] * 10, [3] * 10])  # one example per row, no padding
     assert obj.context(plain).segment_ids is None
+    right_padded = make_batch(segments=[[0] * 7 + [-1] * 3, [3] * 10])
+    assert obj.context(right_padded).segment_ids is None
+    left_padded = make_batch(segments=[[-1] * 3 + [0] * 7, [3] * 10])
+    assert torch.equal(obj.context(left_padded).segment_ids, left_padded.segment_ids)
+    gap = make_batch(segments=[[0] * 4 + [-1] + [0] * 5, [3] * 10])
+    assert obj.context(gap).segment_ids is not None
     assert obj.context(batch, mask=MaskSpec(causal=True, window=4)).mask.window == 4
     with pytest.raises(ValueError, match="needs a causal mask"):
         obj.context(batch, mask=MaskSpec(causal=False))
@@ -509,3 +515,27 @@ def test_unified_model_trains_through_objective_context_and_loss():
     ref, _ = reference_loss(batch, out.hidden.double(),
                             lambda h, m: model.logits(h.float(), m).double(), {})
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_dropping_segment_ids_of_right_padded_rows_changes_nothing():
+    """The context drops segment ids for one-example rows with right padding; the loss and every
+    gradient equal those computed with the segment ids kept (float64, real model)."""
+    from dataclasses import replace
+
+    from mmgrow.models.unified import UnifiedModel
+
+    torch.manual_seed(0)
+    model = UnifiedModel(token_space=SIZES, dim=16, depth=2).double()
+    obj = AutoregressiveObjective(token_space=SPACE)
+    batch = make_batch(segments=[[0] * 7 + [-1] * 3, [0] * 10])
+    ctx = obj.context(batch)
+    assert ctx.segment_ids is None
+    results = []
+    for c in (ctx, replace(ctx, segment_ids=batch.segment_ids)):
+        model.zero_grad()
+        loss, _ = obj.loss(model(batch.input_ids, c), batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    for g0, g1 in zip(results[0][1], results[1][1]):
+        assert torch.allclose(g0, g1, rtol=0, atol=1e-12)
