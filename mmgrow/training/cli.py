@@ -182,7 +182,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     argv = rewrite_argv(list(sys.argv[1:] if args is None else args))
     # LightningCLI warns when it gets `args` while sys.argv also holds arguments; ours *are* sys.argv
     # after the registry-name rewrite, so hide the originals while it parses.
-    saved, sys.argv = sys.argv, sys.argv[:1]
+    saved, sys.argv = sys.argv, ["mmgrow"]  # also the program name in usage lines
     try:
         return cls(
             MMGrowModule,
@@ -197,5 +197,13 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    build_cli(argv)
+    """Console entry: recipe errors found before parsing (missing file, unknown plugin name, not a
+    mapping) print one line and exit 2, like jsonargparse's own errors; the rest propagate."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rewrite_argv(args)
+    except (OSError, ValueError, TypeError, registry.PluginError) as exc:
+        print(f"mmgrow: error: {exc}", file=sys.stderr)
+        return 2
+    build_cli(args)
     return 0

@@ -124,3 +124,12 @@ def test_validate_test_and_predict_from_the_checkpoint(run_dir, tmp_path):
     assert {test.datamodule.test_set[i].text for i in range(len(test.datamodule.test_set))} <= heldout
     outputs = pred.trainer.predict_loop.predictions
     assert outputs and all(torch.isfinite(o["loss"]) for o in outputs)
+
+
+def test_console_entry_reports_recipe_errors_in_one_line(tmp_path, capsys):
+    from mmgrow.__main__ import main
+
+    assert main(["fit", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"mmgrow: error: config file not found: {tmp_path / 'nope.yaml'}"
+    assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), "--model.mixer.class_path", "fulll"]) == 2
+    assert "did you mean 'full'" in capsys.readouterr().err
