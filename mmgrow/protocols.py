@@ -336,6 +336,16 @@ class Tokenizer(Plugin, nn.Module):
         """``[N]`` int64 block id per token (:data:`NO_BLOCK` where none)."""
         return torch.full(tokens.shape[:1], NO_BLOCK, dtype=torch.long)
 
+    def generation_prefix(self) -> Tensor:
+        """``[P]`` local ids that open an item the model is asked to generate (``bos``, ``bov`` ...),
+        appended to a prompt before sampling. Default: none."""
+        return torch.empty(0, dtype=torch.long)
+
+    def generation_length(self, tokens: Tensor) -> int:
+        """How many of the sampled ``tokens [N]`` (after the prefix) belong to the item: up to and
+        including the codec's end token, if one was sampled. Default: all of them."""
+        return int(tokens.shape[0])
+
     def loss(self, raw: Any) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError(f"{type(self).__name__} is not a learned codec")
 
@@ -425,10 +435,15 @@ class Segment:
 
 
 class Task(Plugin):
-    """Turns a :class:`Sample` into ordered :class:`Segment` s (captioning, text-to-video, QA ...)."""
+    """Turns a :class:`Sample` into ordered :class:`Segment` s (captioning, text-to-video, QA ...).
+
+    ``modalities``: every modality its segments use (the data module checks it has their codecs);
+    ``target_modalities``: the ones it trains the model to generate (sample writers use it).
+    """
 
     name: ClassVar[str] = ""
     modalities: ClassVar[Sequence[str]] = ()
+    target_modalities: ClassVar[Sequence[str]] = ()
 
     def segments(self, sample: Sample) -> list[Segment]:
         raise NotImplementedError

@@ -25,6 +25,7 @@ class TextToVideo(Task):
 
     name: ClassVar[str] = "text_to_video"
     modalities: ClassVar[Sequence[str]] = ("text", "video")
+    target_modalities: ClassVar[Sequence[str]] = ("video",)
 
     def segments(self, sample: Sample) -> list[Segment]:
         video = _video_of(sample, self.name)
@@ -36,6 +37,7 @@ class VideoToText(Task):
 
     name: ClassVar[str] = "video_to_text"
     modalities: ClassVar[Sequence[str]] = ("video", "text")
+    target_modalities: ClassVar[Sequence[str]] = ("text",)
 
     def segments(self, sample: Sample) -> list[Segment]:
         video = _video_of(sample, self.name)

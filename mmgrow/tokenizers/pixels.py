@@ -157,6 +157,15 @@ class PixelTokenizer(Tokenizer):
     # structure for the model and the sampler
     # ---------------------------------------------------------------------------------------------
 
+    def generation_prefix(self) -> Tensor:
+        """A generated video starts after ``bov``."""
+        return torch.tensor([self.special_tokens["bov"]], dtype=torch.long)
+
+    def generation_length(self, tokens: Tensor) -> int:
+        """Sampled video ends at (and includes) the first ``eov``."""
+        ends = (tokens == self.special_tokens["eov"]).nonzero()
+        return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+
     def block_ids(self, tokens: Tensor) -> Tensor:
         """``[N]`` int64: frame index of each token (its ``eof`` / ``eov`` included), ``NO_BLOCK`` for
         ``bov`` and for anything after the first ``eov``. Tokens of one frame attend bidirectionally."""

@@ -58,6 +58,15 @@ class ByteTokenizer(Tokenizer):
             ids.append(self.eos_id)
         return torch.tensor(ids, dtype=torch.long)
 
+    def generation_prefix(self) -> Tensor:
+        """A generated text starts after ``bos``."""
+        return torch.tensor([self.bos_id], dtype=torch.long)
+
+    def generation_length(self, tokens: Tensor) -> int:
+        """Sampled text ends at (and includes) the first ``eos``."""
+        ends = (tokens == self.eos_id).nonzero()
+        return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+
     def decode(self, ids: Tensor | Sequence[int]) -> str:
         """``[N]`` ids -> str. Specials are dropped; invalid UTF-8 becomes U+FFFD."""
         values = _as_id_list(ids, "ByteTokenizer.decode")

@@ -153,9 +153,9 @@ def _make_cli_class():
 
 
 def _sample_callback() -> tuple[type, ...]:
-    from mmgrow.training.samples import GenerateSamples
+    from mmgrow.training.samples import GenerateCaptions, GenerateSamples
 
-    return (GenerateSamples,)
+    return (GenerateSamples, GenerateCaptions)
 
 
 def default_loggers(root: str) -> list:

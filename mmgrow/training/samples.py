@@ -1,9 +1,11 @@
-"""Generated samples for held-out prompts, written as GIFs (and one PNG grid) into ``samples/``.
+"""Generated samples for held-out prompts: videos for captions, captions for videos.
 
-The prompt for a video is the caption's text tokens followed by the video codec's *prefix*: the
-tokens its ``encode`` puts before the first frame block (for ``pixels`` that is ``bov``). The
-prefix is found from the codec's own ``block_ids``, so no special-token names are hard-coded here.
-Generation uses the objective's sampler and the codec's ``generation_constraint`` when it has one.
+Both callbacks run at the end of ``fit`` on global rank 0 and only when a task of the data module
+targets their modality (``Task.target_modalities``). A prompt is the input item's tokens followed by
+the generated codec's ``generation_prefix()`` (``bov`` for video, ``bos`` for text); sampling uses
+the objective's ``generate`` and, for video, the codec's ``generation_constraint``; the sampled
+tokens are cut with the codec's ``generation_length`` and decoded. No special-token names appear
+here: the codecs declare them.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 
-from mmgrow.protocols import NO_BLOCK, Segment
+from mmgrow.protocols import Segment
 from mmgrow.training.export import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -28,72 +30,77 @@ def _slug(text: str) -> str:
 
 
 def match_rates(records: list[dict]) -> dict[str, float]:
-    """Fraction of samples whose generated video shows what the caption asked, per attribute."""
+    """Fraction of samples whose generated item shows what was asked, per attribute."""
     keys = sorted({k for r in records for k in r.get("match", {})})
     return {k: sum(r["match"][k] for r in records) / len(records) for k in keys}
 
 
-def video_prefix(codec: Any, frame_shape: tuple[int, ...]) -> torch.Tensor:
-    """Local ids the codec emits before its first frame block (e.g. ``[bov]``)."""
-    blank = torch.zeros((1, *frame_shape), dtype=torch.uint8)
-    tokens = codec.encode(blank)
-    blocks = codec.block_ids(tokens)
-    first = int((blocks != NO_BLOCK).nonzero()[0, 0]) if bool((blocks != NO_BLOCK).any()) else len(tokens)
-    return tokens[:first]
+class _HeldOutSampler(pl.Callback):
+    """Shared sampling machinery; subclasses say what is generated and how it is written."""
+
+    modality = ""
+
+    def __init__(self, num_samples: int, greedy: bool, temperature: float, top_k: Optional[int], seed: int) -> None:
+        self.num_samples = num_samples
+        self.greedy, self.temperature, self.top_k, self.seed = greedy, temperature, top_k, seed
+
+    def active(self, trainer: pl.Trainer) -> bool:
+        dm = trainer.datamodule
+        targets = {m for task in getattr(dm, "tasks", []) for m in getattr(task, "target_modalities", ())}
+        return (trainer.is_global_zero and self.num_samples > 0 and self.modality in targets
+                and self.modality in getattr(dm, "codecs", {}))
+
+    def sample(self, pl_module: pl.LightningModule, dm: Any, prompt_segment: Segment, max_new_tokens: int,
+               constraint: Any = None) -> Any:
+        """Generate one item of ``self.modality`` after ``prompt_segment``; returns the decoded item."""
+        codec = dm.codecs[self.modality]
+        space = pl_module.model.token_space
+        prompt = dm.builder.build([prompt_segment]).input_ids
+        prefix = codec.generation_prefix()
+        ids = torch.cat([prompt, space.to_global(prefix, self.modality)])[None].to(pl_module.device)
+        gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        new = pl_module.objective.generate(
+            pl_module.model, ids, modality=self.modality, max_new_tokens=max_new_tokens, greedy=self.greedy,
+            temperature=self.temperature, top_k=self.top_k, constraint=constraint, generator=gen)[0].cpu()
+        return codec.decode(torch.cat([prefix, new[: codec.generation_length(new)]]))
 
 
-class GenerateSamples(pl.Callback):
-    """At the end of ``fit``, generate a video for each of the first ``num_samples`` held-out captions.
+class GenerateSamples(_HeldOutSampler):
+    """Videos for the held-out captions: ``samples/NN_<caption>.gif``, ``heldout.png``, ``heldout.json``.
 
     Args:
         num_samples: how many held-out captions (in the dataset's order).
         greedy, temperature, top_k: sampler settings. Sampling, not greedy, by default: where the
             data places a shape at random, no single cell is likely to hold it, so greedy decoding
             of the first frame picks the background everywhere and draws an empty video.
-        seed: seeds sampling when not greedy.
-        modality: the generated modality (its codec must decode tokens to ``uint8 [F, H, W, 3]``).
+        seed: seeds sampling.
+
+    ``heldout.json`` holds, per sample, the asked attributes and, when the dataset can read a video
+    back (``dataset.describe(frames)``), what the generated video shows, with match rates.
     """
 
-    def __init__(self, num_samples: int = 4, greedy: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int = 0, modality: str = "video") -> None:
-        self.num_samples = num_samples
-        self.greedy, self.temperature, self.top_k, self.seed = greedy, temperature, top_k, seed
-        self.modality = modality
+    modality = "video"
 
-    def generate(self, pl_module: pl.LightningModule, dm: Any, caption: str, num_frames: int,
-                 frame_shape: tuple[int, ...]) -> torch.Tensor:
-        codec = dm.codecs[self.modality]
-        space = pl_module.model.token_space
-        text = dm.builder.build([Segment("text", caption, "input")])
-        prefix = video_prefix(codec, frame_shape)
-        prompt = torch.cat([text.input_ids, space.to_global(prefix, self.modality)])[None].to(pl_module.device)
-        constraint_fn = getattr(codec, "generation_constraint", None)
-        constraint = constraint_fn(num_frames) if callable(constraint_fn) else None
-        per_frame = codec.tokens_per_frame
-        gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        new = pl_module.objective.generate(
-            pl_module.model, prompt, modality=self.modality, max_new_tokens=num_frames * per_frame,
-            greedy=self.greedy, temperature=self.temperature, top_k=self.top_k, constraint=constraint,
-            generator=gen)
-        return codec.decode(torch.cat([prefix.to(new.device), new[0]]).cpu())
+    def __init__(self, num_samples: int = 4, greedy: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, seed: int = 0) -> None:
+        super().__init__(num_samples, greedy, temperature, top_k, seed)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or self.num_samples <= 0:
-            return
-        dm = trainer.datamodule
-        if dm is None or self.modality not in getattr(dm, "codecs", {}) or not hasattr(dm, "heldout_prompts"):
-            log.info("GenerateSamples: the datamodule has no %s codec or held-out prompts; nothing to generate",
-                     self.modality)
+        if not self.active(trainer):
             return
         from mmgrow.evaluation.media import frames_grid_png, write_gif
 
-        example = dm.train_set[0].media[self.modality]
-        num_frames, frame_shape = int(example.shape[0]), tuple(example.shape[1:])
-        out = Path(trainer.default_root_dir) / "samples"
+        dm = trainer.datamodule
+        codec = dm.codecs[self.modality]
+        num_frames = int(dm.train_set[0].media[self.modality].shape[0])
+        constraint_fn = getattr(codec, "generation_constraint", None)
+        constraint = constraint_fn(num_frames) if callable(constraint_fn) else None
+        max_new = codec.num_tokens(num_frames) - len(codec.generation_prefix())
         describe = getattr(dm.train_set, "describe", None)  # datasets that can read a video back
+        out = Path(trainer.default_root_dir) / "samples"
         videos, captions, records = [], [], []
         for i, (caption, meta) in enumerate(dm.heldout_prompts()[: self.num_samples]):
-            frames = self.generate(pl_module, dm, caption, num_frames, frame_shape)
+            frames = self.sample(pl_module, dm, Segment("text", caption, "input"), max_new, constraint)
             path = write_gif(frames, out / f"{i:02d}_{_slug(caption)}.gif")
             videos.append(frames)
             captions.append(caption)
@@ -107,3 +114,36 @@ class GenerateSamples(pl.Callback):
             atomic_write_bytes(out / "heldout.json", json.dumps(
                 {"samples": records, "match_rate": match_rates(records)}, indent=2).encode())
             log.info("samples written to %s", out)
+
+
+class GenerateCaptions(_HeldOutSampler):
+    """Captions for videos of the held-out combinations: ``samples/captions.json``.
+
+    Per sample: the true caption, the generated one, and whether it is exact and names each asked
+    attribute (``meta`` values as words), with match rates. Greedy by default: a caption has one
+    right answer.
+    """
+
+    modality = "text"
+
+    def __init__(self, num_samples: int = 4, greedy: bool = True, temperature: float = 1.0,
+                 top_k: Optional[int] = None, seed: int = 0, max_new_tokens: int = 64) -> None:
+        super().__init__(num_samples, greedy, temperature, top_k, seed)
+        self.max_new_tokens = max_new_tokens
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.active(trainer) or not hasattr(trainer.datamodule, "test_set"):
+            return
+        dm = trainer.datamodule
+        records = []
+        for i in range(min(self.num_samples, len(dm.test_set))):
+            item = dm.test_set[i]  # the held-out split: combinations never trained on
+            text = self.sample(pl_module, dm, Segment("video", item.media["video"], "input"), self.max_new_tokens)
+            words = text.split()
+            match = {"exact": text == item.text, **{k: str(v) in words for k, v in item.meta.items()}}
+            records.append({"caption": item.text, "generated": text, "match": match})
+        if records:
+            out = Path(trainer.default_root_dir) / "samples" / "captions.json"
+            atomic_write_bytes(out, json.dumps({"samples": records, "match_rate": match_rates(records)},
+                                               indent=2).encode())
+            log.info("captions written to %s", out)

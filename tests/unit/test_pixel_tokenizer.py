@@ -167,3 +167,14 @@ def test_bad_inputs_raise_clear_errors(codec):
         codec.generation_constraint(0)
     with pytest.raises(TypeError, match="integer tokens, got dtype torch.float32"):
         codec.decode(torch.tensor([1.0]))
+
+
+def test_generation_prefix_and_length_follow_the_layout():
+    codec = PixelTokenizer(grid=2)
+    video = torch.zeros(2, 4, 4, 3, dtype=torch.uint8)
+    tokens = codec.encode(video)
+    prefix = codec.generation_prefix()
+    assert torch.equal(tokens[: len(prefix)], prefix)
+    body = tokens[len(prefix):]
+    assert codec.generation_length(torch.cat([body, body])) == len(body)  # cut after the first eov
+    assert codec.generation_length(body[:-1]) == len(body) - 1  # no eov sampled: keep everything

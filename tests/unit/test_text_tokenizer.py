@@ -58,3 +58,11 @@ def test_bad_inputs_raise_clear_errors(tok):
         tok.decode(torch.tensor([[1, 2]]))
     with pytest.raises(TypeError, match="1-D int tensor or a list of ints, got str"):
         tok.decode("abc")
+
+
+def test_generation_prefix_and_length(tok):
+    assert tok.generation_prefix().tolist() == [tok.bos_id]
+    sampled = torch.tensor([104, 105, tok.eos_id, 33, tok.eos_id])
+    assert tok.generation_length(sampled) == 3
+    assert tok.generation_length(torch.tensor([104, 105])) == 2
+    assert tok.decode(sampled[: tok.generation_length(sampled)]) == "hi"

@@ -133,3 +133,19 @@ def test_console_entry_reports_recipe_errors_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"mmgrow: error: config file not found: {tmp_path / 'nope.yaml'}"
     assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), "--model.mixer.class_path", "fulll"]) == 2
     assert "did you mean 'full'" in capsys.readouterr().err
+
+
+def test_multitask_run_writes_videos_and_captions(tmp_path):
+    cli = _fit(tmp_path, "--data.tasks", "[text_to_video, video_to_text]", "--trainer.max_steps", "2")
+    videos = json.loads((tmp_path / "samples" / "heldout.json").read_text())
+    captions = json.loads((tmp_path / "samples" / "captions.json").read_text())
+    assert len(videos["samples"]) == 4 and len(captions["samples"]) == 4
+    heldout = {c for c, _ in cli.datamodule.heldout_prompts()}
+    assert {r["caption"] for r in captions["samples"]} <= heldout
+    assert set(captions["match_rate"]) == {"exact", "shape", "colour", "motion"}
+
+
+def test_captioning_only_run_writes_no_videos(tmp_path):
+    _fit(tmp_path, "--data.tasks", "[video_to_text]", "--trainer.max_steps", "1")
+    assert (tmp_path / "samples" / "captions.json").exists()
+    assert not list((tmp_path / "samples").glob("*.gif"))
