@@ -14,7 +14,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -40,7 +40,7 @@ class _HeldOutSampler(pl.Callback):
 
     modality = ""
 
-    def __init__(self, num_samples: int, greedy: bool, temperature: float, top_k: Optional[int], seed: int) -> None:
+    def __init__(self, num_samples: int, greedy: bool, temperature: float, top_k: int | None, seed: int) -> None:
         self.num_samples = num_samples
         self.greedy, self.temperature, self.top_k, self.seed = greedy, temperature, top_k, seed
 
@@ -82,7 +82,7 @@ class GenerateSamples(_HeldOutSampler):
     modality = "video"
 
     def __init__(self, num_samples: int = 4, greedy: bool = False, temperature: float = 1.0,
-                 top_k: Optional[int] = None, seed: int = 0) -> None:
+                 top_k: int | None = None, seed: int = 0) -> None:
         super().__init__(num_samples, greedy, temperature, top_k, seed)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -127,7 +127,7 @@ class GenerateCaptions(_HeldOutSampler):
     modality = "text"
 
     def __init__(self, num_samples: int = 4, greedy: bool = True, temperature: float = 1.0,
-                 top_k: Optional[int] = None, seed: int = 0, max_new_tokens: int = 64) -> None:
+                 top_k: int | None = None, seed: int = 0, max_new_tokens: int = 64) -> None:
         super().__init__(num_samples, greedy, temperature, top_k, seed)
         self.max_new_tokens = max_new_tokens
 
