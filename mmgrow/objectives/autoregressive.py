@@ -204,6 +204,11 @@ class AutoregressiveObjective(Objective):
             loss = sum(lam / norm * loss_m for lam, loss_m in terms)
         else:  # nothing to learn from in this batch: a zero that still has a graph, so backward() works
             loss = hidden.sum() * 0.0
+        # Every modality head joins the graph, on zero rows (exactly 0, no FLOPs): DDP expects a
+        # gradient for every parameter each step, and a batch often lacks some modality's targets
+        # (text-to-video never predicts text); without this DDP would need find_unused_parameters.
+        for modality in space.modalities:
+            loss = loss + output.logits(hidden[:0, 0], modality).sum()
         metrics["loss"] = loss.detach()
         return loss, metrics
 

@@ -49,6 +49,10 @@ class RunSummary(pl.Callback):
     ``tokens_per_s`` counts non-padding tokens of training batches over the training loop's wall
     time from the end of the first batch to the end of the last (data loading, forward, backward and
     optimizer included; the first batch, validation, epoch boundaries and sampling excluded).
+    Under data parallelism tokens are summed over ranks and seconds averaged, so it is the global
+    rate. ``tokens_seen`` is summed over ranks too; it survives a resume through the checkpoint,
+    which holds rank 0's own count for every rank to restore, so after resuming a multi-rank run
+    it is approximate (exact when the ranks saw equally many tokens).
     """
 
     def __init__(self) -> None:
@@ -86,6 +90,12 @@ class RunSummary(pl.Callback):
         self._last = None
 
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The run's numbers; collective under data parallelism (call it on every rank)."""
+        strategy = trainer.strategy
+        total_tokens = strategy.reduce(torch.tensor(float(pl_module.tokens_seen), device=pl_module.device),
+                                       reduce_op="sum")
+        timed_tokens = strategy.reduce(torch.tensor(float(self.tokens), device=pl_module.device), reduce_op="sum")
+        seconds = strategy.reduce(torch.tensor(self.train_time, device=pl_module.device), reduce_op="mean")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         model = pl_module.model
         # State after the longest training row: what decoding that row would hold per example.
@@ -96,12 +106,13 @@ class RunSummary(pl.Callback):
             "final_val_loss": metrics.get("val/loss"),
             "metrics": metrics,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "tokens_seen": int(pl_module.tokens_seen),
-            "timed_train_tokens": self.tokens,
-            "tokens_per_s": self.tokens / self.train_time if self.train_time > 0 else None,
-            "timed_train_seconds": self.train_time,
+            "tokens_seen": int(total_tokens),
+            "timed_train_tokens": int(timed_tokens),
+            "tokens_per_s": float(timed_tokens) / float(seconds) if float(seconds) > 0 else None,
+            "timed_train_seconds": float(seconds),
             "wall_seconds": time.perf_counter() - self.fit_start,
             "global_step": int(trainer.global_step),
+            "world_size": int(trainer.world_size),
             "peak_memory_bytes": peak_memory_bytes(pl_module.device),
             "state_size_per_example": int(state),
             "seq_len": int(seq_len),
@@ -109,9 +120,9 @@ class RunSummary(pl.Callback):
         }
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        summary = self.summary(trainer, pl_module)  # every rank: it reduces over them
         if trainer.is_global_zero:
-            data = json.dumps(self.summary(trainer, pl_module), indent=2).encode()
-            atomic_write_bytes(run_dir(trainer) / "summary.json", data)
+            atomic_write_bytes(run_dir(trainer) / "summary.json", json.dumps(summary, indent=2).encode())
 
 
 class PlotMetrics(pl.Callback):

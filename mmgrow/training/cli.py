@@ -14,6 +14,7 @@ What it adds to LightningCLI:
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -181,19 +182,18 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     cls = _make_cli_class()
     argv = rewrite_argv(list(sys.argv[1:] if args is None else args))
     # LightningCLI warns when it gets `args` while sys.argv also holds arguments; ours *are* sys.argv
-    # after the registry-name rewrite, so hide the originals while it parses.
-    saved, sys.argv = sys.argv, ["mmgrow"]  # also the program name in usage lines
-    try:
+    # after the registry-name rewrite. sys.argv itself must stay: DDP's launcher re-runs it.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return cls(
             MMGrowModule,
             MMDataModule,
             args=argv,
             run=run,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": "mmgrow: train and evaluate unified multimodal models from YAML recipes."},
+            parser_kwargs={"prog": "mmgrow",
+                           "description": "mmgrow: train and evaluate unified multimodal models from YAML recipes."},
         )
-    finally:
-        sys.argv = saved
 
 
 def cli_main(argv: list[str] | None = None) -> int:

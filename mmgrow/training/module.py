@@ -104,10 +104,13 @@ class MMGrowModule(pl.LightningModule):
         loss, metrics = self.objective.loss(out, batch)
         bs = batch.input_ids.shape[0]
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=bs)
+        # Epoch-level (validation/test) values are averaged over data-parallel ranks; per-step
+        # training values stay local, so logging costs no collective on the hot path.
+        kw = {"on_step": on_step, "on_epoch": not on_step, "batch_size": bs, "sync_dist": not on_step}
+        self.log(f"{stage}/loss", loss, prog_bar=True, **kw)
         for k, v in metrics.items():
             if k != "loss":
-                self.log(f"{stage}/{k}", v, on_step=on_step, on_epoch=not on_step, batch_size=bs)
+                self.log(f"{stage}/{k}", v, **kw)
         return loss
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
