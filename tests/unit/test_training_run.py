@@ -45,11 +45,15 @@ def test_run_directory_holds_the_evidence(run_dir):
     assert s["peak_memory_bytes"] > 0 and s["state_size_per_example"] > 0
 
 
-def test_saved_config_has_import_paths_and_replays(run_dir):
-    d, _ = run_dir
+def test_saved_config_has_import_paths_and_replays(run_dir, tmp_path):
+    d, cli = run_dir
     text = (d / "config.yaml").read_text()
     assert "mmgrow.layers.attention.FullAttention" in text
     assert "mmgrow.objectives.autoregressive.AutoregressiveObjective" in text
+    replay = build_cli(["fit", "--config", str(d / "config.yaml"), "--trainer.max_steps", "1",
+                        "--trainer.default_root_dir", str(tmp_path)])
+    assert replay.model.hparams.dim == cli.model.hparams.dim == 32
+    assert (tmp_path / "summary.json").exists()
 
 
 def test_exported_weights_rebuild_the_trained_model(run_dir):
