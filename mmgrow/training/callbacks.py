@@ -140,5 +140,7 @@ class PlotMetrics(pl.Callback):
                 lg.save()
                 csv = Path(lg.log_dir) / "metrics.csv"
                 if csv.exists():
-                    plot_metrics(csv, run_dir(trainer) / "plots" / "loss.png", keys=("train/loss", "val/loss"))
+                    # log scale: losses fall by orders of magnitude and the tail is what matters
+                    plot_metrics(csv, run_dir(trainer) / "plots" / "loss.png", keys=("train/loss", "val/loss"),
+                                 log_y=True)
                 return
