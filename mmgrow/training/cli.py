@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,11 @@ def _rewrite_config_file(value: str) -> str:
 
 
 def _make_cli_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
+    from mmgrow.training.samples import GenerateCaptions, GenerateSamples
 
     class MMGrowCLI(LightningCLI):
         """LightningCLI with mmgrow's links, run directory and evidence callbacks."""
@@ -134,29 +136,23 @@ def _make_cli_class():
             return super().instantiate_trainer(**kwargs)
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
-            # Evidence callbacks are always on; a recipe that lists one of them configures it instead.
-            configured = list(config.get("callbacks") or []) + list(callbacks)
-            have = {type(c) for c in configured}
-            wanted = [RunSummary, ExportWeights, PlotMetrics, *_sample_callback()]
+            # Evidence callbacks are always on; a recipe that lists one (or another of the same
+            # kind, e.g. a TQDM progress bar) configures it instead.
+            have = [type(c) for c in list(config.get("callbacks") or []) + list(callbacks)]
+            wanted: list[tuple[type, Callable[[], Callback]]] = [
+                (c, c) for c in (RunSummary, ExportWeights, PlotMetrics, GenerateSamples, GenerateCaptions)]
             if config.get("enable_checkpointing", True) is not False:
-                # Saved at every epoch end, including the one max_steps cuts short: last.ckpt is the final
-                # state whatever the validation schedule (resumable, and equal to model.safetensors).
-                wanted.append(lambda: ModelCheckpoint(save_last=True, save_on_train_epoch_end=True))
+                # Saved at every epoch end, including the one max_steps cuts short: last.ckpt is the
+                # final state whatever the validation schedule (resumable, equal to model.safetensors).
+                wanted.append((ModelCheckpoint, lambda: ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)))
             if config.get("enable_progress_bar", True) is not False:
-                wanted.append(RichProgressBar)
-            for make in wanted:
-                probe = make if isinstance(make, type) else ModelCheckpoint
-                if not any(issubclass(t, probe) for t in have):
+                wanted.append((ProgressBar, RichProgressBar))
+            for kind, make in wanted:
+                if not any(issubclass(t, kind) for t in have):
                     callbacks.append(make())
             return super()._instantiate_trainer(config, callbacks)
 
     return MMGrowCLI
-
-
-def _sample_callback() -> tuple[type, ...]:
-    from mmgrow.training.samples import GenerateCaptions, GenerateSamples
-
-    return (GenerateSamples, GenerateCaptions)
 
 
 def default_loggers(root: str) -> list:
