@@ -52,7 +52,12 @@ class TokenBatch:
         return SeqContext(positions=self.positions, segment_ids=self.segment_ids, block_ids=self.block_ids,
                           modality_ids=self.modality_ids, mask=mask or MaskSpec(), **extra)
 
+    def token_count(self) -> Tensor:
+        """Non-padding tokens as a 0-d tensor on the batch's device (no host sync: training loops
+        accumulate it every step)."""
+        return (self.segment_ids >= 0).sum()
+
     @property
     def num_tokens(self) -> int:
-        """Non-padding tokens."""
-        return int((self.segment_ids >= 0).sum())
+        """Non-padding tokens (a host sync on accelerators; use :meth:`token_count` in hot loops)."""
+        return int(self.token_count())

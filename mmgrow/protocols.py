@@ -23,7 +23,7 @@ never lists kept elsewhere. This module imports only torch and the standard libr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -152,14 +152,6 @@ class SeqContext:
         kw = {n: (getattr(self, n)[:, start:end] if getattr(self, n) is not None else None) for n in self._PER_TOKEN}
         return replace(self, **kw)
 
-    def select(self, index: Tensor) -> SeqContext:
-        """The context of rows ``index`` (e.g. one packed example, for tests and sampling)."""
-        kw = {n: (getattr(self, n)[index] if getattr(self, n) is not None else None) for n in self._PER_TOKEN}
-        for n in ("condition", "condition_mask", "timestep"):
-            if getattr(self, n) is not None:
-                kw[n] = getattr(self, n)[index]
-        return replace(self, **kw)
-
 
 # --------------------------------------------------------------------------------------------------
 # Plugin base
@@ -187,11 +179,6 @@ class Plugin:
 class MixerState:
     """Base of the small, typed per-layer decoding state a mixer returns (KV window, recurrent
     matrix, conv tail, ...). Subclasses are dataclasses of tensors; no global layer-indexed cache."""
-
-    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> MixerState:
-        """Apply ``fn`` to every tensor field (device moves, batch selection for beam search ...)."""
-        kw = {f.name: (fn(v) if isinstance(v, Tensor) else v) for f in fields(self) for v in [getattr(self, f.name)]}
-        return replace(self, **kw)
 
 
 class SequenceMixer(Plugin, nn.Module):

@@ -78,7 +78,7 @@ class RunSummary(pl.Callback):
             # Since the previous batch ended (data loading included), or since this batch started
             # when validation or an epoch boundary came in between.
             self.train_time += now - (self._last if self._last is not None else self._batch_start)
-            self.tokens += batch.num_tokens
+            self.tokens = self.tokens + batch.token_count()  # stays on device until the summary
         self._seen_first = True
         self._last = now
         self.max_seq_len = max(self.max_seq_len, int(batch.input_ids.shape[1]))
@@ -94,7 +94,7 @@ class RunSummary(pl.Callback):
         strategy = trainer.strategy
         total_tokens = strategy.reduce(torch.tensor(float(pl_module.tokens_seen), device=pl_module.device),
                                        reduce_op="sum")
-        timed_tokens = strategy.reduce(torch.tensor(float(self.tokens), device=pl_module.device), reduce_op="sum")
+        timed_tokens = strategy.reduce(torch.as_tensor(self.tokens, device=pl_module.device).float(), reduce_op="sum")
         seconds = strategy.reduce(torch.tensor(self.train_time, device=pl_module.device), reduce_op="mean")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         model = pl_module.model
@@ -102,7 +102,7 @@ class RunSummary(pl.Callback):
         seq_len = self.max_seq_len
         state = sum(m.state_size(seq_len) for m in model.modules() if isinstance(m, SequenceMixer))
         return {
-            "final_train_loss": metrics.get("train/loss", metrics.get("train/loss_step")),
+            "final_train_loss": metrics.get("train/loss"),
             "final_val_loss": metrics.get("val/loss"),
             "metrics": metrics,
             "parameters": sum(p.numel() for p in model.parameters()),

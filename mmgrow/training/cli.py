@@ -172,11 +172,15 @@ def default_loggers(root: str) -> list:
 
 def build_cli(args: list[str] | None = None, run: bool = True):
     """Build (and by default run) the CLI. ``args`` without the ``mmgrow`` program name."""
+    return _build_rewritten(rewrite_argv(list(sys.argv[1:] if args is None else args)), run)
+
+
+def _build_rewritten(argv: list[str], run: bool):
+    """The CLI over arguments whose registry names are already resolved (see :func:`rewrite_argv`)."""
     from mmgrow.data.datamodule import MMDataModule
     from mmgrow.training.module import MMGrowModule
 
     cls = _make_cli_class()
-    argv = rewrite_argv(list(sys.argv[1:] if args is None else args))
     # LightningCLI warns when it gets `args` while sys.argv also holds arguments; ours *are* sys.argv
     # after the registry-name rewrite. sys.argv itself must stay: DDP's launcher re-runs it.
     with warnings.catch_warnings():
@@ -197,9 +201,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     mapping) print one line and exit 2, like jsonargparse's own errors; the rest propagate."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rewrite_argv(args)
+        argv = rewrite_argv(args)
     except (OSError, ValueError, TypeError, registry.PluginError) as exc:
         print(f"mmgrow: error: {exc}", file=sys.stderr)
         return 2
-    build_cli(args)
+    _build_rewritten(argv, run=True)
     return 0

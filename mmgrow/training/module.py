@@ -70,7 +70,7 @@ class MMGrowModule(pl.LightningModule):
             objective = AutoregressiveObjective()
         self.objective = objective
         self.model: torch.nn.Module | None = None
-        self.tokens_seen = 0
+        self._tokens_seen = torch.zeros((), dtype=torch.long)  # a tensor: counted without a host sync
 
     # ------------------------------------------------------------------ model
     def model_config(self) -> dict[str, Any]:
@@ -114,7 +114,7 @@ class MMGrowModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
-        self.tokens_seen += batch.num_tokens
+        self._tokens_seen = self._tokens_seen.to(batch.input_ids.device) + batch.token_count()
         return self._step(batch, "train")
 
     def validation_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
@@ -143,12 +143,17 @@ class MMGrowModule(pl.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    @property
+    def tokens_seen(self) -> int:
+        """Non-padding training tokens this process has seen (kept across resumes)."""
+        return int(self._tokens_seen)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmgrow_tokens_seen"] = self.tokens_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        self.tokens_seen = int(checkpoint.get("mmgrow_tokens_seen", 0))
+        self._tokens_seen = torch.tensor(int(checkpoint.get("mmgrow_tokens_seen", 0)))
 
 
 def warmup_cosine(warmup: int, total: int | None, min_ratio: float) -> Callable[[int], float]:
