@@ -52,7 +52,7 @@ class MixerCapabilityError(ValueError):
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """How tokens of one row may attend to each other, before segments and blocks are applied.
+    """How tokens of one row may attend to each other: one rule, honoured by every attention backend.
 
     With query ``i`` and key ``j`` of the same row, key ``j`` is visible when all of these hold:
 
@@ -61,17 +61,25 @@ class MaskSpec:
       same bidirectional block (``block_ids[i] == block_ids[j] != NO_BLOCK``). With
       ``causal=False`` every pair passes this test;
     * **window** (``window=W``): ``|positions[i] - positions[j]| < W``. Positions, not indices, so
-      the rule survives KV caches and sequence sharding.
+      the rule survives KV caches and sequence sharding;
+    * **local blocks** (``local=True``, the TTT-video "local attention over segments"): a query
+      inside a block (``block_ids[i] != NO_BLOCK``) sees only its own block, bidirectionally, plus,
+      with ``shared_prefix=True``, the tokens outside every block (``NO_BLOCK``, e.g. the text)
+      that the causality rule allows. Queries outside every block follow the rules above.
 
     A query row with no visible key produces a zero output (never NaN).
     """
 
     causal: bool = True
     window: int | None = None
+    local: bool = False
+    shared_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise ValueError(f"MaskSpec.window must be a positive int or None, got {self.window!r}")
+        if self.shared_prefix and not self.local:
+            raise ValueError("MaskSpec.shared_prefix only means something with local=True")
 
 
 @dataclass

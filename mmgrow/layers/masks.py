@@ -5,7 +5,9 @@ With query ``i`` and key ``j`` of one row, key ``j`` is visible when all three h
 * segments:  ``seg_q[i] == seg_k[j]`` and neither is ``PAD_SEGMENT``;
 * causality (``causal=True`` only): ``index_k[j] <= index_q[i]`` *or*
   ``block_q[i] == block_k[j] != NO_BLOCK`` (same bidirectional block);
-* window (``window=W`` only): ``|pos_q[i] - pos_k[j]| < W``.
+* window (``window=W`` only): ``|pos_q[i] - pos_k[j]| < W``;
+* local blocks (``local=True`` only): a query in a block sees its own block, and the ``NO_BLOCK``
+  keys the causality rule allows when ``shared_prefix``; queries outside every block are unaffected.
 
 Indices are the tokens' places in the whole stream a layer has seen: for a prefill both are
 ``arange(T)``; with a KV cache holding ``S`` tokens the cached keys are ``0 .. S-1`` and the new
@@ -66,6 +68,14 @@ def attention_mask(
         same = q_seg[:, :, None] == k_seg[:, None, :]
         mask &= same & (q_seg != PAD_SEGMENT)[:, :, None] & (k_seg != PAD_SEGMENT)[:, None, :]
 
+    needs_blocks = spec.causal or spec.local
+    if needs_blocks and q_block is not None:
+        q_block = _as_rows(q_block, B, Tq, "q_block", device)
+        k_block = _as_rows(k_block, B, Tk, "k_block", device)
+        same_block = (q_block[:, :, None] == k_block[:, None, :]) & (q_block != NO_BLOCK)[:, :, None]
+    else:
+        same_block = None
+
     if spec.causal:
         if q_index is None and k_index is None:
             if Tq != Tk:
@@ -77,11 +87,17 @@ def attention_mask(
         q_index = _as_rows(q_index, B, Tq, "q_index", device)
         k_index = _as_rows(k_index, B, Tk, "k_index", device)
         allowed = k_index[:, None, :] <= q_index[:, :, None]
-        if q_block is not None:
-            q_block = _as_rows(q_block, B, Tq, "q_block", device)
-            k_block = _as_rows(k_block, B, Tk, "k_block", device)
-            allowed |= (q_block[:, :, None] == k_block[:, None, :]) & (q_block != NO_BLOCK)[:, :, None]
+        if same_block is not None:
+            allowed |= same_block
         mask &= allowed
+
+    if spec.local and same_block is not None:
+        # A query inside a block keeps only its own block (+ the prefix keys the rules above allow).
+        in_block = (q_block != NO_BLOCK)[:, :, None]
+        keep = same_block
+        if spec.shared_prefix:
+            keep = keep | (k_block == NO_BLOCK)[:, None, :]
+        mask &= ~in_block | keep
 
     if spec.window is not None:
         distance = (q_pos[:, :, None] - k_pos[:, None, :]).abs()

@@ -1,0 +1,1 @@
+"""Context (sequence) parallelism: sharding layouts, the ring's process-group plumbing, the strategy."""
