@@ -79,6 +79,12 @@ def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, causal:
     return out * has_key[:, None].to(out.dtype)
 
 
+def needs_explicit_mask(ctx: SeqContext) -> bool:
+    """True unless the context is plain causal or plain bidirectional (no segments, blocks, window)."""
+    has_blocks = ctx.block_ids is not None and bool((ctx.block_ids != NO_BLOCK).any())
+    return ctx.segment_ids is not None or has_blocks or ctx.mask.window is not None
+
+
 class FullAttention(SequenceMixer):
     """Multi-head (grouped-query) softmax attention with RoPE: ``x [B, T, D] -> y [B, T, D]``.
 
@@ -146,6 +152,7 @@ class FullAttention(SequenceMixer):
 
     def forward(self, x: Tensor, ctx: SeqContext, state: KVCache | None = None) -> tuple[Tensor, KVCache | None]:
         self.check_context(x, ctx)
+        ctx = self.layer_context(ctx)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -155,19 +162,24 @@ class FullAttention(SequenceMixer):
 
         if state is None:
             new_state = None
-            if self._needs_mask(ctx):
-                out = masked_sdpa(q, k, v, mask_from_context(ctx), dropout_p=dropout_p)
-            else:  # plain causal or bidirectional: let SDPA pick its fastest kernel
-                out = masked_sdpa(q, k, v, None, causal=ctx.mask.causal, dropout_p=dropout_p)
+            out = self.attend(q, k, v, ctx, dropout_p)
         else:
             out, new_state = self._attend_with_cache(q, k, v, ctx, state, dropout_p)
         y = self.out_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
         return y, new_state
 
-    @staticmethod
-    def _needs_mask(ctx: SeqContext) -> bool:
-        has_blocks = ctx.block_ids is not None and bool((ctx.block_ids != NO_BLOCK).any())
-        return ctx.segment_ids is not None or has_blocks or ctx.mask.window is not None
+    def layer_context(self, ctx: SeqContext) -> SeqContext:
+        """The context this layer attends under; subclasses narrow it (a window, local blocks)."""
+        return ctx
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
+        """One prefill: ``q [B, H, T, hd]``, ``k, v [B, Hk, T, hd]`` (after RoPE) -> ``[B, H, T, hd]``.
+
+        The kernel-choosing core; subclasses replace it with their own algorithm."""
+        if needs_explicit_mask(ctx):
+            return masked_sdpa(q, k, v, mask_from_context(ctx), dropout_p=dropout_p)
+        # plain causal or bidirectional: let SDPA pick its fastest kernel
+        return masked_sdpa(q, k, v, None, causal=ctx.mask.causal, dropout_p=dropout_p)
 
     def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, state: KVCache,
                            dropout_p: float) -> tuple[Tensor, KVCache]:
