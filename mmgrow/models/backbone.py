@@ -58,7 +58,7 @@ class Backbone(nn.Module):
     """``depth`` blocks: ``x [B, T, D] -> (x [B, T, D], per-layer states or None)``."""
 
     def __init__(self, dim: int, depth: int, mixer: MixerFactory | Sequence[MixerFactory] | None = None,
-                 mlp_ratio: float = 8 / 3, norm_eps: float = 1e-6) -> None:
+                 mlp_ratio: float = 8 / 3, norm_eps: float = 1e-6, mlp_chunk: int | None = None) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"Backbone: depth must be >= 1, got {depth}")
@@ -73,7 +73,7 @@ class Backbone(nn.Module):
         self.dim = dim
         self.mlp_hidden = swiglu_hidden(dim, mlp_ratio)
         self.blocks = nn.ModuleList(
-            Block(dim, build_mixer(factories[i % len(factories)], dim, i), self.mlp_hidden, norm_eps)
+            Block(dim, build_mixer(factories[i % len(factories)], dim, i), self.mlp_hidden, norm_eps, mlp_chunk)
             for i in range(depth)
         )
 

@@ -22,7 +22,8 @@ from mmgrow.protocols import MixerState, SeqContext, SequenceMixer
 class Block(nn.Module):
     """``x [B, T, D] -> (x [B, T, D], new mixer state or None)``."""
 
-    def __init__(self, dim: int, mixer: SequenceMixer, mlp_hidden: int, norm_eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, mixer: SequenceMixer, mlp_hidden: int, norm_eps: float = 1e-6,
+                 mlp_chunk: int | None = None) -> None:
         super().__init__()
         if not isinstance(mixer, SequenceMixer):
             raise TypeError(f"Block: mixer must be a mmgrow.protocols.SequenceMixer, got {type(mixer).__name__}")
@@ -32,7 +33,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(dim, eps=norm_eps)
         self.mixer = mixer
         self.norm2 = RMSNorm(dim, eps=norm_eps)
-        self.mlp = SwiGLU(dim, mlp_hidden)
+        self.mlp = SwiGLU(dim, mlp_hidden, chunk=mlp_chunk)
 
     def forward(self, x: Tensor, ctx: SeqContext, state: MixerState | None = None) -> tuple[Tensor, MixerState | None]:
         mixed, new_state = self.mixer(self.norm1(x), ctx, state)

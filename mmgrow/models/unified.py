@@ -34,12 +34,14 @@ class UnifiedModel(nn.Module):
         mlp_ratio: SwiGLU hidden size = ``ceil(mlp_ratio * dim)`` rounded up to a multiple of 8
             (8/3 matches the parameters of a 4x GELU MLP).
         norm_eps: RMSNorm epsilon.
+        mlp_chunk: run each MLP over this many tokens at a time with recomputation (blockwise
+            feed-forward; None = the whole sequence at once).
         init_std: standard deviation of the normal init of linear and embedding weights.
     """
 
     def __init__(self, *, token_space: dict[str, int] | TokenSpace, dim: int = 256, depth: int = 4,
                  mixer: MixerFactory | Sequence[MixerFactory] | None = None, mlp_ratio: float = 8 / 3,
-                 norm_eps: float = 1e-6, init_std: float = 0.02) -> None:
+                 norm_eps: float = 1e-6, init_std: float = 0.02, mlp_chunk: int | None = None) -> None:
         super().__init__()
         if isinstance(token_space, dict):
             token_space = TokenSpace.from_dict(token_space)
@@ -54,7 +56,7 @@ class UnifiedModel(nn.Module):
         self.dim = dim
         self.init_std = init_std
         self.embed = nn.Embedding(token_space.total, dim)
-        self.backbone = Backbone(dim, depth, mixer, mlp_ratio=mlp_ratio, norm_eps=norm_eps)
+        self.backbone = Backbone(dim, depth, mixer, mlp_ratio=mlp_ratio, norm_eps=norm_eps, mlp_chunk=mlp_chunk)
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.heads = nn.ModuleDict({m: nn.Linear(dim, n, bias=False) for m, n in token_space.sizes})
         self.reset_parameters()
