@@ -8,6 +8,8 @@ shared prefix, and mixes of them, at an odd length by default so no tile divides
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from mmgrow.ops.token_meta import TokenMeta
@@ -19,7 +21,7 @@ def _packed(T: int) -> tuple[torch.Tensor, torch.Tensor]:
     cuts = [0, T // 4, T // 4 + T // 3, T - 3, T]
     seg = torch.empty(2, T, dtype=torch.long)
     pos = torch.empty(2, T, dtype=torch.long)
-    for d, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+    for d, (a, b) in enumerate(itertools.pairwise(cuts)):
         seg[0, a:b] = d
         pos[0, a:b] = torch.arange(b - a)
     seg[0, T - 3:] = PAD_SEGMENT
