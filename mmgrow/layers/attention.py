@@ -9,6 +9,12 @@ The boolean mask ``M`` comes from :mod:`mmgrow.layers.masks` and honours the who
 causality, sliding window, bidirectional blocks and packed segments. Grouped-query attention shares
 each key/value head between ``num_heads // num_kv_heads`` query heads.
 
+**Kernels** (:meth:`FullAttention.kernel_for`). Plain causal or bidirectional contexts call SDPA
+without a mask, so it can pick its flash or memory-efficient kernel. Masked contexts (segments,
+windows, blocks) run FlexAttention with a block mask built once per context on CUDA
+(:mod:`mmgrow.ops.flex`), and SDPA with the boolean mask elsewhere. The external ``flash-attn``
+package is not used (see ``docs/attention.md``).
+
 **Empty rows.** A query with no visible key (a padding token, or a window that excludes everything)
 gets output 0. SDPA's result for an all-False row depends on the torch version and backend (NaN in
 several), so such rows are unmasked before the call (any finite result) and multiplied by 0 after
@@ -31,7 +37,11 @@ from torch.nn import functional as F
 
 from mmgrow.layers.masks import attention_mask, mask_from_context
 from mmgrow.layers.rope import RotaryEmbedding
-from mmgrow.protocols import NO_BLOCK, MixerState, SeqContext, SequenceMixer
+from mmgrow.ops.flex import flex_masked_attention, flex_usable
+from mmgrow.ops.token_meta import TokenMeta
+from mmgrow.protocols import NO_BLOCK, MixerCapabilityError, MixerState, SeqContext, SequenceMixer
+
+KERNELS = ("auto", "sdpa", "flex")
 
 
 @dataclass
@@ -97,6 +107,8 @@ class FullAttention(SequenceMixer):
         rope_theta: RoPE base; changeable later through :attr:`rope_theta`.
         qkv_bias: biases on the q/k/v projections (the output projection has none).
         dropout: attention-probability dropout while training.
+        kernel: ``"auto"`` (SDPA, or FlexAttention for masked contexts on CUDA), ``"sdpa"`` or
+            ``"flex"`` (an error where FlexAttention cannot run).
     """
 
     supports_state = True
@@ -107,7 +119,7 @@ class FullAttention(SequenceMixer):
 
     def __init__(self, *, dim: int, layer_idx: int = 0, num_heads: int = 4, num_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_theta: float = 10000.0, qkv_bias: bool = False,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, kernel: str = "auto") -> None:
         super().__init__(dim=dim, layer_idx=layer_idx)
         name = type(self).__name__
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -127,6 +139,9 @@ class FullAttention(SequenceMixer):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.dropout = dropout
+        if kernel not in KERNELS:
+            raise ValueError(f"{name}: kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
@@ -172,10 +187,28 @@ class FullAttention(SequenceMixer):
         """The context this layer attends under; subclasses narrow it (a window, local blocks)."""
         return ctx
 
+    def kernel_for(self, ctx: SeqContext, q: Tensor, dropout_p: float) -> str:
+        """The kernel a prefill under ``ctx`` runs on: ``"sdpa"`` (SDPA picks flash / memory-efficient
+        / math itself; used for plain causal or bidirectional contexts everywhere, and with an
+        explicit boolean mask on CPU) or ``"flex"`` (FlexAttention with a block mask, for segments,
+        windows and blocks on CUDA)."""
+        if self.kernel == "sdpa" or not needs_explicit_mask(ctx):
+            return "sdpa"
+        if flex_usable(q, dropout_p):
+            return "flex"
+        if self.kernel == "flex":
+            raise MixerCapabilityError(f"{type(self).__name__} (layer {self.layer_idx}): kernel='flex' needs CUDA "
+                                       "tensors, no attention dropout and torch.nn.attention.flex_attention; use "
+                                       "kernel='auto'")
+        return "sdpa"
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
         """One prefill: ``q [B, H, T, hd]``, ``k, v [B, Hk, T, hd]`` (after RoPE) -> ``[B, H, T, hd]``.
 
-        The kernel-choosing core; subclasses replace it with their own algorithm."""
+        The kernel-choosing core (:meth:`kernel_for`); subclasses replace it with their own algorithm."""
+        if self.kernel_for(ctx, q, dropout_p) == "flex":
+            meta = TokenMeta.from_context(ctx)
+            return flex_masked_attention(q, k, v, meta, meta, ctx.mask, owner=ctx)[0]
         if needs_explicit_mask(ctx):
             return masked_sdpa(q, k, v, mask_from_context(ctx), dropout_p=dropout_p)
         # plain causal or bidirectional: let SDPA pick its fastest kernel

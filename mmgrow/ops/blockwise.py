@@ -24,8 +24,8 @@ Activation memory is ``O(T * block)`` in both passes. :func:`forward_tiles` and
 :func:`backward_tiles` are also the local computation of the ring (:mod:`mmgrow.ops.ring`), which
 calls them once per hop with the *global* ``lse`` and ``delta``.
 
-Grouped-query attention: queries are viewed as ``[B, Hk, g, T, hd]`` (``g = H / Hk``) so keys and
-values are never repeated.
+Grouped-query attention: queries are laid out as ``[B, Hk, T, g, hd]`` (``g = H / Hk``), so keys and
+values are never repeated and every tile product is one batched matmul.
 """
 
 from __future__ import annotations
@@ -46,20 +46,35 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grouped(q: Tensor, num_kv_heads: int) -> Tensor:
-    """``[B, H, T, hd] -> [B, Hk, g, T, hd]``."""
-    B, H, T, hd = q.shape
+def _grouped(x: Tensor, num_kv_heads: int) -> Tensor:
+    """``[B, H, T, ...] -> [B, Hk, T, g, ...]`` contiguous, so a slice of tokens is one contiguous
+    ``[B, Hk, t*g, ...]`` matrix and every tile product is a plain batched matmul."""
+    B, H, T = x.shape[:3]
     if H % num_kv_heads != 0:
         raise ValueError(f"blockwise attention: query heads ({H}) must be a multiple of key/value heads "
                          f"({num_kv_heads})")
-    return q.view(B, num_kv_heads, H // num_kv_heads, T, hd)
+    g = H // num_kv_heads
+    return x.reshape(B, num_kv_heads, g, T, *x.shape[3:]).transpose(2, 3).contiguous()
 
 
-def _tile_scores(qb: Tensor, kb: Tensor, scale: float, mask: Tensor | None) -> Tensor:
-    """``[B, Hk, g, bq, hd] x [B, Hk, bk, hd] -> [B, Hk, g, bq, bk]`` scaled, masked to -inf."""
-    s = torch.einsum("bkgqd,bkjd->bkgqj", qb, kb) * scale
+def _ungrouped(x: Tensor) -> Tensor:
+    """Inverse of :func:`_grouped`: ``[B, Hk, T, g, ...] -> [B, H, T, ...]``."""
+    B, Hk, T, g = x.shape[:4]
+    return x.transpose(2, 3).reshape(B, Hk * g, T, *x.shape[4:])
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``[B, Hk, t, g, d] -> [B, Hk, t*g, d]`` (a view)."""
+    return x.flatten(2, 3)
+
+
+def _tile_scores(qb: Tensor, kb: Tensor, mask: Tensor | None, g: int) -> Tensor:
+    """``qb [B, Hk, bq, g, hd]`` (pre-scaled) x ``kb [B, Hk, bk, hd]`` -> ``[B, Hk, bq*g, bk]``,
+    masked entries ``-inf``."""
+    s = torch.matmul(_rows(qb), kb.transpose(-1, -2))
     if mask is not None:
-        s = s.masked_fill(~mask[:, None, None], float("-inf"))
+        bq, bk = mask.shape[1:]
+        s.view(*s.shape[:2], bq, g, bk).masked_fill_(~mask[:, None, :, None, :], float("-inf"))
     return s
 
 
@@ -75,7 +90,7 @@ class TilePlan:
         self.tiles_total = len(self.may) * (len(self.may[0]) if self.may else 0)
 
     def tiles(self):
-        """Yield ``(i, j, q_slice, k_slice, mask or None)`` for every tile that may hold a visible pair."""
+        """Yield ``(q_slice, k_slice, mask or None)`` for every tile that may hold a visible pair."""
         Tq, Tk = self.q_meta.length, self.k_meta.length
         for i, row in enumerate(self.may):
             qs = slice(i * self.q_block, min(Tq, (i + 1) * self.q_block))
@@ -85,7 +100,7 @@ class TilePlan:
                 ks = slice(j * self.k_block, min(Tk, (j + 1) * self.k_block))
                 mask = None if self.full[i][j] else tile_mask(self.q_meta.slice(qs.start, qs.stop),
                                                                self.k_meta.slice(ks.start, ks.stop), self.spec)
-                yield i, j, qs, ks, mask
+                yield qs, ks, mask
 
     @property
     def tiles_needed(self) -> int:
@@ -100,28 +115,30 @@ def forward_tiles(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float)
     acc = accumulation_dtype(q.dtype)
     B, H, Tq, _ = q.shape
     Hk = k.shape[1]
-    qg = _grouped(q, Hk).to(acc)
-    k, v = k.to(acc), v.to(acc)
     g = H // Hk
-    num = torch.zeros(B, Hk, g, Tq, v.shape[-1], dtype=acc, device=q.device)
-    norm = torch.zeros(B, Hk, g, Tq, dtype=acc, device=q.device)
-    run_max = torch.full((B, Hk, g, Tq), float("-inf"), dtype=acc, device=q.device)
-    for _, _, qs, ks, mask in plan.tiles():
-        s = _tile_scores(qg[:, :, :, qs], k[:, :, ks], scale, mask)
-        m_old = run_max[..., qs]
+    qg = _grouped(q.to(acc) * scale, Hk)              # [B, Hk, Tq, g, hd], pre-scaled
+    k, v = k.to(acc), v.to(acc)
+    num = q.new_zeros((B, Hk, Tq, g, v.shape[-1]), dtype=acc)
+    norm = q.new_zeros((B, Hk, Tq, g), dtype=acc)
+    run_max = q.new_full((B, Hk, Tq, g), float("-inf"), dtype=acc)
+    for qs, ks, mask in plan.tiles():
+        s = _tile_scores(qg[:, :, qs], k[:, :, ks], mask, g)      # [B, Hk, bq*g, bk]
+        m_old = _rows(run_max[:, :, qs, :, None])[..., 0]          # [B, Hk, bq*g]
         m_new = torch.maximum(m_old, s.amax(dim=-1))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         rescale = torch.exp(m_old - m_safe)
-        p = torch.exp(s - m_safe[..., None])
-        norm[..., qs] = norm[..., qs] * rescale + p.sum(dim=-1)
-        num[..., qs, :] = num[..., qs, :] * rescale[..., None] + torch.einsum("bkgqj,bkjd->bkgqd", p, v[:, :, ks])
-        run_max[..., qs] = m_new
+        p = s.sub_(m_safe[..., None]).exp_()
+        n = _rows(norm[:, :, qs, :, None])[..., 0]
+        n.mul_(rescale).add_(p.sum(dim=-1))
+        a = _rows(num[:, :, qs])
+        a.mul_(rescale[..., None]).add_(torch.matmul(p, v[:, :, ks]))
+        _rows(run_max[:, :, qs, :, None])[..., 0].copy_(m_new)
     nonempty = norm > 0
-    out = num / torch.where(nonempty, norm, torch.ones_like(norm))[..., None]
+    safe_norm = torch.where(nonempty, norm, torch.ones_like(norm))
+    out = num / safe_norm[..., None]
     m_safe = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
-    lse = torch.where(nonempty, m_safe + torch.log(torch.where(nonempty, norm, torch.ones_like(norm))),
-                      torch.full_like(norm, float("-inf")))
-    return out.reshape(B, H, Tq, -1), lse.reshape(B, H, Tq)
+    lse = torch.where(nonempty, m_safe + torch.log(safe_norm), torch.full_like(norm, float("-inf")))
+    return _ungrouped(out), _ungrouped(lse)
 
 
 def backward_tiles(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, plan: TilePlan,
@@ -133,25 +150,26 @@ def backward_tiles(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, d
     """
     acc = accumulation_dtype(q.dtype)
     Hk = k.shape[1]
-    qg = _grouped(q, Hk).to(acc)
-    dog = _grouped(dout, Hk).to(acc)
-    lse_g = _grouped(lse[..., None], Hk)[..., 0].to(acc)
+    g = q.shape[1] // Hk
+    qg = _grouped(q.to(acc) * scale, Hk)              # pre-scaled: dK = dS^T (scale Q)
+    dog = _grouped(dout.to(acc), Hk)
+    lse_g = _grouped(lse.to(acc), Hk)
     lse_g = torch.where(torch.isfinite(lse_g), lse_g, torch.full_like(lse_g, float("inf")))  # empty rows: P = 0
-    delta_g = _grouped(delta[..., None], Hk)[..., 0].to(acc)
+    delta_g = _grouped(delta.to(acc), Hk)
     k, v = k.to(acc), v.to(acc)
     dq = torch.zeros_like(qg)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
-    for _, _, qs, ks, mask in plan.tiles():
-        s = _tile_scores(qg[:, :, :, qs], k[:, :, ks], scale, mask)
-        p = torch.exp(s - lse_g[..., qs, None])
-        do = dog[:, :, :, qs]
-        dv[:, :, ks] += torch.einsum("bkgqj,bkgqd->bkjd", p, do)
-        dp = torch.einsum("bkgqd,bkjd->bkgqj", do, v[:, :, ks])
-        ds = p * (dp - delta_g[..., qs, None])
-        dq[:, :, :, qs] += torch.einsum("bkgqj,bkjd->bkgqd", ds, k[:, :, ks]) * scale
-        dk[:, :, ks] += torch.einsum("bkgqj,bkgqd->bkjd", ds, qg[:, :, :, qs]) * scale
-    return dq.reshape(q.shape), dk, dv
+    for qs, ks, mask in plan.tiles():
+        p = _tile_scores(qg[:, :, qs], k[:, :, ks], mask, g)
+        p = p.sub_(_rows(lse_g[:, :, qs, :, None])).exp_()             # [B, Hk, bq*g, bk]
+        do = _rows(dog[:, :, qs])                                        # [B, Hk, bq*g, hd]
+        dv[:, :, ks] += torch.matmul(p.transpose(-1, -2), do)
+        ds = torch.matmul(do, v[:, :, ks].transpose(-1, -2))
+        ds.sub_(_rows(delta_g[:, :, qs, :, None])).mul_(p)
+        _rows(dq[:, :, qs]).add_(torch.matmul(ds, k[:, :, ks]))
+        dk[:, :, ks] += torch.matmul(ds.transpose(-1, -2), _rows(qg[:, :, qs]))
+    return _ungrouped(dq) * scale, dk, dv
 
 
 def output_delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:

@@ -1,0 +1,262 @@
+"""Ring attention: exact attention over a sequence sharded on a context-parallel group (RingAttention, BPT).
+
+Each of the ``W`` ranks holds ``T_local`` tokens: ``q [B, H, T_local, hd]``, ``k, v [B, Hk, T_local, hd]``
+and their mask facts (:class:`~mmgrow.ops.token_meta.TokenMeta` with *global* stream indices). The
+queries stay; the K/V shards travel round the ring (rank ``r`` sends to ``r + 1`` and receives from
+``r - 1``), so at hop ``d`` rank ``r`` holds the shard of source ``s = (r - d) mod W``.
+
+**Plan** (:mod:`mmgrow.ops.ring_plan`): the facts of all shards are all-gathered once; every rank
+computes the same ``needed[r][s]`` matrix from conservative tile tests and the same
+``n_hops = max (r - s) mod W`` over the needed pairs. Hops beyond ``n_hops`` are neither sent nor
+computed (a window or non-crossing documents shorten the ring); a hop whose pair is not needed on
+this rank computes nothing (its K/V still pass through for the ranks further on).
+
+**Forward.** Hop ``d`` computes this shard's partial attention against source ``s`` with the
+blockwise kernel, ``(O_d, lse_d) = forward_tiles(q, K_s, V_s)``, and folds it into the running pair
+with the log-sum-exp merge, in float32 (float64 for float64 inputs) whatever the input dtype:
+
+.. math::
+
+    m = \\max(\\text{lse}_a, \\text{lse}_b), \\quad w_x = e^{\\text{lse}_x - m}, \\quad
+    \\text{lse} = m + \\log(w_a + w_b), \\quad O = \\frac{w_a O_a + w_b O_b}{w_a + w_b}
+
+(``m`` replaced by 0 where both are ``-inf``: such rows keep ``O = 0``, ``lse = -inf``, no NaN).
+The weights lie in ``[0, 1]``, so nothing overflows — this is the sigmoid form
+``O = O_a - \\sigma(\\text{lse}_b - \\text{lse}_a)(O_a - O_b)`` written with a shared maximum.
+Rows that see no key anywhere return ``O = 0``, ``lse = -inf``.
+
+**Overlap.** The non-blocking transfer of the next hop's K/V (``dist.batch_isend_irecv``) is posted
+*before* this hop's tiles are computed and waited for after, so communication hides behind compute
+whenever a hop's compute outlasts one K/V transfer.
+
+**Backward** (custom autograd): ``delta = rowsum(dO * O) - d lse`` once, then the hops again with
+the *final* ``lse``: every hop adds ``backward_tiles(q, K_s, V_s, dO, lse, delta)`` to the local ``dQ``
+and to a float32 ``dK_s, dV_s`` accumulator that travels with ``K_s, V_s``. The accumulator
+received from the previous rank is waited for only after this hop's own contribution is computed,
+so both transfers overlap compute. After the last hop rank ``r`` holds the complete gradient of
+source ``(r - n_hops) mod W`` (every rank that needed it has added its part) and sends it straight
+home (one more ring step when ``n_hops = W - 1``).
+
+**Memory.** Per rank: the blockwise kernel's ``O(T_local * block)`` activations, two K/V buffers
+(current and in-flight) and, in the backward, two float32 ``dK, dV`` accumulators; the saved tensors
+are ``q, k, v, O, lse`` of the local shard only.
+
+**Why float32 accumulators.** Partial outputs, LSEs and ``dK/dV`` summed over ``W`` hops in a low
+precision (bf16) lose bits at every merge, so the error grows with the ring size and the backward
+can be badly wrong while the forward looks fine. Keeping them in float32 makes the error that of a
+single blockwise pass; results are cast to the input dtype once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mmgrow.ops.blockwise import (
+    DEFAULT_BLOCK,
+    TilePlan,
+    accumulation_dtype,
+    backward_tiles,
+    blockwise_attention,
+    forward_tiles,
+    output_delta,
+)
+from mmgrow.ops.ring_plan import RingPlan
+from mmgrow.ops.token_meta import TokenMeta
+from mmgrow.protocols import ContextParallel, MaskSpec
+
+
+@dataclass
+class RingStats:
+    """What one :func:`ring_attention` call did on this rank (filled in when passed in).
+
+    hops_planned:   ``n_hops``, the ring distance the mask needs (same on every rank);
+    hops_sent:      forward K/V transfers posted (``n_hops``: none beyond the plan);
+    hops_computed:  forward hops whose tiles were computed here (hop 0 included);
+    tiles_computed: forward ``q_block x k_block`` tiles computed here;
+    tiles_skipped:  tiles of the whole local-queries x all-keys grid not computed (masked out, or
+                    beyond the planned hops);
+    backward_hops_sent: ring steps of ``(K, V, dK, dV)`` in the backward (``n_hops``), not counting
+                    the final trip of the gradients to their owners.
+    """
+
+    hops_planned: int = 0
+    hops_sent: int = 0
+    hops_computed: int = 0
+    tiles_computed: int = 0
+    tiles_skipped: int = 0
+    backward_hops_sent: int = 0
+
+
+def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over keys ``A ∪ B`` from the results over ``A`` and over ``B`` (disjoint key sets).
+
+    ``out_* [B, H, T, hd]``, ``lse_* [B, H, T]`` in the accumulation dtype; ``-inf`` LSEs (no key)
+    are handled without NaN. See the module docstring for the equations.
+    """
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_a = torch.exp(lse_a - m)
+    w_b = torch.exp(lse_b - m)
+    total = w_a + w_b
+    lse = m + torch.log(total)  # both -inf: log(0) = -inf, as it should
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out = (w_a / safe)[..., None] * out_a + (w_b / safe)[..., None] * out_b
+    return out, lse
+
+
+def _peer(cp: ContextParallel, group_rank: int) -> int:
+    """The global rank of ``group_rank`` in ``cp.group`` (what ``P2POp`` addresses)."""
+    if cp.group is None or cp.group is dist.group.WORLD:
+        return group_rank
+    return dist.get_global_rank(cp.group, group_rank)
+
+
+# Message tags: K/V, travelling gradients and gradients going home never match each other's receives,
+# even where the two kinds are in flight between the same pair of ranks at once.
+_TAG_KV, _TAG_GRAD, _TAG_HOME = 0, 1, 2
+
+
+def _exchange(cp: ContextParallel, send: list[Tensor], recv: list[Tensor], to: int, frm: int, tag: int) -> list:
+    """Post sends of ``send`` to group rank ``to`` and receives into ``recv`` from ``frm``; return the requests."""
+    ops = [dist.P2POp(dist.isend, t, _peer(cp, to), cp.group, tag) for t in send]
+    ops += [dist.P2POp(dist.irecv, t, _peer(cp, frm), cp.group, tag) for t in recv]
+    return dist.batch_isend_irecv(ops)
+
+
+def _wait(requests: list | None) -> None:
+    for request in requests or ():
+        request.wait()
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner):
+        plan = RingPlan.build(meta, spec, cp, q_block, k_block, owner=plan_owner)
+        nxt, prv = (cp.rank + 1) % cp.world_size, (cp.rank - 1) % cp.world_size
+        acc = accumulation_dtype(q.dtype)
+        k_cur, v_cur = k.contiguous(), v.contiguous()
+        out = lse = None
+        tile_plans: dict[int, TilePlan] = {}
+        sent = computed = 0
+        for hop in range(plan.n_hops + 1):
+            pending = None
+            if hop < plan.n_hops:  # post the next hop's transfer first: it runs while we compute
+                k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
+                pending = _exchange(cp, [k_cur, v_cur], [k_nxt, v_nxt], nxt, prv, _TAG_KV)
+                sent += 1
+            if plan.computes(hop):
+                tiles = TilePlan(meta, plan.metas[plan.source(hop)], spec, q_block, k_block)
+                tile_plans[hop] = tiles
+                o, l = forward_tiles(q, k_cur, v_cur, tiles, scale)
+                out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
+                computed += tiles.tiles_needed
+            _wait(pending)
+            if pending is not None:
+                k_cur, v_cur = k_nxt, v_nxt
+        if out is None:  # no visible key on this rank at all
+            out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
+            lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.tile_plans, ctx.cp, ctx.scale, ctx.stats = plan, tile_plans, cp, scale, stats
+        if stats is not None:
+            grid = cp.world_size * -(-q.shape[2] // q_block) * -(-k.shape[2] // k_block)
+            stats.hops_planned, stats.hops_sent, stats.hops_computed = plan.n_hops, sent, len(tile_plans)
+            stats.tiles_computed, stats.tiles_skipped = computed, grid - computed
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, cp, scale = ctx.plan, ctx.cp, ctx.scale
+        nxt, prv = (cp.rank + 1) % cp.world_size, (cp.rank - 1) % cp.world_size
+        acc = accumulation_dtype(q.dtype)
+        dout = dout.contiguous()
+        delta = output_delta(out, dout, dlse)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        k_cur, v_cur = k.contiguous(), v.contiguous()
+        dk_acc = dv_acc = None  # the travelling accumulator of the shard held at this hop
+        grads_in = None          # (requests, dk buffer, dv buffer) of the accumulator arriving from prv
+        for hop in range(plan.n_hops + 1):
+            kv_pending = None
+            if hop < plan.n_hops:
+                k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
+                kv_pending = _exchange(cp, [k_cur, v_cur], [k_nxt, v_nxt], nxt, prv, _TAG_KV)
+            if hop in ctx.tile_plans:
+                dq_h, dk_h, dv_h = backward_tiles(q, k_cur, v_cur, dout, lse, delta, ctx.tile_plans[hop], scale)
+                dq += dq_h
+            else:
+                dk_h = dv_h = None
+            # this hop's shard arrived with its accumulator from prv; wait only now, after computing
+            if grads_in is None:
+                dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device) if dk_h is None else dk_h
+                dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device) if dv_h is None else dv_h
+            else:
+                requests, dk_acc, dv_acc = grads_in
+                _wait(requests)
+                if dk_h is not None:
+                    dk_acc, dv_acc = dk_acc + dk_h, dv_acc + dv_h
+            grads_in = None
+            if hop < plan.n_hops:
+                dk_in, dv_in = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
+                grads_in = (_exchange(cp, [dk_acc, dv_acc], [dk_in, dv_in], nxt, prv, _TAG_GRAD), dk_in, dv_in)
+            _wait(kv_pending)
+            if kv_pending is not None:
+                k_cur, v_cur = k_nxt, v_nxt
+        if plan.n_hops > 0:  # the complete gradient of source (r - n_hops) goes home; ours comes from r + n_hops
+            dk_own, dv_own = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
+            home, away = (cp.rank - plan.n_hops) % cp.world_size, (cp.rank + plan.n_hops) % cp.world_size
+            _wait(_exchange(cp, [dk_acc, dv_acc], [dk_own, dv_own], home, away, _TAG_HOME))
+            dk_acc, dv_acc = dk_own, dv_own
+        if ctx.stats is not None:
+            ctx.stats.backward_hops_sent = plan.n_hops
+        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), *(None,) * 8
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskSpec, cp: ContextParallel | None, *,
+                   scale: float | None = None, q_block: int = DEFAULT_BLOCK, k_block: int = DEFAULT_BLOCK,
+                   stats: RingStats | None = None, plan_owner: Any | None = None) -> tuple[Tensor, Tensor]:
+    """Exact masked attention of this rank's queries over the keys of every rank of ``cp``.
+
+    Args:
+        q: ``[B, H, T_local, hd]`` this rank's queries; k, v: ``[B, Hk, T_local, hd]`` its keys and values
+            (``H`` a multiple of ``Hk``). Every rank holds the same ``T_local``.
+        meta: the mask facts of this rank's tokens with *global* stream indices
+            (``TokenMeta.from_context(ctx)`` gives them when ``ctx.cp`` is set).
+        spec: the mask rule.
+        cp: the context-parallel group; ``None`` or a world size of 1 runs
+            :func:`~mmgrow.ops.blockwise.blockwise_attention` unchanged.
+        scale: score scale, default ``1 / sqrt(hd)``.
+        q_block, k_block: tile sizes of the local computation (and the granularity of the hop plan).
+        stats: a :class:`RingStats` to fill in (forward counts; ``backward_hops_sent`` after backward).
+        plan_owner: an object to cache the hop plan on (the batch's ``SeqContext``), so the layers of
+            one batch all-gather the token facts once; see :meth:`RingPlan.build`. None: plan per call.
+
+    Returns:
+        ``(out [B, H, T_local, hd] in q's dtype, lse [B, H, T_local] in float32, float64 for float64
+        input)``; rows with no visible key give ``0`` and ``-inf``. Both are differentiable; the
+        gradients of ``k`` and ``v`` reach the rank that owns them.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"ring_attention: expected q [B, H, T_local, hd], k and v [B, Hk, T_local, hd]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2] or meta.length != q.shape[2]:
+        raise ValueError(f"ring_attention: queries ({q.shape[2]}), keys ({k.shape[2]}) and token facts "
+                         f"({meta.length}) must cover the same T_local tokens of this rank")
+    if q_block < 1 or k_block < 1:
+        raise ValueError(f"ring_attention: block sizes must be positive, got {q_block}, {k_block}")
+    if cp is None or cp.world_size == 1:
+        if stats is not None:
+            tiles = TilePlan(meta, meta, spec, q_block, k_block)
+            stats.hops_planned = stats.hops_sent = stats.backward_hops_sent = 0
+            stats.hops_computed = int(tiles.tiles_needed > 0)
+            stats.tiles_computed, stats.tiles_skipped = tiles.tiles_needed, tiles.tiles_total - tiles.tiles_needed
+        return blockwise_attention(q, k, v, meta, meta, spec, scale=scale, q_block=q_block, k_block=k_block)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _RingAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner)
