@@ -41,7 +41,7 @@ def flex_usable(q: Tensor, dropout_p: float) -> bool:
     return q.is_cuda and dropout_p == 0.0 and flex_available()
 
 
-def mask_mod_for(q: TokenMeta, k: TokenMeta, spec: MaskSpec):  # noqa: ANN201 (a FlexAttention mask_mod)
+def mask_mod_for(q: TokenMeta, k: TokenMeta, spec: MaskSpec):
     """``mask_mod(b, h, q_idx, kv_idx) -> bool`` implementing the rule of :mod:`mmgrow.layers.masks`.
 
     Every feature is always evaluated, from tensors (absent segments are all 0, absent blocks all
