@@ -12,8 +12,10 @@ each key/value head between ``num_heads // num_kv_heads`` query heads.
 **Kernels** (:meth:`FullAttention.kernel_for`). Plain causal or bidirectional contexts call SDPA
 without a mask, so it can pick its flash or memory-efficient kernel. Masked contexts (segments,
 windows, blocks) run FlexAttention with a block mask built once per context on CUDA
-(:mod:`mmgrow.ops.flex`), and SDPA with the boolean mask elsewhere. The external ``flash-attn``
-package is not used (see ``docs/attention.md``).
+(:mod:`mmgrow.ops.flex`), and SDPA with the boolean mask elsewhere. The attention subclasses
+(blockwise, sliding window, local) share this choice on CUDA and run their own algorithm
+(:meth:`FullAttention.native_attend`) elsewhere. The external ``flash-attn`` package is not used
+(see ``docs/attention.md``).
 
 **Empty rows.** A query with no visible key (a padding token, or a window that excludes everything)
 gets output 0. SDPA's result for an all-False row depends on the torch version and backend (NaN in
@@ -41,7 +43,7 @@ from mmgrow.ops.flex import flex_masked_attention, flex_usable
 from mmgrow.ops.token_meta import TokenMeta
 from mmgrow.protocols import NO_BLOCK, MixerCapabilityError, MixerState, SeqContext, SequenceMixer
 
-KERNELS = ("auto", "sdpa", "flex")
+KERNELS = ("auto", "native", "sdpa", "flex")
 
 
 @dataclass
@@ -107,8 +109,8 @@ class FullAttention(SequenceMixer):
         rope_theta: RoPE base; changeable later through :attr:`rope_theta`.
         qkv_bias: biases on the q/k/v projections (the output projection has none).
         dropout: attention-probability dropout while training.
-        kernel: ``"auto"`` (SDPA, or FlexAttention for masked contexts on CUDA), ``"sdpa"`` or
-            ``"flex"`` (an error where FlexAttention cannot run).
+        kernel: ``"auto"`` (fused kernels on CUDA, the class's own algorithm elsewhere),
+            ``"native"``, ``"sdpa"`` or ``"flex"``; see :meth:`kernel_for`.
     """
 
     supports_state = True
@@ -188,44 +190,51 @@ class FullAttention(SequenceMixer):
         return ctx
 
     def kernel_for(self, ctx: SeqContext, q: Tensor, dropout_p: float) -> str:
-        """The kernel a prefill under ``ctx`` runs on: ``"sdpa"`` (SDPA picks flash / memory-efficient
-        / math itself; used for plain causal or bidirectional contexts everywhere, and with an
-        explicit boolean mask on CPU) or ``"flex"`` (FlexAttention with a block mask, for segments,
-        windows and blocks on CUDA)."""
-        if self.kernel == "sdpa" or not needs_explicit_mask(ctx):
-            return "sdpa"
-        if flex_usable(q, dropout_p):
+        """The kernel a prefill under ``ctx`` runs on.
+
+        ``"auto"`` picks, on CUDA, FlexAttention (block mask from the token facts) for masked
+        contexts and SDPA (its flash kernel) for plain causal/bidirectional ones — both fused,
+        ``O(T)``-memory kernels; elsewhere the class's own algorithm (:meth:`native_attend`: SDPA
+        with a boolean mask here, tiles or chunks in the subclasses). ``"native"``, ``"sdpa"`` and
+        ``"flex"`` force one (``"flex"`` raises where it cannot run)."""
+        if self.kernel in ("native", "sdpa"):
+            return self.kernel
+        masked = needs_explicit_mask(ctx)
+        if masked and flex_usable(q, dropout_p):
             return "flex"
         if self.kernel == "flex":
             raise MixerCapabilityError(f"{type(self).__name__} (layer {self.layer_idx}): kernel='flex' needs CUDA "
                                        "tensors, no attention dropout and torch.nn.attention.flex_attention; use "
                                        "kernel='auto'")
-        return "sdpa"
+        return "sdpa" if q.is_cuda and not masked else "native"
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
-        """One prefill: ``q [B, H, T, hd]``, ``k, v [B, Hk, T, hd]`` (after RoPE) -> ``[B, H, T, hd]``.
-
-        The kernel-choosing core (:meth:`kernel_for`); subclasses replace it with their own algorithm."""
-        if self.kernel_for(ctx, q, dropout_p) == "flex":
+        """One prefill: ``q [B, H, T, hd]``, ``k, v [B, Hk, T, hd]`` (after RoPE) -> ``[B, H, T, hd]``,
+        on the kernel :meth:`kernel_for` picks."""
+        kernel = self.kernel_for(ctx, q, dropout_p)
+        if kernel == "flex":
             meta = TokenMeta.from_context(ctx)
             return flex_masked_attention(q, k, v, meta, meta, ctx.mask, owner=ctx)[0]
+        if kernel == "native":
+            return self.native_attend(q, k, v, ctx, dropout_p)
+        return self.sdpa_attend(q, k, v, ctx, dropout_p)
+
+    @staticmethod
+    def sdpa_attend(q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
+        """SDPA: without a mask for plain causal/bidirectional contexts (so it may use its flash or
+        memory-efficient kernel), with the ``[B, T, T]`` boolean mask otherwise."""
         if needs_explicit_mask(ctx):
             return masked_sdpa(q, k, v, mask_from_context(ctx), dropout_p=dropout_p)
-        # plain causal or bidirectional: let SDPA pick its fastest kernel
         return masked_sdpa(q, k, v, None, causal=ctx.mask.causal, dropout_p=dropout_p)
+
+    def native_attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
+        """This class's own algorithm (SDPA here; subclasses: tiles, chunks)."""
+        return self.sdpa_attend(q, k, v, ctx, dropout_p)
 
     def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, state: KVCache,
                            dropout_p: float) -> tuple[Tensor, KVCache]:
-        name = type(self).__name__
-        if not isinstance(state, KVCache):
-            raise TypeError(f"{name} (layer {self.layer_idx}): expected a KVCache state, got {type(state).__name__}")
-        B, T = ctx.positions.shape
-        if state.k.shape[0] != B or state.k.shape[1] != self.num_kv_heads or state.k.shape[3] != self.head_dim:
-            raise ValueError(f"{name} (layer {self.layer_idx}): KV cache has shape {tuple(state.k.shape)}, expected "
-                             f"[{B}, {self.num_kv_heads}, S, {self.head_dim}]")
-        if state.k.dtype != k.dtype or state.k.device != k.device:
-            raise ValueError(f"{name} (layer {self.layer_idx}): KV cache is {state.k.dtype} on {state.k.device} but "
-                             f"the input is {k.dtype} on {k.device}; build it with init_state(..., dtype=x.dtype)")
+        self._check_cache(state, k)
+        T = ctx.positions.shape[1]
         device = ctx.positions.device
         seg = ctx.segment_ids if ctx.segment_ids is not None else torch.zeros_like(ctx.positions)
         blk = ctx.block_ids if ctx.block_ids is not None else torch.full_like(ctx.positions, NO_BLOCK)
@@ -240,6 +249,19 @@ class FullAttention(SequenceMixer):
         mask = attention_mask(ctx.positions, pos_all, ctx.mask, seg, seg_all, blk, blk_all, q_index, k_index)
         out = masked_sdpa(q, k_all, v_all, mask, dropout_p=dropout_p)
         return out, KVCache(k_all, v_all, pos_all, seg_all, blk_all, state.seen + T)
+
+    def _check_cache(self, state: KVCache, k: Tensor) -> None:
+        """A clear error when ``state`` is not a KV cache matching ``k [B, Hk, T, hd]`` in shape, dtype, device."""
+        name = f"{type(self).__name__} (layer {self.layer_idx})"
+        if not isinstance(state, KVCache):
+            raise TypeError(f"{name}: expected a KVCache state, got {type(state).__name__}")
+        expected = (k.shape[0], self.num_kv_heads, self.head_dim)
+        if (state.k.shape[0], state.k.shape[1], state.k.shape[3]) != expected:
+            raise ValueError(f"{name}: KV cache has shape {tuple(state.k.shape)}, expected "
+                             f"[{expected[0]}, {expected[1]}, S, {expected[2]}]")
+        if state.k.dtype != k.dtype or state.k.device != k.device:
+            raise ValueError(f"{name}: KV cache is {state.k.dtype} on {state.k.device} but the input is {k.dtype} on "
+                             f"{k.device}; build it with init_state(..., dtype=x.dtype)")
 
     # ---------------------------------------------------------------------------------------------
 

@@ -47,7 +47,8 @@ class BlockwiseAttention(FullAttention):
         """GQA and tiles smaller than the conformance sequences, so tiling and skipping are exercised."""
         return {"num_heads": 4, "num_kv_heads": 2, "query_block": 4, "key_block": 3}
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
+    def native_attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
+        """The tiled kernel (the CPU path, or ``kernel="native"``)."""
         meta = TokenMeta.from_context(ctx)
         out, _ = blockwise_attention(q, k, v, meta, meta, ctx.mask, q_block=self.query_block, k_block=self.key_block)
         return out

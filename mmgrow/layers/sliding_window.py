@@ -68,7 +68,8 @@ class SlidingWindowAttention(FullAttention):
         window = self.window if ctx.mask.window is None else min(self.window, ctx.mask.window)
         return replace(ctx, mask=replace(ctx.mask, window=window))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
+    def native_attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
+        """The chunked ``O(T * window)`` kernel (the CPU path, or ``kernel="native"``)."""
         out, _ = sliding_window_attention(q, k, v, TokenMeta.from_context(ctx), ctx.mask)
         return out
 
@@ -109,18 +110,6 @@ class SlidingWindowAttention(FullAttention):
         new_state = KVCache(k_all[:, :, first:], v_all[:, :, first:], meta.positions[:, first:],
                             meta.segment_ids[:, first:], meta.block_ids[:, first:], state.seen + T)
         return out, new_state
-
-    def _check_cache(self, state: KVCache, k: Tensor) -> None:
-        name = f"{type(self).__name__} (layer {self.layer_idx})"
-        if not isinstance(state, KVCache):
-            raise TypeError(f"{name}: expected a KVCache state, got {type(state).__name__}")
-        expected = (k.shape[0], self.num_kv_heads, self.head_dim)
-        if (state.k.shape[0], state.k.shape[1], state.k.shape[3]) != expected:
-            raise ValueError(f"{name}: KV cache has shape {tuple(state.k.shape)}, expected "
-                             f"[{expected[0]}, {expected[1]}, S, {expected[2]}]")
-        if state.k.dtype != k.dtype or state.k.device != k.device:
-            raise ValueError(f"{name}: KV cache is {state.k.dtype} on {state.k.device} but the input is {k.dtype} on "
-                             f"{k.device}; build it with init_state(..., dtype=x.dtype)")
 
     def state_size(self, seq_len: int) -> int:
         """Elements of K and V cached per example after ``seq_len`` tokens:
