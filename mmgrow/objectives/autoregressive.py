@@ -18,19 +18,39 @@ where ``P`` is the set of modalities with at least one target of positive weight
 ``lambda_m`` the modality weight. The weighting rule (see :class:`AutoregressiveObjective`):
 modalities get weight 1 unless ``modality_weights`` says otherwise, so by default every modality
 present contributes the same share, whatever its token count -- LWM's ``0.5 * (vision + text)``.
+
+Targets are per predicting position. :func:`next_token_targets` turns a batch into ``[B, T]``
+tensors aligned with the position that predicts them (``t`` carries token ``t+1``'s id, modality,
+weight and whether it is a target; the last column is never one). The loss consumes only those and
+the hidden states of the same positions, so it does not care how the sequence is split: under
+context parallelism (:class:`~mmgrow.protocols.ContextParallel`) the targets are computed on the
+whole sequence and sharded with it, although the next token of a shard's last token lives on
+another rank. One code path serves both cases.
+
+Reduction under context parallelism. Every ``L_m`` is a ratio of sums over tokens, which are split
+over the ``W`` ranks of the group. Each rank sums its own numerators ``sum w_t CE_t`` and
+denominators ``sum w_t`` (and target counts, correct predictions); the numerators go through a
+*differentiable* all-reduce (:func:`mmgrow.parallel.context_batch.sum_over_group`), the rest through
+a plain one. So every rank computes, and reports, the global ``L`` and metrics of the whole sequence.
+Gradients: the all-reduce's backward sums the upstream gradient over the group, so each rank's
+backward carries ``W`` times the gradient of the global ``L`` with respect to its own tokens; data
+parallelism then averages over all ``dp * W`` ranks, which leaves the sum over the ``W`` ranks of
+one sequence averaged over the ``dp`` sequences -- exactly the gradient of the mean of the
+per-sequence losses, as without context parallelism (``tests/unit/test_context_parallel_loss.py``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmgrow.batch import TokenBatch
-from mmgrow.protocols import PAD_SEGMENT, MaskSpec, ModelOutput, Objective, SeqContext
+from mmgrow.protocols import PAD_SEGMENT, ContextParallel, MaskSpec, ModelOutput, Objective, SeqContext
 from mmgrow.tokenspace import TokenSpace
 
 Constraint = Callable[[int], Tensor]
@@ -56,6 +76,41 @@ def target_mask(batch: TokenBatch) -> Tensor:
     same_example = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != PAD_SEGMENT)
     targets = (batch.loss_mask[:, 1:] > 0) & same_example
     return torch.cat([torch.zeros_like(targets[:, :1]), targets], dim=1)
+
+
+@dataclass
+class NextTokenTargets:
+    """What position ``t`` of each row must predict, aligned with ``t`` (all ``[B, T]``).
+
+    ids:      int64 global id of token ``t+1`` (0 in the last column).
+    modality: int64 modality index of token ``t+1`` (0 in the last column).
+    weight:   float ``loss_mask[t+1] * example_weight[t+1]`` (0 in the last column).
+    valid:    bool, token ``t+1`` is a target predicted from ``t`` (:func:`target_mask` shifted left
+              by one); the last column is always False.
+
+    Every field is per token along dim 1, so sharding the sequence shards the targets with it.
+    """
+
+    ids: Tensor
+    modality: Tensor
+    weight: Tensor
+    valid: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.valid.shape)
+
+
+def _shift_left(x: Tensor, fill: float | bool) -> Tensor:
+    """``[B, T] -> [B, T]``: ``out[:, t] = x[:, t+1]``, the last column ``fill``."""
+    return torch.cat([x[:, 1:], torch.full_like(x[:, :1], fill)], dim=1)
+
+
+def next_token_targets(batch: TokenBatch) -> NextTokenTargets:
+    """The per-position next-token targets of ``batch`` (see :class:`NextTokenTargets`)."""
+    return NextTokenTargets(ids=_shift_left(batch.input_ids, 0), modality=_shift_left(batch.modality_ids, 0),
+                            weight=_shift_left(batch.loss_mask * batch.example_weight, 0.0),
+                            valid=_shift_left(target_mask(batch), False))
 
 
 def single_example_rows(segment_ids: Tensor) -> bool:
@@ -87,6 +142,9 @@ class AutoregressiveObjective(Objective):
     training module binds ``model.token_space`` once the model is built). :meth:`generate` reads it
     from the model.
     """
+
+    supports_context_parallel = True
+    """:meth:`targets` + :meth:`loss_on_targets` train on a sequence sharded over ``cp.group`` (module docstring)."""
 
     def __init__(self, modality_weights: dict[str, float] | None = None, *,
                  token_space: TokenSpace | Mapping[str, int] | None = None) -> None:
@@ -144,6 +202,10 @@ class AutoregressiveObjective(Objective):
 
     # ------------------------------------------------------------------ loss
 
+    def targets(self, batch: TokenBatch) -> NextTokenTargets:
+        """Per-position targets of the whole ``batch`` (computed before any sequence sharding)."""
+        return next_token_targets(batch)
+
     def loss(self, output: ModelOutput, batch: TokenBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted next-token cross-entropy (module docstring equation) and metrics.
 
@@ -152,49 +214,99 @@ class AutoregressiveObjective(Objective):
         of targets) and, when ``tokens_<m> > 0``, ``loss_<m>`` (``L_m``) and ``acc_<m>`` (unweighted
         top-1 accuracy over its targets).
         """
-        space = self.token_space
         hidden = output.hidden
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(batch.input_ids.shape):
             raise ValueError(f"output.hidden must be [B, T, D] with [B, T] = {tuple(batch.input_ids.shape)} "
                              f"(the batch), got {tuple(hidden.shape)}")
-        targets = target_mask(batch)[:, 1:]               # [B, T-1]: target t+1 predicted at t
-        prev_hidden = hidden[:, :-1]                      # [B, T-1, D]
-        next_ids = batch.input_ids[:, 1:]
-        next_modality = batch.modality_ids[:, 1:]
-        token_weight = (batch.loss_mask * batch.example_weight)[:, 1:]
-        stray = targets & ((next_modality < 0) | (next_modality >= len(space.modalities)))
+        return self.loss_on_targets(output, next_token_targets(batch))
+
+    def check_targets(self, targets: NextTokenTargets) -> None:
+        """Raise ``ValueError`` when a valid target's modality is not in the token space or its id is
+        outside its modality's range. Under context parallelism this runs on the whole batch before
+        sharding, so every rank of the group raises together instead of one rank leaving the others
+        waiting in a collective."""
+        space = self.token_space
+        valid, modality_ids = targets.valid, targets.modality
+        stray = valid & ((modality_ids < 0) | (modality_ids >= len(space.modalities)))
         if bool(stray.any()):
             raise ValueError(f"targets have modality_ids outside [0, {len(space.modalities)}) "
-                             f"(token space {space.modalities}): {sorted(set(next_modality[stray].tolist()))}")
-
-        terms: list[tuple[float, Tensor]] = []
-        metrics: dict[str, Tensor] = {}
+                             f"(token space {space.modalities}): {sorted(set(modality_ids[stray].tolist()))}")
         for index, modality in enumerate(space.modalities):
-            sel = targets & (next_modality == index)
-            count = int(sel.sum())
-            metrics[f"tokens_{modality}"] = torch.tensor(float(count))
-            if count == 0:
+            sel = valid & (modality_ids == index)
+            if not bool(sel.any()):
                 continue
-            local = space.to_local(next_ids[sel], modality)
+            local = space.to_local(targets.ids[sel], modality)
             size = space.size(modality)
             if int(local.min()) < 0 or int(local.max()) >= size:
                 raise ValueError(f"targets marked as {modality!r} (modality_ids == {index}) have global ids outside "
                                  f"[{space.offset(modality)}, {space.offset(modality) + size}); "
                                  "modality_ids and input_ids disagree")
-            logits = output.logits(prev_hidden[sel], modality)
+
+    def loss_on_targets(self, output: ModelOutput, targets: NextTokenTargets,
+                        cp: ContextParallel | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`loss` from per-position ``targets`` aligned with ``output.hidden [B, T, D]``.
+
+        With ``cp`` (world size > 1) ``hidden`` and ``targets`` are this rank's shard of the
+        sequence; the sums behind every ``L_m`` and metric are reduced over ``cp.group`` so the
+        loss and metrics are those of the whole sequence on every rank (module docstring: why the
+        gradients come out right). Every rank of the group must call this with the same modalities.
+        """
+        space = self.token_space
+        hidden = output.hidden
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != targets.shape:
+            raise ValueError(f"output.hidden must be [B, T, D] with [B, T] = {targets.shape} "
+                             f"(the targets), got {tuple(hidden.shape)}")
+        self.check_targets(targets)
+        valid, next_modality = targets.valid, targets.modality
+
+        acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # the sums, as the CE: float32 at least
+        # Per modality: sum w*CE (differentiable), sum w, number of targets, correct top-1 predictions.
+        numerators: list[Tensor] = []
+        stats: list[Tensor] = []
+        for index, modality in enumerate(space.modalities):
+            sel = valid & (next_modality == index)
+            count = int(sel.sum())
+            if count == 0:
+                # An empty sum still tied to the graph: under context parallelism every rank must
+                # run the all-reduce's backward, whether or not it holds targets of this modality.
+                numerators.append(hidden[:0].sum().to(acc_dtype))
+                stats.append(torch.zeros(3, dtype=torch.float64, device=hidden.device))
+                continue
+            local = space.to_local(targets.ids[sel], modality)
+            size = space.size(modality)
+            logits = output.logits(hidden[sel], modality)
             if tuple(logits.shape) != (count, size):
                 raise ValueError(f"output.logits(h, {modality!r}) returned {tuple(logits.shape)}, expected "
                                  f"[{count}, {size}] (one row per target, the modality's vocabulary)")
             # float32 at least: a bf16 log-softmax over a large vocabulary loses the small probabilities
             ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), local,
                                  reduction="none")
-            w = token_weight[sel].to(ce.dtype)
-            total_w = w.sum()
+            w = targets.weight[sel].to(ce.dtype)
+            numerators.append((w * ce).sum().to(acc_dtype))
             with torch.no_grad():
-                metrics[f"acc_{modality}"] = (logits.argmax(-1) == local).float().mean()
-            if float(total_w) <= 0:  # every target of this modality has zero example weight
+                hits = (logits.argmax(-1) == local).sum()
+            stats.append(torch.stack([w.sum().detach().double(), torch.tensor(float(count), dtype=torch.float64,
+                                                                             device=w.device), hits.double()]))
+        numerator = torch.stack(numerators)                 # [M]
+        stat = torch.stack(stats)                           # [M, 3] float64 (exact counts): sum w, count, hits
+        if cp is not None and cp.world_size > 1:
+            import torch.distributed as dist
+
+            from mmgrow.parallel.context_batch import sum_over_group
+
+            numerator = sum_over_group(numerator, cp.group)
+            dist.all_reduce(stat, group=cp.group)
+
+        terms: list[tuple[float, Tensor]] = []
+        metrics: dict[str, Tensor] = {}
+        for index, (modality, (total_w, count, _)) in enumerate(zip(space.modalities, stat.tolist())):
+            metrics[f"tokens_{modality}"] = torch.tensor(float(count))
+            if count == 0:
                 continue
-            loss_m = (w * ce).sum() / total_w
+            metrics[f"acc_{modality}"] = stat[index, 2].float() / stat[index, 1].float()
+            if total_w <= 0:  # every target of this modality has zero example weight
+                continue
+            loss_m = numerator[index] / stat[index, 0].to(acc_dtype)
             metrics[f"loss_{modality}"] = loss_m.detach()
             if self.weight(modality) > 0:
                 terms.append((self.weight(modality), loss_m))

@@ -78,7 +78,9 @@ class RunSummary(pl.Callback):
             # Since the previous batch ended (data loading included), or since this batch started
             # when validation or an epoch boundary came in between.
             self.train_time += now - (self._last if self._last is not None else self._batch_start)
-            self.tokens = self.tokens + batch.token_count()  # stays on device until the summary
+            # this rank's share: its shard's tokens under context parallelism, the batch's otherwise
+            step_tokens = getattr(pl_module, "last_step_tokens", None)
+            self.tokens = self.tokens + (batch.token_count() if step_tokens is None else step_tokens)
         self._seen_first = True
         self._last = now
         self.max_seq_len = max(self.max_seq_len, int(batch.input_ids.shape[1]))

@@ -117,6 +117,7 @@ def _make_cli_class():
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
+    import mmgrow.parallel.strategy  # noqa: F401 - registers the "context_parallel" strategy name
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
     from mmgrow.training.samples import GenerateCaptions, GenerateSamples
 

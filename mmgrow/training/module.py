@@ -2,6 +2,14 @@
 
 Baselines and target systems differ only in what the recipe injects here (``mixer`` factories, the
 objective); there is no per-model training script.
+
+Context parallelism: when the trainer's strategy exposes a ``context_parallel_handle`` with world
+size > 1 (:class:`~mmgrow.parallel.strategy.ContextParallelStrategy`), training, validation and test
+steps pad, shard and run this rank's slice of the sequence
+(:func:`~mmgrow.parallel.context_batch.context_parallel_loss`); the logged loss and metrics are then
+those of the whole sequence on every rank of the group, and ``tokens_seen`` counts the tokens of
+this rank's shard, so its sum over all ranks counts every token once. ``predict`` runs the whole
+sequence on every rank (its mixers see no handle).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.batch import TokenBatch
-from mmgrow.protocols import Objective, SequenceMixer
+from mmgrow.protocols import ContextParallel, Objective, SequenceMixer
 from mmgrow.training.export import CheckpointError, load_weights_into
 from mmgrow.training.factories import factory_from_spec, spec_from_factory
 
@@ -71,6 +79,7 @@ class MMGrowModule(pl.LightningModule):
         self.objective = objective
         self.model: torch.nn.Module | None = None
         self._tokens_seen = torch.zeros((), dtype=torch.long)  # a tensor: counted without a host sync
+        self.last_step_tokens = torch.zeros((), dtype=torch.long)  # non-padding tokens of the last training step
 
     # ------------------------------------------------------------------ model
     def model_config(self) -> dict[str, Any]:
@@ -98,10 +107,26 @@ class MMGrowModule(pl.LightningModule):
             load_weights_into(self.model, self.hparams.init_from)
 
     # ------------------------------------------------------------------ steps
+    def context_parallel(self) -> ContextParallel | None:
+        """The strategy's context-parallel handle when it shards the sequence (world size > 1), else None."""
+        trainer = self._trainer
+        handle = getattr(trainer.strategy, "context_parallel_handle", None) if trainer is not None else None
+        return handle if handle is not None and handle.world_size > 1 else None
+
     def _step(self, batch: TokenBatch, stage: str) -> torch.Tensor:
-        ctx = self.objective.context(batch)
-        out = self.model(batch.input_ids, ctx)
-        loss, metrics = self.objective.loss(out, batch)
+        cp = self.context_parallel()
+        if cp is None:
+            ctx = self.objective.context(batch)
+            out = self.model(batch.input_ids, ctx)
+            loss, metrics = self.objective.loss(out, batch)
+            tokens = batch.token_count()
+        else:
+            from mmgrow.parallel.context_batch import context_parallel_loss
+
+            loss, metrics, tokens = context_parallel_loss(self.model, self.objective, batch, cp)
+        if stage == "train":
+            self.last_step_tokens = tokens  # this rank's share (its shard under context parallelism)
+            self._tokens_seen = self._tokens_seen.to(tokens.device) + tokens
         bs = batch.input_ids.shape[0]
         on_step = stage == "train"
         # Epoch-level (validation/test) values are averaged over data-parallel ranks; per-step
@@ -114,7 +139,6 @@ class MMGrowModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
-        self._tokens_seen = self._tokens_seen.to(batch.input_ids.device) + batch.token_count()
         return self._step(batch, "train")
 
     def validation_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
