@@ -165,7 +165,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, s
     vc = _neighbour_chunks(chunked(v), 2, 0.0, offsets)
     mask = _chunk_mask(_pad_facts(meta, Tp), spec, chunk, offsets)
 
-    scores = torch.einsum("bkgnqd,bknjd->bkgnqj", qc, kc) * scale
+    # scale folded into q (T*hd multiplications instead of T*2W)
+    scores = torch.einsum("bkgnqd,bknjd->bkgnqj", qc * scale, kc)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     # Subtract a finite, detached row maximum (0 for empty rows): exp() never sees -inf - -inf, and the
     # denominator of an empty row is replaced by 1 so neither pass divides by 0.
@@ -175,7 +176,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, s
     denom = weights.sum(dim=-1, keepdim=True)
     nonempty = denom > 0
     safe_denom = torch.where(nonempty, denom, torch.ones_like(denom))
-    out = torch.einsum("bkgnqj,bknjd->bkgnqd", weights / safe_denom, vc)
+    # normalise after the value product: one division per output element, not per score
+    out = torch.einsum("bkgnqj,bknjd->bkgnqd", weights, vc) / safe_denom
     lse = torch.where(nonempty, torch.log(safe_denom) + row_max, torch.full_like(denom, float("-inf")))
     out = out.reshape(B, H, Tp, -1)[:, :, :T].to(q.dtype)
     return out, lse.reshape(B, H, Tp)[:, :, :T]
