@@ -7,13 +7,15 @@ Methods (all causal, ``B = 1``; ``W`` = window):
 * ``sdpa_window_mask``: SDPA with a dense ``[T, T]`` boolean causal-window mask (the baseline a window
   is usually run with);
 * ``blockwise`` / ``blockwise_window``: :func:`mmgrow.ops.blockwise.blockwise_attention` (512 x 512 tiles);
-* ``sliding_window``: :func:`mmgrow.ops.sliding_window.sliding_window_attention` (chunked, O(T W));
+* ``sliding_window``: :func:`mmgrow.ops.sliding_window.windowed_attention`, what the mixer runs (window
+  tiles for ``W = 512``); ``sliding_window_chunks``: the vectorised chunks (the kernel for small windows);
 * ``flex`` / ``flex_window`` (CUDA only): FlexAttention with a block mask (:mod:`mmgrow.ops.flex`);
 * ``ring_P`` (CPU only): :func:`mmgrow.ops.ring.ring_attention` over ``P`` gloo processes holding
   ``T / P`` tokens each; time and memory are per rank (the slowest / largest rank).
 
-CPU: every (method, T) runs in a fresh subprocess; peak memory is the growth of the process's
-maximum resident set from just before the first pass (inputs already allocated) to just after it;
+CPU: every (method, T) runs in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors
+leave the resident set); after a first pass (one-time allocations, warm-up), peak memory is the
+highest resident set sampled during a second pass minus the resident set before it (:class:`PeakRSS`);
 time is the median of ``--repeats`` passes after that first one. CUDA: in one process, peak is
 ``torch.cuda.max_memory_allocated`` above the inputs, time the median of CUDA-event timings.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -95,6 +99,11 @@ def build(method: str, T: int, device: str, dtype: torch.dtype, heads: int, head
         def run():
             backward(blockwise_attention(q, k, v, meta, meta, spec, q_block=BLOCK, k_block=BLOCK)[0])
     elif method == "sliding_window":
+        from mmgrow.ops.sliding_window import windowed_attention
+
+        def run():
+            backward(windowed_attention(q, k, v, meta, _spec(True))[0])
+    elif method == "sliding_window_chunks":
         from mmgrow.ops.sliding_window import sliding_window_attention
 
         def run():
@@ -113,18 +122,53 @@ def build(method: str, T: int, device: str, dtype: torch.dtype, heads: int, head
     return (q, k, v, grad), run
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _rss_mb() -> float:
+    """Resident set size now (Linux ``/proc/self/statm``)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """Highest resident set size seen while the ``with`` block runs (sampled every 0.2 ms by a thread),
+    minus the resident set size at its start: the memory the block itself holds at its peak, after
+    a first pass has made every one-time allocation (thread pools, communication buffers, kernel
+    workspaces). ``MALLOC_MMAP_THRESHOLD_`` is set for the worker processes, so freed tensors go
+    back to the system and the resident set follows live memory."""
+
+    def __enter__(self) -> Self:
+        import threading
+
+        self.base = self.peak = _rss_mb()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, _rss_mb())
+                self._stop.wait(0.0002)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+    @property
+    def mb(self) -> float:
+        return self.peak - self.base
 
 
 def measure_cpu(method: str, T: int, repeats: int, heads: int, head_dim: int) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     _, run = build(method, T, "cpu", torch.float32, heads, head_dim)
-    before = _maxrss_mb()
     start = time.perf_counter()
-    run()  # the first pass sets the memory peak (and warms up)
+    run()  # the first pass makes the one-time allocations (and warms up)
     first = time.perf_counter() - start
-    peak = _maxrss_mb() - before
+    with PeakRSS() as memory:
+        run()
+    peak = memory.mb
     times = []
     for _ in range(repeats if first < 60 else 1):
         start = time.perf_counter()
@@ -154,16 +198,17 @@ def _ring_worker(rank: int, world: int, T: int, repeats: int, heads: int, head_d
     index = local_stream_index(cp, local)[None]
     meta = TokenMeta(index, index)
 
-    def run():
+    def run(q=q, k=k, v=v, grad=grad, meta=meta):
         out, _ = ring_attention(q, k, v, meta, _spec(False), cp, q_block=BLOCK, k_block=BLOCK)
         torch.autograd.backward(out, grad)
         for t in (q, k, v):
             t.grad = None
 
+    run()  # the first pass makes the one-time allocations (gloo buffers, thread pools), as in measure_cpu
     dist.barrier()
-    before = _maxrss_mb()
-    run()
-    peak = _maxrss_mb() - before
+    with PeakRSS() as memory:
+        run()
+    peak = memory.mb
     times = []
     for _ in range(repeats):
         dist.barrier()
@@ -261,7 +306,8 @@ def main() -> None:
             else:
                 cmd = [sys.executable, __file__, "--worker", method, str(T), "--repeats", str(args.repeats),
                        "--heads", str(heads), "--head-dim", str(args.head_dim)]
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the resident set
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
                 if done.returncode != 0:
                     raise RuntimeError(f"{method} at T={T} failed:\n{done.stderr[-3000:]}")
                 row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -3,8 +3,8 @@
 The projections, RoPE and grouped-query heads are those of
 :class:`~mmgrow.layers.attention.FullAttention`; the layer narrows the context's mask to its own
 window (``|positions[i] - positions[j]| < window``, the tighter of the layer's and the context's)
-and computes a prefill with :func:`mmgrow.ops.sliding_window.sliding_window_attention` in
-``O(T * window)`` time and memory. Segments, blocks and causality of the context still apply.
+and computes a prefill with :func:`mmgrow.ops.sliding_window.windowed_attention` in ``O(T * window)``
+time (window tiles of the blockwise kernel for windows of 128 tokens or more, vectorised chunks below). Segments, blocks and causality of the context still apply.
 
 **Decoding** keeps a rolling KV window: a future query at position ``p`` can only see keys at
 positions ``> p - window``, i.e. (positions advancing by one per token) the last ``window - 1``
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mmgrow.layers.attention import FullAttention, KVCache, masked_sdpa
 from mmgrow.layers.masks import attention_mask
-from mmgrow.ops.sliding_window import positions_advance, sliding_window_attention
+from mmgrow.ops.sliding_window import positions_advance, windowed_attention
 from mmgrow.ops.token_meta import TokenMeta
 from mmgrow.protocols import NO_BLOCK, SeqContext
 
@@ -70,7 +70,7 @@ class SlidingWindowAttention(FullAttention):
 
     def native_attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
         """The chunked ``O(T * window)`` kernel (the CPU path, or ``kernel="native"``)."""
-        out, _ = sliding_window_attention(q, k, v, TokenMeta.from_context(ctx), ctx.mask)
+        out, _ = windowed_attention(q, k, v, TokenMeta.from_context(ctx), ctx.mask)
         return out
 
     # ---------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ class SlidingWindowAttention(FullAttention):
             out = masked_sdpa(q, k_all, v_all, mask)
         else:
             q_all = torch.cat((q.new_zeros(B, q.shape[1], S, q.shape[3]), q), dim=2)
-            out = sliding_window_attention(q_all, k_all, v_all, meta, ctx.mask)[0][:, :, S:]
+            out = windowed_attention(q_all, k_all, v_all, meta, ctx.mask)[0][:, :, S:]
         first = S + T - keep
         new_state = KVCache(k_all[:, :, first:], v_all[:, :, first:], meta.positions[:, first:],
                             meta.segment_ids[:, first:], meta.block_ids[:, first:], state.seen + T)

@@ -68,10 +68,10 @@ def _rows(x: Tensor) -> Tensor:
     return x.flatten(2, 3)
 
 
-def _tile_scores(qb: Tensor, kb: Tensor, mask: Tensor | None, g: int) -> Tensor:
-    """``qb [B, Hk, bq, g, hd]`` (pre-scaled) x ``kb [B, Hk, bk, hd]`` -> ``[B, Hk, bq*g, bk]``,
-    masked entries ``-inf``."""
-    s = torch.matmul(_rows(qb), kb.transpose(-1, -2))
+def _tile_scores(qb: Tensor, kb: Tensor, mask: Tensor | None, g: int, scale: float) -> Tensor:
+    """``qb [B, Hk, bq, g, hd]`` x ``kb [B, Hk, bk, hd]`` -> scaled ``[B, Hk, bq*g, bk]``, masked
+    entries ``-inf``. (The scale goes on the tile, not on a scaled copy of all queries.)"""
+    s = torch.matmul(_rows(qb), kb.transpose(-1, -2)).mul_(scale)
     if mask is not None:
         bq, bk = mask.shape[1:]
         s.view(*s.shape[:2], bq, g, bk).masked_fill_(~mask[:, None, :, None, :], float("-inf"))
@@ -116,14 +116,14 @@ def forward_tiles(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float)
     B, H, Tq, _ = q.shape
     Hk = k.shape[1]
     g = H // Hk
-    qg = _grouped(q.to(acc) * scale, Hk)              # [B, Hk, Tq, g, hd], pre-scaled
+    qg = _grouped(q.to(acc), Hk)                      # [B, Hk, Tq, g, hd]; no copy without GQA
     k, v = k.to(acc), v.to(acc)
     num = q.new_zeros((B, Hk, Tq, g, v.shape[-1]), dtype=acc)
     norm = q.new_zeros((B, Hk, Tq, g), dtype=acc)
     run_max = q.new_full((B, Hk, Tq, g), float("-inf"), dtype=acc)
     for qs, ks, mask in plan.tiles():
-        s = _tile_scores(qg[:, :, qs], k[:, :, ks], mask, g)      # [B, Hk, bq*g, bk]
-        m_old = _rows(run_max[:, :, qs, :, None])[..., 0]          # [B, Hk, bq*g]
+        s = _tile_scores(qg[:, :, qs], k[:, :, ks], mask, g, scale)  # [B, Hk, bq*g, bk]
+        m_old = _rows(run_max[:, :, qs, :, None])[..., 0]              # [B, Hk, bq*g]
         m_new = torch.maximum(m_old, s.amax(dim=-1))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         rescale = torch.exp(m_old - m_safe)
@@ -135,41 +135,48 @@ def forward_tiles(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float)
         _rows(run_max[:, :, qs, :, None])[..., 0].copy_(m_new)
     nonempty = norm > 0
     safe_norm = torch.where(nonempty, norm, torch.ones_like(norm))
-    out = num / safe_norm[..., None]
+    out = num.div_(safe_norm[..., None])              # in place: no second [T, hd] buffer
     m_safe = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
     lse = torch.where(nonempty, m_safe + torch.log(safe_norm), torch.full_like(norm, float("-inf")))
     return _ungrouped(out), _ungrouped(lse)
 
 
 def backward_tiles(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, plan: TilePlan,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, *, dq_into: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the tiles of ``plan`` given the *final* ``lse`` and ``delta`` of each query row.
 
     ``dout [B, H, Tq, hd_v]``, ``lse, delta [B, H, Tq]``. Returns ``(dq, dk, dv)`` in the
-    accumulation dtype, shaped like ``q``, ``k`` and ``v``.
+    accumulation dtype, shaped like ``q``, ``k`` and ``v``. With ``dq_into`` (``[B, H, Tq, hd]``,
+    accumulation dtype, contiguous) the query gradient is *added* to that buffer, which is returned
+    as ``dq`` (the ring accumulates its hops without a buffer per hop).
     """
     acc = accumulation_dtype(q.dtype)
     Hk = k.shape[1]
     g = q.shape[1] // Hk
-    qg = _grouped(q.to(acc) * scale, Hk)              # pre-scaled: dK = dS^T (scale Q)
+    qg = _grouped(q.to(acc), Hk)                      # no copies without GQA
     dog = _grouped(dout.to(acc), Hk)
     lse_g = _grouped(lse.to(acc), Hk)
     lse_g = torch.where(torch.isfinite(lse_g), lse_g, torch.full_like(lse_g, float("inf")))  # empty rows: P = 0
     delta_g = _grouped(delta.to(acc), Hk)
     k, v = k.to(acc), v.to(acc)
-    dq = torch.zeros_like(qg)
+    in_place = dq_into is not None and g == 1         # [B, H, T, hd] is the grouped layout when g == 1
+    dq = _grouped(dq_into, Hk) if in_place else torch.zeros_like(qg)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     for qs, ks, mask in plan.tiles():
-        p = _tile_scores(qg[:, :, qs], k[:, :, ks], mask, g)
+        p = _tile_scores(qg[:, :, qs], k[:, :, ks], mask, g, scale)
         p = p.sub_(_rows(lse_g[:, :, qs, :, None])).exp_()             # [B, Hk, bq*g, bk]
         do = _rows(dog[:, :, qs])                                        # [B, Hk, bq*g, hd]
         dv[:, :, ks] += torch.matmul(p.transpose(-1, -2), do)
         ds = torch.matmul(do, v[:, :, ks].transpose(-1, -2))
-        ds.sub_(_rows(delta_g[:, :, qs, :, None])).mul_(p)
+        ds.sub_(_rows(delta_g[:, :, qs, :, None])).mul_(p).mul_(scale)  # scale . dS: both products need it
         _rows(dq[:, :, qs]).add_(torch.matmul(ds, k[:, :, ks]))
         dk[:, :, ks] += torch.matmul(ds.transpose(-1, -2), _rows(qg[:, :, qs]))
-    return _ungrouped(dq) * scale, dk, dv
+    if in_place:
+        return dq_into, dk, dv
+    if dq_into is not None:
+        return dq_into.add_(_ungrouped(dq)), dk, dv
+    return _ungrouped(dq), dk, dv
 
 
 def output_delta(out: Tensor, dout: Tensor, dlse: Tensor | None) -> Tensor:

@@ -110,6 +110,19 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
     return out, lse
 
 
+def _merge_into(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`merge_partials` writing into ``out_a`` (and scaling ``out_b`` in place): the forward keeps
+    one running output buffer instead of allocating a merged one per hop."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w_a = torch.exp(lse_a - m)
+    w_b = torch.exp(lse_b - m)
+    total = w_a + w_b
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out_a.mul_((w_a / safe)[..., None]).add_(out_b.mul_((w_b / safe)[..., None]))
+    return out_a, m + torch.log(total)
+
+
 def _peer(cp: ContextParallel, group_rank: int) -> int:
     """The global rank of ``group_rank`` in ``cp.group`` (what ``P2POp`` addresses)."""
     if cp.group is None or cp.group is dist.group.WORLD:
@@ -154,7 +167,7 @@ class _RingAttention(torch.autograd.Function):
                 tiles = TilePlan(meta, plan.metas[plan.source(hop)], spec, q_block, k_block)
                 tile_plans[hop] = tiles
                 o, l = forward_tiles(q, k_cur, v_cur, tiles, scale)
-                out, lse = (o, l) if out is None else merge_partials(out, lse, o, l)
+                out, lse = (o, l) if out is None else _merge_into(out, lse, o, l)
                 computed += tiles.tiles_needed
             _wait(pending)
             if pending is not None:
@@ -189,8 +202,8 @@ class _RingAttention(torch.autograd.Function):
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
                 kv_pending = _exchange(cp, [k_cur, v_cur], [k_nxt, v_nxt], nxt, prv, _TAG_KV)
             if hop in ctx.tile_plans:
-                dq_h, dk_h, dv_h = backward_tiles(q, k_cur, v_cur, dout, lse, delta, ctx.tile_plans[hop], scale)
-                dq += dq_h
+                _, dk_h, dv_h = backward_tiles(q, k_cur, v_cur, dout, lse, delta, ctx.tile_plans[hop], scale,
+                                               dq_into=dq)
             else:
                 dk_h = dv_h = None
             # this hop's shard arrived with its accumulator from prv; wait only now, after computing
@@ -201,7 +214,8 @@ class _RingAttention(torch.autograd.Function):
                 requests, dk_acc, dv_acc = grads_in
                 _wait(requests)
                 if dk_h is not None:
-                    dk_acc, dv_acc = dk_acc + dk_h, dv_acc + dv_h
+                    dk_acc.add_(dk_h)  # in place: the received buffer is ours now
+                    dv_acc.add_(dv_h)
             grads_in = None
             if hop < plan.n_hops:
                 dk_in, dv_in = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
@@ -209,6 +223,7 @@ class _RingAttention(torch.autograd.Function):
             _wait(kv_pending)
             if kv_pending is not None:
                 k_cur, v_cur = k_nxt, v_nxt
+        k_cur = v_cur = k_nxt = v_nxt = dk_h = dv_h = None  # free the ring buffers before the receive buffers below
         if plan.n_hops > 0:  # the complete gradient of source (r - n_hops) goes home; ours comes from r + n_hops
             dk_own, dv_own = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
             home, away = (cp.rank - plan.n_hops) % cp.world_size, (cp.rank + plan.n_hops) % cp.world_size

@@ -21,6 +21,14 @@ with no visible key give ``0`` and ``lse = -inf`` without NaN, forward and backw
 :func:`~mmgrow.ops.attention_ref.dense_attention`). Autograd runs through these tensor ops, so the
 backward keeps the ``O(T * W)`` probabilities.
 
+**Which kernel** (:func:`windowed_attention`, what the ``sliding_window`` mixer calls): for windows of
+at least :data:`TILED_FROM` tokens, the tiled kernel of :mod:`mmgrow.ops.blockwise` with tiles of
+``min(W, 512)`` tokens, whose tile plan keeps exactly the diagonal tile and the ones the window
+reaches — the same ``O(T * W)`` work, but a fixed working set (time linear in ``T``, no cache
+blow-up) and a recomputing backward (memory ``O(T * tile)``); for smaller windows the vectorised
+chunks of :func:`sliding_window_attention`, where a Python loop over many tiny tiles would cost more
+than the arithmetic (measured in ``docs/benchmarks.md``).
+
 **Fallback.** When positions do *not* advance by at least one per token within a segment (e.g.
 all positions 0, or positions that repeat), a visible key may lie further than ``W`` places away;
 then the call is handed to :func:`mmgrow.ops.blockwise.blockwise_attention`, exact for any facts.
@@ -33,9 +41,25 @@ import math
 import torch
 from torch import Tensor
 
-from mmgrow.ops.blockwise import accumulation_dtype, blockwise_attention
+from mmgrow.ops.blockwise import DEFAULT_BLOCK, accumulation_dtype, blockwise_attention
 from mmgrow.ops.token_meta import TokenMeta, tile_mask
 from mmgrow.protocols import NO_BLOCK, PAD_SEGMENT, MaskSpec
+
+TILED_FROM = 128
+"""Windows of at least this many tokens run on the tiled kernel (see the module docstring)."""
+
+
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskSpec, *,
+                       scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Exact self-attention under ``spec`` (``spec.window`` required) in ``O(T * W)``: the tiled kernel
+    for windows of :data:`TILED_FROM` tokens or more, the vectorised chunks below. Same contract as
+    :func:`sliding_window_attention`."""
+    if spec.window is None:
+        raise ValueError("windowed_attention: spec.window is None; expected a window")
+    if spec.window >= TILED_FROM:
+        tile = min(spec.window, DEFAULT_BLOCK)
+        return blockwise_attention(q, k, v, meta, meta, spec, scale=scale, q_block=tile, k_block=tile)
+    return sliding_window_attention(q, k, v, meta, spec, scale=scale)
 
 
 def positions_advance(meta: TokenMeta) -> Tensor:

@@ -296,3 +296,39 @@ def test_layer_constructor_errors_and_context() -> None:
     assert swa.layer_context(SeqContext.simple(1, 3)).mask.window == 4
     assert swa.layer_context(SeqContext.simple(1, 3, window=2)).mask.window == 2
     assert swa.layer_context(SeqContext.simple(1, 3, window=9, causal=False)).mask == MaskSpec(causal=False, window=4)
+
+
+@pytest.mark.parametrize(("window", "causal"), [(128, True), (160, False), (700, True)])
+def test_windowed_attention_tiles_large_windows_and_matches_oracle(window: int, causal: bool) -> None:
+    """Windows of TILED_FROM tokens or more take the tiled kernel (tiles of min(W, 512)); exact."""
+    assert window >= sw_ops.TILED_FROM
+    T = 300 if window < 512 else 1100
+    meta = _packed_meta([[T // 2, T // 3, -(T - T // 2 - T // 3)], [T]], T)
+    spec = MaskSpec(causal=causal, window=window)
+    q, k, v = _qkv(2, 4, 2, T, seed=3)
+    out, lse = sw_ops.windowed_attention(q, k, v, meta, spec)
+    ref_out, ref_lse = dense_attention(q, k, v, tile_mask(meta, meta, spec))
+    assert _max_err(out, ref_out) <= 1e-10
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and _max_err(lse[finite], ref_lse[finite]) <= 1e-10
+    grads = torch.autograd.grad(_loss(out, lse), (q, k, v))
+    ref_grads = torch.autograd.grad(_loss(ref_out, ref_lse), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert _max_err(a, b) <= 1e-10
+
+
+def test_layer_with_a_large_window_equals_full_attention() -> None:
+    W, T = 130, 300
+    swa, full = _layers(W)
+    meta = _packed_meta([[170, 120, -10], [300]], T)
+    x1 = _x(2, T).requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, _ = swa(x1, _ctx_from_meta(meta))
+    y2, _ = full(x2, _ctx_from_meta(meta, window=W))
+    assert float((y1 - y2).detach().abs().max()) <= 1e-12
+    g = _x(2, T, seed=9)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert float((x1.grad - x2.grad).abs().max()) <= 1e-12
+    for a, b in zip(swa.parameters(), full.parameters()):
+        assert float((a.grad - b.grad).abs().max()) <= 1e-11
