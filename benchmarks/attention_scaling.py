@@ -295,9 +295,9 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     methods = args.methods or (["dense", "sdpa", "sdpa_window_mask", "flex", "flex_window", "blockwise",
-                                "blockwise_window", "sliding_window"] if cuda else
-                               ["dense", "sdpa", "sdpa_window_mask", "blockwise", "sliding_window"]
-                               + [f"ring_{p}" for p in args.rings])
+                                "sliding_window", "sliding_window_chunks"] if cuda else
+                               ["dense", "sdpa", "sdpa_window_mask", "blockwise", "sliding_window",
+                                "sliding_window_chunks"] + [f"ring_{p}" for p in args.rings])
     rows = []
     for T in args.lengths:
         for method in methods:

@@ -51,12 +51,13 @@ TILED_FROM = 128
 
 def windowed_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskSpec, *,
                        scale: float | None = None) -> tuple[Tensor, Tensor]:
-    """Exact self-attention under ``spec`` (``spec.window`` required) in ``O(T * W)``: the tiled kernel
-    for windows of :data:`TILED_FROM` tokens or more, the vectorised chunks below. Same contract as
+    """Exact self-attention under ``spec`` (``spec.window`` required) in ``O(T * W)``: on CPU the tiled
+    kernel for windows of :data:`TILED_FROM` tokens or more, the vectorised chunks below and on CUDA
+    (where the mixers normally run FlexAttention instead). Same contract as
     :func:`sliding_window_attention`."""
     if spec.window is None:
         raise ValueError("windowed_attention: spec.window is None; expected a window")
-    if spec.window >= TILED_FROM:
+    if spec.window >= TILED_FROM and not q.is_cuda:  # on a GPU, a few large kernels beat a loop of tiles
         tile = min(spec.window, DEFAULT_BLOCK)
         return blockwise_attention(q, k, v, meta, meta, spec, scale=scale, q_block=tile, k_block=tile)
     return sliding_window_attention(q, k, v, meta, spec, scale=scale)
