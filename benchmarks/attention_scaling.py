@@ -13,10 +13,10 @@ Methods (all causal, ``B = 1``; ``W`` = window):
 * ``ring_P`` (CPU only): :func:`mmgrow.ops.ring.ring_attention` over ``P`` gloo processes holding
   ``T / P`` tokens each; time and memory are per rank (the slowest / largest rank).
 
-CPU: every (method, T) runs in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_=65536``, so freed tensors
-leave the resident set); after a first pass (one-time allocations, warm-up), peak memory is the
-highest resident set sampled during a second pass minus the resident set before it (:class:`PeakRSS`);
-time is the median of ``--repeats`` passes after that first one. CUDA: in one process, peak is
+CPU: every (method, T) runs in a fresh subprocess. Time is the median of ``--repeats`` passes after a
+first (warm-up) pass. Then freed memory is made to leave the resident set (glibc
+``mallopt(M_MMAP_THRESHOLD)``, heap trimmed) and peak memory is the highest resident set sampled
+during one more pass minus the resident set before it (:class:`PeakRSS`). CUDA: in one process, peak is
 ``torch.cuda.max_memory_allocated`` above the inputs, time the median of CUDA-event timings.
 
     python benchmarks/attention_scaling.py --device cpu                     # float32, the CPU table
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import resource
 import statistics
@@ -128,12 +127,23 @@ def _rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
+def _return_freed_memory() -> None:
+    """From now on, allocations of 64 KiB or more are their own mappings, returned to the system when
+    freed (glibc ``mallopt(M_MMAP_THRESHOLD)``), and the heap is trimmed: the resident set then
+    follows live memory. Set only for the memory pass: it makes every large allocation page-fault
+    afresh, which would distort the timings of kernels that allocate per tile."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+
+
 class PeakRSS:
     """Highest resident set size seen while the ``with`` block runs (sampled every 0.2 ms by a thread),
     minus the resident set size at its start: the memory the block itself holds at its peak, after
     a first pass has made every one-time allocation (thread pools, communication buffers, kernel
-    workspaces). ``MALLOC_MMAP_THRESHOLD_`` is set for the worker processes, so freed tensors go
-    back to the system and the resident set follows live memory."""
+    workspaces). Use after :func:`_return_freed_memory`."""
 
     def __enter__(self) -> Self:
         import threading
@@ -166,14 +176,15 @@ def measure_cpu(method: str, T: int, repeats: int, heads: int, head_dim: int) ->
     start = time.perf_counter()
     run()  # the first pass makes the one-time allocations (and warms up)
     first = time.perf_counter() - start
-    with PeakRSS() as memory:
-        run()
-    peak = memory.mb
     times = []
     for _ in range(repeats if first < 60 else 1):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    _return_freed_memory()
+    with PeakRSS() as memory:
+        run()
+    peak = memory.mb
     return {"method": method, "T": T, "time_s": statistics.median(times), "times_s": times, "peak_mb": peak}
 
 
@@ -205,16 +216,17 @@ def _ring_worker(rank: int, world: int, T: int, repeats: int, heads: int, head_d
             t.grad = None
 
     run()  # the first pass makes the one-time allocations (gloo buffers, thread pools), as in measure_cpu
-    dist.barrier()
-    with PeakRSS() as memory:
-        run()
-    peak = memory.mb
     times = []
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    _return_freed_memory()
+    dist.barrier()
+    with PeakRSS() as memory:
+        run()
+    peak = memory.mb
     results.put((rank, statistics.median(times), peak))
     dist.barrier()
     dist.destroy_process_group()
@@ -306,8 +318,7 @@ def main() -> None:
             else:
                 cmd = [sys.executable, __file__, "--worker", method, str(T), "--repeats", str(args.repeats),
                        "--heads", str(heads), "--head-dim", str(args.head_dim)]
-                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the resident set
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     raise RuntimeError(f"{method} at T={T} failed:\n{done.stderr[-3000:]}")
                 row = json.loads(done.stdout.strip().splitlines()[-1])
