@@ -39,6 +39,8 @@ class MMGrowModule(pl.LightningModule):
         mixer: a mixer factory (``class_path`` + ``init_args`` in YAML; ``dim`` and ``layer_idx`` are
             supplied per layer) or a list of them cycled over layers. Default: full attention.
         mlp_ratio: SwiGLU hidden size as a multiple of ``dim`` (None = the model's default).
+        mlp_chunk: blockwise feed-forward: run each MLP over this many tokens at a time with
+            recomputation (None = whole sequences).
         objective: the training objective (default: autoregressive with LWM's modality weights).
         lr, weight_decay, betas: AdamW settings (no decay on norms, biases and embeddings).
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at
@@ -54,6 +56,7 @@ class MMGrowModule(pl.LightningModule):
         depth: int = 4,
         mixer: MixerFactoryArg | list[MixerFactoryArg] | None = None,
         mlp_ratio: float | None = None,
+        mlp_chunk: int | None = None,
         objective: Objective | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.1,
@@ -88,6 +91,8 @@ class MMGrowModule(pl.LightningModule):
                                "mixer": spec_from_factory(self.mixer)}
         if self.hparams.mlp_ratio is not None:
             cfg["mlp_ratio"] = self.hparams.mlp_ratio
+        if self.hparams.mlp_chunk is not None:
+            cfg["mlp_chunk"] = self.hparams.mlp_chunk
         return cfg
 
     def configure_model(self) -> None:
@@ -99,6 +104,8 @@ class MMGrowModule(pl.LightningModule):
                   "mixer": self.mixer}
         if self.hparams.mlp_ratio is not None:
             kwargs["mlp_ratio"] = self.hparams.mlp_ratio
+        if self.hparams.mlp_chunk is not None:
+            kwargs["mlp_chunk"] = self.hparams.mlp_chunk
         self.model = UnifiedModel(**kwargs)
         bind = getattr(self.objective, "bind", None)
         if callable(bind):

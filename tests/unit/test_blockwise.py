@@ -147,3 +147,12 @@ def test_blockwise_feed_forward_equals_whole_sequence_mlp_and_gradients() -> Non
         assert (a - b).abs().max() <= 1e-12
     with pytest.raises(ValueError, match="chunk must be a positive"):
         SwiGLU(16, 40, chunk=0)
+
+
+def test_module_builds_and_exports_blockwise_feed_forward() -> None:
+    from mmgrow.training.module import MMGrowModule
+
+    module = MMGrowModule(vocab={"text": 11}, dim=16, depth=2, mlp_chunk=4)
+    module.configure_model()
+    assert [block.mlp.chunk for block in module.model.backbone.blocks] == [4, 4]
+    assert module.model_config()["mlp_chunk"] == 4  # model.yaml rebuilds the same model

@@ -1,7 +1,8 @@
 """CUDA checks of the attention kernels against the float64 CPU oracle (run on a GPU machine).
 
-CI has no GPU, so this module is skipped there; ``benchmarks/gpu_attention.sh`` runs it on a GPU
-and ``docs/attention.md`` records the device and the result. Tolerances: float32 within 1e-4
+This folder is outside the CPU suite's ``testpaths`` (CI has no GPU); run it on a GPU machine with
+``PYTHONPATH=. python -m pytest -p no:logging gpu_tests``; ``docs/attention.md`` records the device
+and the result. Without CUDA the module skips itself. Tolerances: float32 within 1e-4
 relative (TF32 may be on for matmuls), bf16 by the flash-attn rule — the error against float64 at
 most 2x (outputs) and 3x (gradients) that of naive attention computed in bf16.
 """
