@@ -7,7 +7,12 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from mmgrow.protocols import MaskSpec, SeqContext
+from mmgrow.protocols import NO_BLOCK, PAD_SEGMENT, MaskSpec, SeqContext
+
+PAD_VALUES: dict[str, float] = {"input_ids": 0, "modality_ids": 0, "positions": 0, "segment_ids": PAD_SEGMENT,
+                                "block_ids": NO_BLOCK, "loss_mask": 0.0, "example_weight": 0.0}
+"""Value of each :class:`TokenBatch` field at a padding token (what ``pad_collate`` and context-parallel
+padding write): in no segment, no block, never a target."""
 
 
 @dataclass

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from mmgrow.batch import TokenBatch
+from mmgrow.batch import PAD_VALUES, TokenBatch
 from mmgrow.data.sequence import EncodedSequence
-from mmgrow.protocols import NO_BLOCK, PAD_SEGMENT
 
 
 def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, truncate: bool = False) -> TokenBatch:
@@ -39,15 +38,8 @@ def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, tru
                          "raise seq_len, use seq_len=None (pad to the longest) or truncate=True")
 
     shape = (len(seqs), seq_len)
-    out = {
-        "input_ids": torch.zeros(shape, dtype=torch.long),
-        "modality_ids": torch.zeros(shape, dtype=torch.long),
-        "positions": torch.zeros(shape, dtype=torch.long),
-        "segment_ids": torch.full(shape, PAD_SEGMENT, dtype=torch.long),
-        "block_ids": torch.full(shape, NO_BLOCK, dtype=torch.long),
-        "loss_mask": torch.zeros(shape, dtype=torch.float32),
-        "example_weight": torch.zeros(shape, dtype=torch.float32),
-    }
+    out = {name: torch.full(shape, value, dtype=torch.float32 if isinstance(value, float) else torch.long)
+           for name, value in PAD_VALUES.items()}
     for row, s in enumerate(seqs):
         n = min(len(s), seq_len)
         out["input_ids"][row, :n] = s.input_ids[:n]

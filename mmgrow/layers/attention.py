@@ -37,10 +37,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mmgrow.layers.masks import attention_mask, mask_from_context
+from mmgrow.layers.masks import mask_from_context
 from mmgrow.layers.rope import RotaryEmbedding
 from mmgrow.ops.flex import flex_masked_attention, flex_usable
-from mmgrow.ops.token_meta import TokenMeta
+from mmgrow.ops.token_meta import TokenMeta, tile_mask
 from mmgrow.protocols import NO_BLOCK, MixerCapabilityError, MixerState, SeqContext, SequenceMixer
 
 KERNELS = ("auto", "native", "sdpa", "flex")
@@ -70,6 +70,20 @@ class KVCache(MixerState):
         """Number of cached tokens ``S``."""
         return self.k.shape[2]
 
+    def append(self, k: Tensor, v: Tensor, ctx: SeqContext) -> tuple[Tensor, Tensor, TokenMeta, TokenMeta]:
+        """Cache + ``T`` new tokens: ``(k_all, v_all [B, Hk, S+T, hd], key facts [B, S+T], query facts [B, T])``.
+
+        Stream indices: cached keys ``seen - S .. seen - 1``, new tokens ``seen .. seen + T - 1``;
+        absent segment / block ids become 0 / ``NO_BLOCK``, as the cache stores them."""
+        B, T = ctx.positions.shape
+        seg = ctx.segment_ids if ctx.segment_ids is not None else torch.zeros_like(ctx.positions)
+        blk = ctx.block_ids if ctx.block_ids is not None else torch.full_like(ctx.positions, NO_BLOCK)
+        index = torch.arange(self.seen - self.size, self.seen + T, device=ctx.positions.device).expand(B, -1)
+        keys = TokenMeta(index, torch.cat((self.positions, ctx.positions), dim=1),
+                         torch.cat((self.segment_ids, seg), dim=1), torch.cat((self.block_ids, blk), dim=1))
+        return (torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2), keys,
+                keys.slice(self.size, self.size + T))
+
 
 def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, causal: bool = False,
                 dropout_p: float = 0.0) -> Tensor:
@@ -92,9 +106,15 @@ def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, causal:
 
 
 def needs_explicit_mask(ctx: SeqContext) -> bool:
-    """True unless the context is plain causal or plain bidirectional (no segments, blocks, window)."""
-    has_blocks = ctx.block_ids is not None and bool((ctx.block_ids != NO_BLOCK).any())
-    return ctx.segment_ids is not None or has_blocks or ctx.mask.window is not None
+    """True unless the context is plain causal or plain bidirectional (no segments, blocks, window).
+
+    Cached on ``ctx``: the block test reads a device tensor (a host sync), and every layer asks."""
+    cached = ctx.__dict__.get("_mmgrow_needs_mask")
+    if cached is None:
+        has_blocks = ctx.block_ids is not None and bool((ctx.block_ids != NO_BLOCK).any())
+        cached = ctx.segment_ids is not None or has_blocks or ctx.mask.window is not None
+        ctx.__dict__["_mmgrow_needs_mask"] = cached
+    return cached
 
 
 class FullAttention(SequenceMixer):
@@ -234,21 +254,10 @@ class FullAttention(SequenceMixer):
     def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, state: KVCache,
                            dropout_p: float) -> tuple[Tensor, KVCache]:
         self._check_cache(state, k)
-        T = ctx.positions.shape[1]
-        device = ctx.positions.device
-        seg = ctx.segment_ids if ctx.segment_ids is not None else torch.zeros_like(ctx.positions)
-        blk = ctx.block_ids if ctx.block_ids is not None else torch.full_like(ctx.positions, NO_BLOCK)
-        k_all = torch.cat((state.k, k), dim=2)
-        v_all = torch.cat((state.v, v), dim=2)
-        pos_all = torch.cat((state.positions, ctx.positions), dim=1)
-        seg_all = torch.cat((state.segment_ids, seg), dim=1)
-        blk_all = torch.cat((state.block_ids, blk), dim=1)
-        first_cached = state.seen - state.size
-        q_index = torch.arange(state.seen, state.seen + T, device=device)
-        k_index = torch.arange(first_cached, state.seen + T, device=device)
-        mask = attention_mask(ctx.positions, pos_all, ctx.mask, seg, seg_all, blk, blk_all, q_index, k_index)
-        out = masked_sdpa(q, k_all, v_all, mask, dropout_p=dropout_p)
-        return out, KVCache(k_all, v_all, pos_all, seg_all, blk_all, state.seen + T)
+        k_all, v_all, keys, queries = state.append(k, v, ctx)
+        out = masked_sdpa(q, k_all, v_all, tile_mask(queries, keys, ctx.mask), dropout_p=dropout_p)
+        return out, KVCache(k_all, v_all, keys.positions, keys.segment_ids, keys.block_ids,
+                            state.seen + ctx.positions.shape[1])
 
     def _check_cache(self, state: KVCache, k: Tensor) -> None:
         """A clear error when ``state`` is not a KV cache matching ``k [B, Hk, T, hd]`` in shape, dtype, device."""

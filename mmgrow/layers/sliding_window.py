@@ -22,10 +22,9 @@ import torch
 from torch import Tensor
 
 from mmgrow.layers.attention import FullAttention, KVCache, masked_sdpa
-from mmgrow.layers.masks import attention_mask
 from mmgrow.ops.sliding_window import positions_advance, windowed_attention
-from mmgrow.ops.token_meta import TokenMeta
-from mmgrow.protocols import NO_BLOCK, SeqContext
+from mmgrow.ops.token_meta import TokenMeta, tile_mask
+from mmgrow.protocols import SeqContext
 
 
 class SlidingWindowAttention(FullAttention):
@@ -85,24 +84,14 @@ class SlidingWindowAttention(FullAttention):
         self._check_cache(state, k)
         B, T = ctx.positions.shape
         S = state.size
-        device = ctx.positions.device
-        seg = ctx.segment_ids if ctx.segment_ids is not None else torch.zeros_like(ctx.positions)
-        blk = ctx.block_ids if ctx.block_ids is not None else torch.full_like(ctx.positions, NO_BLOCK)
-        k_all = torch.cat((state.k, k), dim=2)
-        v_all = torch.cat((state.v, v), dim=2)
-        meta = TokenMeta(index=torch.arange(state.seen - S, state.seen + T, device=device).expand(B, S + T),
-                         positions=torch.cat((state.positions, ctx.positions), dim=1),
-                         segment_ids=torch.cat((state.segment_ids, seg), dim=1),
-                         block_ids=torch.cat((state.block_ids, blk), dim=1))
+        k_all, v_all, meta, queries = state.append(k, v, ctx)
         keep = min(S + T, self.window - 1)
         if keep < S + T and not bool(positions_advance(meta)):
             raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): positions must advance by at least "
                              "one per token within each segment for the rolling KV window to drop old keys; got "
                              f"positions {meta.positions.tolist()} for segments {meta.segment_ids.tolist()}")
         if T <= ctx.mask.window:
-            mask = attention_mask(ctx.positions, meta.positions, ctx.mask, seg, meta.segment_ids, blk, meta.block_ids,
-                                  meta.index[0, S:], meta.index[0])
-            out = masked_sdpa(q, k_all, v_all, mask)
+            out = masked_sdpa(q, k_all, v_all, tile_mask(queries, meta, ctx.mask))
         else:
             q_all = torch.cat((q.new_zeros(B, q.shape[1], S, q.shape[3]), q), dim=2)
             out = windowed_attention(q_all, k_all, v_all, meta, ctx.mask)[0][:, :, S:]

@@ -93,12 +93,9 @@ class RingStats:
     backward_hops_sent: int = 0
 
 
-def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Attention over keys ``A ∪ B`` from the results over ``A`` and over ``B`` (disjoint key sets).
-
-    ``out_* [B, H, T, hd]``, ``lse_* [B, H, T]`` in the accumulation dtype; ``-inf`` LSEs (no key)
-    are handled without NaN. See the module docstring for the equations.
-    """
+def _merge_weights(lse_a: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w_a, w_b, lse)`` of the merge: ``O = w_a O_a + w_b O_b`` (weights in ``[0, 1]``, 0 for rows
+    that see no key anywhere) and the merged LSE (``-inf`` there)."""
     m = torch.maximum(lse_a, lse_b)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w_a = torch.exp(lse_a - m)
@@ -106,21 +103,24 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
     total = w_a + w_b
     lse = m + torch.log(total)  # both -inf: log(0) = -inf, as it should
     safe = torch.where(total > 0, total, torch.ones_like(total))
-    out = (w_a / safe)[..., None] * out_a + (w_b / safe)[..., None] * out_b
-    return out, lse
+    return (w_a / safe)[..., None], (w_b / safe)[..., None], lse
+
+
+def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention over keys ``A ∪ B`` from the results over ``A`` and over ``B`` (disjoint key sets).
+
+    ``out_* [B, H, T, hd]``, ``lse_* [B, H, T]`` in the accumulation dtype; ``-inf`` LSEs (no key)
+    are handled without NaN. See the module docstring for the equations.
+    """
+    w_a, w_b, lse = _merge_weights(lse_a, lse_b)
+    return w_a * out_a + w_b * out_b, lse
 
 
 def _merge_into(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`merge_partials` writing into ``out_a`` (and scaling ``out_b`` in place): the forward keeps
     one running output buffer instead of allocating a merged one per hop."""
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w_a = torch.exp(lse_a - m)
-    w_b = torch.exp(lse_b - m)
-    total = w_a + w_b
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    out_a.mul_((w_a / safe)[..., None]).add_(out_b.mul_((w_b / safe)[..., None]))
-    return out_a, m + torch.log(total)
+    w_a, w_b, lse = _merge_weights(lse_a, lse_b)
+    return out_a.mul_(w_a).add_(out_b.mul_(w_b)), lse
 
 
 def _peer(cp: ContextParallel, group_rank: int) -> int:

@@ -30,13 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmgrow.batch import TokenBatch
+from mmgrow.batch import PAD_VALUES, TokenBatch
 from mmgrow.parallel.sharding import shard, shard_context, shard_multiple
-from mmgrow.protocols import NO_BLOCK, PAD_SEGMENT, ContextParallel, MixerCapabilityError, SeqContext, SequenceMixer
-
-PAD_VALUES: dict[str, float] = {"input_ids": 0, "modality_ids": 0, "positions": 0, "segment_ids": PAD_SEGMENT,
-                                "block_ids": NO_BLOCK, "loss_mask": 0.0, "example_weight": 0.0}
-"""Value of each :class:`TokenBatch` field at a padding token (those of ``pad_collate``)."""
+from mmgrow.protocols import PAD_SEGMENT, ContextParallel, MixerCapabilityError, SeqContext, SequenceMixer
 
 
 def pad_to_multiple(batch: TokenBatch, multiple: int) -> TokenBatch:

@@ -216,26 +216,22 @@ def _run_chunks(mixer: SequenceMixer, x: Tensor, ctx: SeqContext, bounds: list[i
     return torch.cat(ys, dim=1)
 
 
-def _check_state_split(cls: type) -> None:
+def _check_chunks_equal_one_pass(cls: type, T: int, cuts: list[int], allow_blocks: bool, what_chunks: str) -> None:
+    """Running ``x`` in the chunks ``cuts`` with the state carried equals one pass, in every state context."""
     mixer = build_small(cls)
-    T = 10
     x = _randn(2, T, DIM)
-    for what, ctx in _state_contexts(cls, T, allow_blocks=True):
+    for what, ctx in _state_contexts(cls, T, allow_blocks=allow_blocks):
         y_full, _ = _output(mixer, x, ctx)
-        y_chunks = _run_chunks(mixer, x, ctx, [0, 4, 7, T])
-        diff = _max_diff(y_full, y_chunks)
-        assert diff <= EQUIV_TOL, f"{what}: chunks [0,4) [4,7) [7,10) with carried state differ from one pass by {diff:.3g}"
+        diff = _max_diff(y_full, _run_chunks(mixer, x, ctx, cuts))
+        assert diff <= EQUIV_TOL, f"{what}: {what_chunks} differs from one pass by {diff:.3g}"
+
+
+def _check_state_split(cls: type) -> None:
+    _check_chunks_equal_one_pass(cls, 10, [0, 4, 7, 10], True, "chunks [0,4) [4,7) [7,10) with carried state")
 
 
 def _check_decode(cls: type) -> None:
-    mixer = build_small(cls)
-    T = 8
-    x = _randn(2, T, DIM)
-    for what, ctx in _state_contexts(cls, T, allow_blocks=False):
-        y_full, _ = _output(mixer, x, ctx)
-        y_steps = _run_chunks(mixer, x, ctx, list(range(T + 1)))
-        diff = _max_diff(y_full, y_steps)
-        assert diff <= EQUIV_TOL, f"{what}: token-by-token decoding differs from prefill by {diff:.3g}"
+    _check_chunks_equal_one_pass(cls, 8, list(range(9)), False, "token-by-token decoding")
 
 
 def _check_gradients(cls: type) -> None:
