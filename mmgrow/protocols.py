@@ -247,9 +247,20 @@ class SequenceMixer(Plugin, nn.Module):
         (``cls(dim=32, layer_idx=0, **conformance_kwargs())``), e.g. to exercise GQA. Default: none."""
         return {}
 
-    # Optional hook: ``init_weights(self, init_std: float)``. When a mixer defines it, the model
-    # calls it instead of applying its generic normal(0, init_std) init to the mixer's parameters
-    # (SSMs and TTT layers need structured initialisations).
+    # Optional hooks (looked up with hasattr, so a plugin defines only what it has):
+    #
+    # ``init_weights(self, init_std: float)``: the model calls it instead of applying its generic
+    #   normal(0, init_std) init to the mixer's parameters (SSMs and TTT layers need structured
+    #   initialisations: decay rates, step sizes, initial inner weights).
+    #
+    # ``reference_forward(self, x, ctx, state=None) -> (y, state)``: the same layer (same parameters)
+    #   with its sequence mixing computed by a plain per-token loop, the float64 oracle. When defined,
+    #   the conformance suite checks that ``forward`` equals it (outputs, returned state, gradients).
+    #
+    # ``conformance_extremes(cls) -> dict[str, Callable[[mixer], None]]`` (classmethod): named
+    #   in-place parameter settings that push gates to their extremes (decay exactly 1, decay -> 0,
+    #   write strength 0 ...); the suite checks outputs and gradients stay finite there and, with
+    #   ``reference_forward``, still equal the reference.
 
     def check_context(self, x: Tensor, ctx: SeqContext) -> None:
         """Validate ``x`` against ``ctx`` and this mixer's capabilities; raise a named error."""

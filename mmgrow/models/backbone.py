@@ -3,7 +3,9 @@
 ``mixer`` is a :data:`~mmgrow.protocols.MixerFactory` (``factory(dim, layer_idx) -> SequenceMixer``,
 e.g. a mixer class or the partial jsonargparse builds from ``class_path`` + ``init_args``), or a list
 of factories cycled over the layers (hybrids: ``[GatedDeltaNet, GatedDeltaNet, SlidingWindow]``),
-or None for :class:`~mmgrow.layers.attention.FullAttention` with 4 heads.
+or None for :class:`~mmgrow.layers.attention.FullAttention` with 4 heads. ``memory`` is an optional
+factory of a memory (a TTT layer, or any mixer) added as a gated branch to the blocks chosen by
+``memory_placement`` (:class:`~mmgrow.models.gated_memory.MemoryPlacement`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from mmgrow.layers.mlp import swiglu_hidden
 from mmgrow.models.block import Block
+from mmgrow.models.gated_memory import GatedMemory, MemoryPlacement
 from mmgrow.protocols import MixerFactory, MixerState, SeqContext, SequenceMixer
 
 
@@ -54,11 +57,29 @@ def _default_mixer(dim: int, layer_idx: int) -> SequenceMixer:
     return FullAttention(dim=dim, layer_idx=layer_idx, num_heads=4)
 
 
+def _placement(value: MemoryPlacement | dict | None) -> MemoryPlacement:
+    if value is None:
+        return MemoryPlacement()
+    if isinstance(value, dict):
+        return MemoryPlacement(**value)
+    if not isinstance(value, MemoryPlacement):
+        raise TypeError(f"Backbone: memory_placement must be a MemoryPlacement or a dict, got {type(value).__name__}")
+    return value
+
+
+def _memory_branch(factory: MixerFactory, placement: MemoryPlacement, dim: int, layer_idx: int,
+                   norm_eps: float) -> GatedMemory:
+    return GatedMemory(dim, build_mixer(factory, dim, layer_idx), gate_init=placement.gate_init,
+                       bidirectional=placement.bidirectional, modality_gates=placement.modality_gates,
+                       norm_eps=norm_eps)
+
+
 class Backbone(nn.Module):
     """``depth`` blocks: ``x [B, T, D] -> (x [B, T, D], per-layer states or None)``."""
 
     def __init__(self, dim: int, depth: int, mixer: MixerFactory | Sequence[MixerFactory] | None = None,
-                 mlp_ratio: float = 8 / 3, norm_eps: float = 1e-6, mlp_chunk: int | None = None) -> None:
+                 mlp_ratio: float = 8 / 3, norm_eps: float = 1e-6, mlp_chunk: int | None = None,
+                 memory: MixerFactory | None = None, memory_placement: MemoryPlacement | dict | None = None) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"Backbone: depth must be >= 1, got {depth}")
@@ -72,8 +93,11 @@ class Backbone(nn.Module):
             factories = [mixer]
         self.dim = dim
         self.mlp_hidden = swiglu_hidden(dim, mlp_ratio)
+        placement = _placement(memory_placement)
+        with_memory = placement.chosen(depth) if memory is not None else set()
         self.blocks = nn.ModuleList(
-            Block(dim, build_mixer(factories[i % len(factories)], dim, i), self.mlp_hidden, norm_eps, mlp_chunk)
+            Block(dim, build_mixer(factories[i % len(factories)], dim, i), self.mlp_hidden, norm_eps, mlp_chunk,
+                  memory=_memory_branch(memory, placement, dim, i, norm_eps) if i in with_memory else None)
             for i in range(depth)
         )
 

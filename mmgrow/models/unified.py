@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mmgrow.layers.norm import RMSNorm
 from mmgrow.models.backbone import Backbone
+from mmgrow.models.gated_memory import GatedMemory, MemoryPlacement
 from mmgrow.protocols import MixerCapabilityError, MixerFactory, MixerState, ModelOutput, SeqContext, SequenceMixer
 from mmgrow.tokenspace import TokenSpace
 
@@ -37,11 +38,15 @@ class UnifiedModel(nn.Module):
         mlp_chunk: run each MLP over this many tokens at a time with recomputation (blockwise
             feed-forward; None = the whole sequence at once).
         init_std: standard deviation of the normal init of linear and embedding weights.
+        memory: factory of a memory layer added as a gated branch (TTT, or any mixer), or None.
+        memory_placement: which blocks get it, gate init, bidirectional, per-modality gates
+            (:class:`~mmgrow.models.gated_memory.MemoryPlacement` or a dict of its fields).
     """
 
     def __init__(self, *, token_space: dict[str, int] | TokenSpace, dim: int = 256, depth: int = 4,
                  mixer: MixerFactory | Sequence[MixerFactory] | None = None, mlp_ratio: float = 8 / 3,
-                 norm_eps: float = 1e-6, init_std: float = 0.02, mlp_chunk: int | None = None) -> None:
+                 norm_eps: float = 1e-6, init_std: float = 0.02, mlp_chunk: int | None = None,
+                 memory: MixerFactory | None = None, memory_placement: MemoryPlacement | dict | None = None) -> None:
         super().__init__()
         if isinstance(token_space, dict):
             token_space = TokenSpace.from_dict(token_space)
@@ -56,7 +61,8 @@ class UnifiedModel(nn.Module):
         self.dim = dim
         self.init_std = init_std
         self.embed = nn.Embedding(token_space.total, dim)
-        self.backbone = Backbone(dim, depth, mixer, mlp_ratio=mlp_ratio, norm_eps=norm_eps, mlp_chunk=mlp_chunk)
+        self.backbone = Backbone(dim, depth, mixer, mlp_ratio=mlp_ratio, norm_eps=norm_eps, mlp_chunk=mlp_chunk,
+                                 memory=memory, memory_placement=memory_placement)
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.heads = nn.ModuleDict({m: nn.Linear(dim, n, bias=False) for m, n in token_space.sizes})
         self.reset_parameters()
@@ -69,6 +75,8 @@ class UnifiedModel(nn.Module):
             if isinstance(module, SequenceMixer) and hasattr(module, "init_weights"):
                 module.init_weights(self.init_std)
                 return  # its submodules are its business
+            if isinstance(module, GatedMemory):
+                module.reset_parameters()  # gates back to gate_init; norm and memory below
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
                 if getattr(module, "bias", None) is not None:
@@ -90,8 +98,8 @@ class UnifiedModel(nn.Module):
 
     @property
     def supports_state(self) -> bool:
-        """True when every layer's mixer can decode with a state."""
-        return all(m.supports_state for m in self.backbone.mixers)
+        """True when every block (its mixer and memory branch) can decode with a state."""
+        return all(block.supports_state for block in self.blocks)
 
     # ---------------------------------------------------------------------------------------------
 
@@ -130,11 +138,12 @@ class UnifiedModel(nn.Module):
     def init_states(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> list[MixerState]:
         """One empty decoding state per layer."""
         states = []
-        for i, mixer in enumerate(self.backbone.mixers):
-            if not mixer.supports_state:
-                raise MixerCapabilityError(f"UnifiedModel: layer {i} ({type(mixer).__name__}) does not support "
-                                           "stateful decoding (supports_state=False)")
-            states.append(mixer.init_state(batch_size, device, dtype))
+        for i, block in enumerate(self.blocks):
+            if not block.supports_state:
+                raise MixerCapabilityError(f"UnifiedModel: layer {i} ({type(block.mixer).__name__}"
+                                           f"{' with a memory branch' if block.memory is not None else ''}) does not "
+                                           "support stateful decoding")
+            states.append(block.init_state(batch_size, device, dtype))
         return states
 
     def residual_outputs(self) -> list[nn.Linear]:

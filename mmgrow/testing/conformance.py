@@ -14,7 +14,13 @@ Mixers and memory layers (:func:`mixer_checks`) are built small, ``cls(dim=32, l
 4. ``state_split_equals_one_pass`` and ``decode_equals_prefill`` (``supports_state``);
 5. ``gradients_finite_nonzero``: gradients w.r.t. ``x`` and every parameter are finite and nonzero
    (finite also with padding tokens, whose attention rows are empty);
-6. ``unsupported_features_raise``: each context feature the class does not claim raises
+6. ``gradcheck``: ``torch.autograd.gradcheck`` w.r.t. ``x`` on a tiny row;
+7. ``reference_equals_fast`` (when the class defines ``reference_forward``, its per-token oracle):
+   outputs, every tensor of the returned state and the gradients w.r.t. ``x`` and every parameter
+   equal the reference's to 1e-10, fresh and continuing a carried state, plain and packed rows;
+8. ``gate_extremes`` (when the class defines ``conformance_extremes``): at each named extreme
+   outputs and gradients are finite and still equal the reference;
+9. ``unsupported_features_raise``: each context feature the class does not claim raises
    :class:`~mmgrow.protocols.MixerCapabilityError`.
 
 Each check is a no-argument callable raising ``AssertionError`` with a message naming what differs.
@@ -22,6 +28,7 @@ Each check is a no-argument callable raising ``AssertionError`` with a message n
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -255,6 +262,115 @@ def _check_gradients(cls: type) -> None:
                 assert bool(p.grad.abs().sum() > 0), f"{what}: gradient of parameter {name} is exactly zero"
 
 
+def _state_tensors(state: Any, prefix: str = "state") -> dict[str, Tensor]:
+    """Every tensor in a (possibly nested) state: dataclass fields, tuples and lists, by dotted name."""
+    if isinstance(state, Tensor):
+        return {prefix: state}
+    if dataclasses.is_dataclass(state):
+        items = [(f.name, getattr(state, f.name)) for f in dataclasses.fields(state)]
+    elif isinstance(state, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(state)]
+    else:
+        return {}
+    out: dict[str, Tensor] = {}
+    for name, value in items:
+        out.update(_state_tensors(value, f"{prefix}.{name}"))
+    return out
+
+
+def _reference_cases(cls: type, T: int) -> list[tuple[str, SeqContext, int]]:
+    """(description, context, carried-prefix length): the fast path and the reference both continue
+    from the state the fast path left after ``x[:, :prefix]`` (0 = a fresh ``init_state``)."""
+    out = [("causal", SeqContext.simple(2, T, offset=3), 0)]
+    if cls.supports_segments:
+        out.append(("packed with padding", _packed_context([[4, 3, 2], [6]], T), 0))
+    if cls.supports_state:
+        out.append(("causal, continuing a state", SeqContext.simple(2, T, offset=3), 3))
+        if cls.supports_segments:  # the first segment continues the carried one: its positions go on from 3
+            packed = _packed_context([[5, 4], [2, 6]], T)
+            packed.positions[0, :5] += 3
+            packed.positions[1, :2] += 3
+            out.append(("packed, continuing a state", packed, 3))
+    return out
+
+
+def _loss_and_grads(mixer: SequenceMixer, forward: Callable[..., Any], x: Tensor, ctx: SeqContext, state: Any
+                    ) -> tuple[Tensor, dict[str, Tensor], list[Tensor | None]]:
+    """Output, returned state tensors, and gradients of a random projection of both w.r.t. x and
+    every parameter (None where unused)."""
+    y, new_state = forward(x, ctx, state)
+    tensors = _state_tensors(new_state)
+    loss = (y * _randn(*y.shape, seed=5)).sum()
+    for i, value in enumerate(tensors.values()):
+        if value.is_floating_point() and value.requires_grad:
+            loss = loss + (value * _randn(*value.shape, seed=6 + i)).sum()
+    params = [p for p in mixer.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [x, *params], allow_unused=True)
+    return y, tensors, list(grads)
+
+
+def _check_reference(cls: type) -> None:
+    mixer = build_small(cls)
+    names = ["x", *(n for n, p in mixer.named_parameters() if p.requires_grad)]
+    T = 10
+    for what, ctx, prefix in _reference_cases(cls, T):
+        x_all = _randn(2, T + prefix, DIM, seed=4)
+        state = mixer.init_state(2, x_all.device, x_all.dtype) if cls.supports_state else None
+        if prefix:  # positions 0..prefix-1 in segment 0, continued by the case's context
+            pre_ctx = SeqContext.simple(2, prefix) if ctx.segment_ids is None else _packed_context([[prefix]] * 2, prefix)
+            with torch.no_grad():
+                _, state = _output(mixer, x_all[:, :prefix], pre_ctx, state)
+        x = x_all[:, prefix:].clone().requires_grad_(True)
+        y, s_fast, g_fast = _loss_and_grads(mixer, mixer.forward, x, ctx, state)
+        y_ref, s_ref, g_ref = _loss_and_grads(mixer, mixer.reference_forward, x, ctx, state)
+        diff = _max_diff(y, y_ref)
+        assert diff <= EQUIV_TOL, f"{what}: forward differs from reference_forward by {diff:.3g}"
+        assert s_fast.keys() == s_ref.keys(), f"{what}: states differ in fields: {sorted(s_fast)} vs {sorted(s_ref)}"
+        for key in s_fast:
+            if s_fast[key].is_floating_point():
+                diff = _max_diff(s_fast[key], s_ref[key])
+                assert diff <= EQUIV_TOL, f"{what}: returned {key} differs from the reference's by {diff:.3g}"
+            else:
+                assert torch.equal(s_fast[key], s_ref[key]), f"{what}: returned {key} differs from the reference's"
+        for name, a, b in zip(names, g_fast, g_ref, strict=True):
+            assert (a is None) == (b is None), f"{what}: gradient of {name} is None on one path only"
+            if a is not None:
+                diff = _max_diff(a, b)
+                assert diff <= EQUIV_TOL, f"{what}: gradient of {name} differs from the reference's by {diff:.3g}"
+
+
+def _check_gradcheck(cls: type) -> None:
+    mixer = build_small(cls)
+    x = _randn(1, 6, DIM, seed=7).requires_grad_(True)
+    ctx = SeqContext.simple(1, 6)
+    ok = torch.autograd.gradcheck(lambda inp: _output(mixer, inp, ctx)[0], (x,), eps=1e-6, atol=1e-6, rtol=1e-4,
+                                  raise_exception=False)
+    assert ok, "torch.autograd.gradcheck w.r.t. x failed: the backward pass does not match finite differences"
+
+
+def _check_extremes(cls: type) -> None:
+    contexts = [("causal", SeqContext.simple(2, 9))]
+    if cls.supports_segments:
+        contexts.append(("packed with padding", _packed_context([[4, 3], [5]], 9)))
+    for setting, apply in cls.conformance_extremes().items():
+        mixer = build_small(cls)
+        with torch.no_grad():
+            apply(mixer)
+        for what, ctx in contexts:
+            x = _randn(2, 9, DIM, seed=8).requires_grad_(True)
+            y, _ = _output(mixer, x, ctx)
+            assert bool(torch.isfinite(y).all()), f"{setting}, {what}: output is not finite"
+            params = [p for p in mixer.parameters() if p.requires_grad]
+            grads = torch.autograd.grad((y * _randn(*y.shape, seed=9)).sum(), [x, *params], allow_unused=True)
+            bad = [n for n, g in zip(["x", *(n for n, p in mixer.named_parameters() if p.requires_grad)], grads,
+                                     strict=True) if g is not None and not bool(torch.isfinite(g).all())]
+            assert not bad, f"{setting}, {what}: gradients of {bad} are not finite"
+            if hasattr(mixer, "reference_forward"):
+                with torch.no_grad():
+                    diff = _max_diff(y, mixer.reference_forward(x, ctx)[0])
+                assert diff <= EQUIV_TOL, f"{setting}, {what}: forward differs from reference_forward by {diff:.3g}"
+
+
 def _unsupported_features(cls: type) -> list[tuple[str, Callable[[SequenceMixer], Any]]]:
     """(feature, call that must raise MixerCapabilityError) for every capability the class lacks."""
     T = 6
@@ -304,6 +420,11 @@ def mixer_checks(cls: type) -> list[Check]:
         checks.append(("state_split_equals_one_pass", lambda: _check_state_split(cls)))
         checks.append(("decode_equals_prefill", lambda: _check_decode(cls)))
     checks.append(("gradients_finite_nonzero", lambda: _check_gradients(cls)))
+    checks.append(("gradcheck", lambda: _check_gradcheck(cls)))
+    if hasattr(cls, "reference_forward"):
+        checks.append(("reference_equals_fast", lambda: _check_reference(cls)))
+    if hasattr(cls, "conformance_extremes"):
+        checks.append(("gate_extremes", lambda: _check_extremes(cls)))
     if _unsupported_features(cls):
         checks.append(("unsupported_features_raise", lambda: _check_unsupported_raise(cls)))
     return checks

@@ -114,6 +114,8 @@ def load_model(path: str | Path) -> nn.Module:
 
     cfg = dict(read_model_config(path))
     cfg["mixer"] = factory_from_spec(cfg.get("mixer"))
+    if cfg.get("memory") is not None:
+        cfg["memory"] = factory_from_spec(cfg["memory"])
     model = UnifiedModel(**cfg)
     load_weights_into(model, path)
     return model

@@ -14,6 +14,7 @@ sequence on every rank (its mixers see no handle).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.batch import TokenBatch
+from mmgrow.models.gated_memory import MemoryPlacement
 from mmgrow.protocols import ContextParallel, Objective, SequenceMixer
 from mmgrow.training.export import CheckpointError, load_weights_into
 from mmgrow.training.factories import factory_from_spec, spec_from_factory
@@ -47,6 +49,10 @@ class MMGrowModule(pl.LightningModule):
             ``trainer.max_steps`` (constant after warm-up when ``max_steps`` is not set).
         init_from: a ``model.safetensors`` file or a run directory holding one; loaded after the
             model is built (architecture must match).
+        memory: a memory factory (``class_path: ttt_mlp`` + ``init_args``, or any mixer) added to blocks as a
+            gated branch ``x + tanh(alpha) * memory(norm(x))``; None = no memory.
+        memory_placement: which blocks get it and how (``layers``, ``gate_init``, ``bidirectional``,
+            ``modality_gates``; :class:`~mmgrow.models.gated_memory.MemoryPlacement`).
     """
 
     def __init__(
@@ -64,6 +70,8 @@ class MMGrowModule(pl.LightningModule):
         warmup_steps: int = 20,
         min_lr_ratio: float = 0.1,
         init_from: str | None = None,
+        memory: MixerFactoryArg | None = None,
+        memory_placement: MemoryPlacement | None = None,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -75,6 +83,10 @@ class MMGrowModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["objective"])
         self.vocab = dict(vocab)
         self.mixer = factory_from_spec(mixer) if isinstance(mixer, (dict, list)) else mixer
+        self.memory = factory_from_spec(memory) if isinstance(memory, dict) else memory
+        if isinstance(memory_placement, dict):
+            memory_placement = MemoryPlacement(**memory_placement)
+        self.memory_placement = memory_placement
         if objective is None:
             from mmgrow.objectives.autoregressive import AutoregressiveObjective
 
@@ -93,6 +105,10 @@ class MMGrowModule(pl.LightningModule):
             cfg["mlp_ratio"] = self.hparams.mlp_ratio
         if self.hparams.mlp_chunk is not None:
             cfg["mlp_chunk"] = self.hparams.mlp_chunk
+        if self.memory is not None:
+            cfg["memory"] = spec_from_factory(self.memory)
+            if self.memory_placement is not None:
+                cfg["memory_placement"] = dataclasses.asdict(self.memory_placement)
         return cfg
 
     def configure_model(self) -> None:
@@ -106,6 +122,9 @@ class MMGrowModule(pl.LightningModule):
             kwargs["mlp_ratio"] = self.hparams.mlp_ratio
         if self.hparams.mlp_chunk is not None:
             kwargs["mlp_chunk"] = self.hparams.mlp_chunk
+        if self.memory is not None:
+            kwargs["memory"] = self.memory
+            kwargs["memory_placement"] = self.memory_placement
         self.model = UnifiedModel(**kwargs)
         bind = getattr(self.objective, "bind", None)
         if callable(bind):

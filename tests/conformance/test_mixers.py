@@ -41,7 +41,8 @@ def test_full_attention_is_registered_and_gets_every_check() -> None:
     assert "full" in mmgrow.available("mixers")
     names = [n for n, _ in mixer_checks(mmgrow.load_plugin("mixers", "full"))]
     assert names == ["shapes_and_dtype", "no_future_leakage", "packed_equals_separate", "state_split_equals_one_pass",
-                     "decode_equals_prefill", "gradients_finite_nonzero", "unsupported_features_raise"]
+                     "decode_equals_prefill", "gradients_finite_nonzero", "gradcheck",
+                     "unsupported_features_raise"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,6 +121,50 @@ class DeadParameterSum(RunningSum):
         self.unused = nn.Parameter(torch.ones(3))
 
 
+class ReferencedSum(RunningSum):
+    """The toy with its oracle and an extreme: the loop is its own reference."""
+
+    def reference_forward(self, x, ctx, state=None):
+        return RunningSum.forward(self, x, ctx, state)
+
+    @classmethod
+    def conformance_extremes(cls):
+        return {"zero input weights": lambda m: m.proj_in.weight.zero_()}
+
+
+class DriftingReference(ReferencedSum):
+    """Bug: the fast path drifts from its oracle by 1e-7 (an approximation passed off as exact)."""
+
+    def forward(self, x, ctx, state=None):
+        y, new_state = super().forward(x, ctx, state)
+        return y * (1 + 1e-7), new_state
+
+
+class _WrongBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # bug: pretends tanh has slope 0.99 everywhere
+        return grad * 0.99
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+
+class WrongBackwardSum(RunningSum):
+    def forward(self, x, ctx, state=None):
+        return super().forward(_WrongBackward.apply(x), ctx, state)
+
+
+class OverflowingExtreme(ReferencedSum):
+    @classmethod
+    def conformance_extremes(cls):
+        return {"huge input weights": lambda m: m.proj_in.weight.fill_(1e308)}
+
+
 def _failed(cls: type) -> set[str]:
     return {r.name for r in run_checks("mixers", cls) if not r.passed}
 
@@ -140,6 +185,21 @@ def test_correct_toy_mixer_passes_everything() -> None:
     (DeadParameterSum, "gradients_finite_nonzero"),
 ])
 def test_suite_catches_broken_mixer(cls: type, expected: str) -> None:
+    assert expected in _failed(cls)
+
+
+def test_reference_and_extremes_pass_for_a_correct_toy() -> None:
+    results = run_checks("mixers", ReferencedSum)
+    assert [r.name for r in results if not r.passed] == []
+    assert {"reference_equals_fast", "gate_extremes", "gradcheck"} <= {r.name for r in results}
+
+
+@pytest.mark.parametrize(("cls", "expected"), [
+    (DriftingReference, "reference_equals_fast"),
+    (WrongBackwardSum, "gradcheck"),
+    (OverflowingExtreme, "gate_extremes"),
+])
+def test_suite_catches_wrong_maths(cls: type, expected: str) -> None:
     assert expected in _failed(cls)
 
 
