@@ -119,3 +119,16 @@ def test_reverse_context_recounts_positions_per_segment() -> None:
     assert rev.segment_ids.tolist() == [[PAD_SEGMENT, 1, 1, 0, 0, 0]]
     assert rev.modality_ids.tolist() == [[5, 4, 3, 2, 1, 0]]
     assert torch.equal(reverse_positions(rev.positions, rev.segment_ids).flip(1), pos)  # an involution
+
+
+def test_short_conv_hides_an_older_segment_with_the_same_id_in_the_tail() -> None:
+    """Segment ids restart per call: a tail [0, 1, 1] followed by segment 0 must see nothing of it."""
+    conv = ShortConvolution(3, kernel_size=4).double()
+    u = torch.randn(1, 3, 3, dtype=torch.float64, generator=_gen(5))
+    _, tail = conv(u, torch.tensor([[0, 1, 1]]), conv.init_tail(1, "cpu", torch.float64))
+    x = torch.randn(1, 2, 3, dtype=torch.float64, generator=_gen(6))
+    continued, _ = conv(x, torch.tensor([[0, 0]]), tail)
+    fresh, _ = conv(x, torch.tensor([[0, 0]]))
+    torch.testing.assert_close(continued, fresh, rtol=0, atol=0)
+    unpacked, _ = conv(x, None, tail)  # an unpacked call is segment 0: also a new segment here
+    torch.testing.assert_close(unpacked, fresh, rtol=0, atol=0)
