@@ -13,7 +13,6 @@ from torch.nn import functional as F
 from mmgrow.layers.mamba2 import Mamba2, Mamba2State
 from mmgrow.layers.short_conv import ConvTail
 from mmgrow.protocols import PAD_SEGMENT, SeqContext
-from mmgrow.testing.conformance import run_checks
 
 F64_TOL = 1e-10
 
@@ -143,11 +142,6 @@ def test_unpacked_call_after_a_packed_one_starts_afresh() -> None:
     _, state = m(x[:, 2:3], SeqContext.simple(2, 1), state)
     y, _ = m(x[:, 3:5], ones, state)
     assert _max_diff(y, m(x[:, 3:5], ones)[0]) <= F64_TOL
-
-
-def test_conformance_suite_passes() -> None:
-    failed = [r for r in run_checks("mixers", Mamba2) if not r.passed]
-    assert not failed, failed
 
 
 # ------------------------------------------------------------------------------------------------
