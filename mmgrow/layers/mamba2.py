@@ -91,7 +91,8 @@ class Mamba2(SequenceMixer):
         ngroups: groups of ``B``/``C`` (and of the gated norm); must divide the number of heads.
         chunk_size: ``Q`` of the chunked algorithm (64: faster than 256 on CPU, see above).
         dt_min, dt_max, dt_init_floor: the log-uniform initial range of ``dt`` and its floor.
-        dt_limit: ``(low, high)`` clamp of ``dt`` after the softplus; ``(0, inf)`` = none.
+        dt_limit: ``(low, high)`` clamp of ``dt`` after the softplus; None = none (Mamba's ``(0, inf)``,
+            spelled None so that recipes and saved configs hold no infinity).
         A_init_range: ``(low, high)`` of the uniform init of ``-A``; ``0 < low <= high``.
         conv_bias: bias in the short convolution; bias: biases in ``in_proj`` / ``out_proj``.
         norm_eps: epsilon of the gated RMSNorm.
@@ -108,7 +109,7 @@ class Mamba2(SequenceMixer):
 
     def __init__(self, *, dim: int, layer_idx: int = 0, d_state: int = 128, d_conv: int = 4, expand: float = 2,
                  headdim: int = 64, ngroups: int = 1, chunk_size: int = 64, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1, dt_init_floor: float = 1e-4, dt_limit: Sequence[float] = (0.0, math.inf),
+                 dt_max: float = 1e-1, dt_init_floor: float = 1e-4, dt_limit: Sequence[float] | None = None,
                  A_init_range: Sequence[float] = (1.0, 16.0), conv_bias: bool = True, bias: bool = False,
                  norm_eps: float = 1e-5, kernel: str = "auto") -> None:
         super().__init__(dim=dim, layer_idx=layer_idx)
@@ -131,7 +132,7 @@ class Mamba2(SequenceMixer):
             raise ValueError(f"{name}: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if dt_init_floor < 0:
             raise ValueError(f"{name}: dt_init_floor must be >= 0, got {dt_init_floor}")
-        dt_limit = tuple(float(v) for v in dt_limit)
+        dt_limit = (0.0, math.inf) if dt_limit is None else tuple(float(v) for v in dt_limit)
         if len(dt_limit) != 2 or not 0.0 <= dt_limit[0] < dt_limit[1]:
             raise ValueError(f"{name}: dt_limit must be (low, high) with 0 <= low < high, got {dt_limit}")
         A_init_range = tuple(float(v) for v in A_init_range)

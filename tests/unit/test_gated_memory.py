@@ -165,3 +165,22 @@ def test_generic_init_leaves_gates_at_gate_init() -> None:
         assert torch.equal(block.memory.gate_reverse, torch.full_like(block.memory.gate_reverse, 0.25))
     with pytest.raises(ValueError, match="not a block index"):
         UnifiedModel(token_space={"text": 10}, dim=DIM, depth=2, memory=PrefixMean, memory_placement={"layers": [2]})
+
+
+def test_video_flavour_ttt_runs_bidirectionally_in_a_noncausal_model() -> None:
+    """TTT-video's use: a non-causal memory (full mini-batch gradients) in a DiT-like non-causal context;
+    each pass gets the model's non-causal context and the reversed pass starts at the row's end."""
+    from mmgrow.layers.ttt import TTTMLP
+
+    torch.manual_seed(0)
+    memory = TTTMLP(dim=DIM, num_heads=4, flavour="video", mini_batch_size=4).double().eval()
+    branch = GatedMemory(DIM, memory, gate_init=0.5, bidirectional=True).double()
+    x = _randn(1, 10, DIM, seed=4)
+    with torch.no_grad():
+        y, _ = branch(x, SeqContext.simple(1, 10, causal=False))
+        a = torch.tanh(torch.tensor(0.5, dtype=torch.float64))
+        x1 = x + a * memory(branch.norm(x), _alone(10, causal=False))[0]
+        expected = x1 + a * memory(branch.norm(x1.flip(1)), _alone(10, causal=False))[0].flip(1)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    with pytest.raises(MixerCapabilityError):  # a causal model cannot host it, even forward-only
+        GatedMemory(DIM, memory).double()(x, SeqContext.simple(1, 10))

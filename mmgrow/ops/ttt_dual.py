@@ -1,0 +1,104 @@
+"""Dual form of mini-batch TTT (Sun et al. 2024, arXiv 2407.04620, Sec. 2.5): no per-token weights.
+
+Inside mini-batch ``i`` every token takes its gradient at ``W_i``, and token ``t`` reads with
+``W_t = W_i - tok_t (A + sum_{s in M(t)} lr_s dl_s/dW (W_i))`` where ``A`` is the gradient sum
+already accumulated for this mini-batch by an earlier call (zero unless a call stopped mid
+mini-batch), ``M(t) = {s <= t}`` (causal, the LM flavour) or the whole mini-batch (non-causal, the
+video flavour). For one layer ``Z = X W + b`` with keys ``X_k [L, d_in]``, queries ``X_q``, the
+gradients at the layer's output ``G [L, d_out]`` (:func:`~mmgrow.ops.ttt_inner.keys_forward_and_grads`)
+and ``eta_{t,s} = tok_t lr_s``:
+
+.. math::
+
+    Z_q = X_q W_i + b_i - \\mathrm{tok} \\odot \\Big(X_q A_W + A_b
+          + \\big(X_q X_k^\\top \\odot M\\big) (\\mathrm{lr} \\odot G) + M (\\mathrm{lr} \\odot G)\\Big)
+
+with the mask ``M`` = lower-triangular ones (causal) or all ones, i.e. the paper's
+``X_q W - (eta * tril(X_q X_k^T)) G + b - tril(eta) G`` with ``eta`` factorised into row and column
+scales. Only ``L x L`` and ``L x d`` products: attention-like, no ``[L, d_in, d_out]`` tensors.
+TTT-MLP applies this layer by layer: the keys' second-layer input is ``gelu(Z1)`` at ``W_i``, the
+queries' is ``gelu`` of their first-layer dual output. The accumulators grow by
+``X_k^T (lr * G)`` and ``sum_s lr_s G_s``; the scan (:mod:`mmgrow.ops.ttt_grid`) commits
+``W_{i+1} = W_i - tok_last A`` when the mini-batch is complete.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mmgrow.ops.ttt_grid import build_grid, fill_defaults, scan_minibatches
+from mmgrow.ops.ttt_inner import (
+    INNER_LN_EPS,
+    InnerCarry,
+    InnerParams,
+    gelu_tanh,
+    inner_output,
+    keys_forward_and_grads,
+)
+
+
+def dual_step(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, tok: Tensor, carry: InnerCarry, params: InnerParams,
+              *, causal: bool, eps: float, inner_norm: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One mini-batch in the dual form.
+
+    Args:
+        q, k, target: ``[B, H, L, d]``; lr: ``[B, H, L]`` (0 in empty cells); tok: ``[B, 1, L]``.
+        carry: weights ``W_i`` and pending accumulators ``A`` (``[B, H, ...]``).
+
+    Returns:
+        ``(z [B, H, L, d], d_acc_weights, d_acc_biases)``.
+    """
+    gamma, beta = params.ln_weight[None, :, None], params.ln_bias[None, :, None]
+    inputs, grads = keys_forward_and_grads(k, target, carry.weights, carry.biases, gamma, beta, eps, inner_norm)
+    L = q.shape[-2]
+    if causal:  # a comparison, not tril(): on a busy CPU each (parallelised) tril call waits ~ms for threads
+        index = torch.arange(L, device=q.device)
+        mask = (index[:, None] >= index[None, :]).to(q.dtype)
+    else:
+        mask = torch.ones(L, L, dtype=q.dtype, device=q.device)
+    row_scale = tok.unsqueeze(-1)  # [B, 1, L, 1]
+    x_q = q
+    d_acc_w, d_acc_b = [], []
+    num_layers = len(inputs)
+    for i, (x_k, g) in enumerate(zip(inputs, grads, strict=True)):
+        lg = lr.unsqueeze(-1) * g  # [B, H, L, d_out]
+        seen_bias = lg.cumsum(dim=-2) if causal else lg.sum(dim=-2, keepdim=True).expand_as(lg)
+        correction = (x_q @ carry.acc_weights[i] + carry.acc_biases[i].unsqueeze(-2)
+                      + ((x_q @ x_k.transpose(-1, -2)) * mask) @ lg + seen_bias)
+        z = x_q @ carry.weights[i] + carry.biases[i].unsqueeze(-2) - row_scale * correction
+        d_acc_w.append(x_k.transpose(-1, -2) @ lg)
+        d_acc_b.append(lg.sum(dim=-2))
+        x_q = gelu_tanh(z) if i < num_layers - 1 else z
+    return inner_output(q, x_q, gamma, beta, eps, inner_norm), d_acc_w, d_acc_b
+
+
+def ttt_dual(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, token_scale: Tensor, params: InnerParams, *,
+             mini_batch_size: int, positions: Tensor | None = None, reset: Tensor | None = None,
+             valid: Tensor | None = None, carry: InnerCarry | None = None, causal: bool = True,
+             eps: float = INNER_LN_EPS, inner_norm: bool = True) -> tuple[Tensor, InnerCarry]:
+    """Mini-batch TTT in the dual form: ``z_t = q_t + LN(f(q_t; W_t))``.
+
+    The inner model (linear or MLP) is given by ``params`` (one or two layers).
+
+    Args:
+        q, k, target: ``[B, H, T, d]`` queries, keys and reconstruction targets (``v - k`` for the LM).
+        lr: ``[B, H, T]`` per-token inner learning rates ``lr_s``.
+        token_scale: ``[B, T]`` (or ``[T]``) per-token scale ``tok_t`` (``max(0, 1/t' + delta)`` or ``1/b``).
+        params: initial weights ``W0`` (used at resets and when ``carry`` is None) and the inner LayerNorm.
+        mini_batch_size: ``b``; mini-batches are aligned by ``positions`` (slot ``positions % b``).
+        positions: ``[B, T]`` int64 (default ``0 .. T-1``); must increase by 1 inside a segment.
+        reset: ``[B, T]`` bool, the token starts a new segment from ``W0`` (default: none).
+        valid: ``[B, T]`` bool, False for padding (output 0, no update); default all valid.
+        carry: the state to continue (``W_i`` and a partial mini-batch's accumulators); None = ``W0``.
+        causal: causal inside a mini-batch (LM) or not (video: every token sees the whole mini-batch).
+        eps: inner LayerNorm epsilon. inner_norm: False drops the inner LayerNorm (loss and output).
+
+    Returns:
+        ``(z [B, H, T, d], carry after the last token)``.
+    """
+    positions, reset, valid, token_scale, carry = fill_defaults(q, positions, reset, valid, token_scale, carry, params)
+    grid = build_grid(positions, mini_batch_size, reset, valid)
+    return scan_minibatches(dual_step, grid, q, k, target, lr, token_scale, params, carry, causal=causal, eps=eps,
+                            inner_norm=inner_norm)
+
