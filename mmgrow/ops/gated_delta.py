@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mmgrow.ops.segments import apply_resets, segsum
+from mmgrow.ops.segments import apply_resets, decay, segsum
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,7 +96,7 @@ def gated_delta_recurrent(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tens
     B, T, H, K, V = _check("gated_delta_recurrent", q, k, v, g, beta, initial_state, reset)
     c = compute_dtype(q.dtype)
     scale = K ** -0.5 if scale is None else scale
-    alpha = torch.exp(apply_resets(g.to(c), reset))  # [B, T, H]; exactly 0 at resets
+    alpha = decay(apply_resets(g.to(c), reset))  # [B, T, H]; exactly 0 at resets
     S = initial_state.to(c) if initial_state is not None else q.new_zeros(B, H, K, V, dtype=c)
     outputs = []
     for t in range(T):
@@ -149,10 +149,10 @@ def gated_delta_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
     gc, bc = (_to_chunks(F.pad(x.to(c), (0, 0, 0, pad)), N, L) for x in (log_decay, beta))  # [B, H, N, L]
 
     sums = segsum(F.pad(gc, (1, 0)))  # [B, H, N, L+1, L+1]; index 0 = "before the chunk"
-    gamma_decay = torch.exp(sums[..., 1:, 1:])  # Gamma_ij, 0 above the diagonal
-    from_start = torch.exp(sums[..., 1:, 0])  # e^{gamma_i}, [B, H, N, L]
-    to_end = torch.exp(sums[..., -1, 1:])  # e^{gamma_L - gamma_j}, [B, H, N, L]
-    chunk_decay = torch.exp(sums[..., -1, 0])  # e^{gamma_L}, [B, H, N]
+    gamma_decay = decay(sums[..., 1:, 1:])  # Gamma_ij, 0 above the diagonal
+    from_start = decay(sums[..., 1:, 0])  # e^{gamma_i}, [B, H, N, L]
+    to_end = decay(sums[..., -1, 1:])  # e^{gamma_L - gamma_j}, [B, H, N, L]
+    chunk_decay = decay(sums[..., -1, 0])  # e^{gamma_L}, [B, H, N]
 
     # UT transform: (I + A) [W | U] = diag(beta) [K ⊙ e^gamma | V]; the solver reads only the strict
     # lower triangle of A and takes the unit diagonal as given.

@@ -13,6 +13,8 @@ large cumulative sums lose precision: the "stable segment sum" of Mamba-2's mini
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -75,3 +77,15 @@ def segsum(log_decay: Tensor) -> Tensor:
     summed = torch.cumsum(rep.masked_fill(~strictly_lower, 0.0), dim=-2)
     lower = torch.ones(L, L, dtype=torch.bool, device=log_decay.device).tril()
     return summed.masked_fill(~lower, float("-inf"))
+
+
+def decay(log_decay: Tensor) -> Tensor:
+    """``exp(log_decay)`` with results below the dtype's smallest normal number set to exactly 0.
+
+    Long chunks of strong decay produce subnormal floats (``exp(x)`` for ``x`` below about -87 in
+    float32), and CPU arithmetic on subnormals is many times slower; the values themselves are below
+    the precision of every term they are added to. Flushing them (as GPUs do by default) changes no
+    result that float32 (or, below ``exp(-708)``, float64) can represent next to a normal number.
+    """
+    floor = math.log(torch.finfo(log_decay.dtype).tiny)
+    return torch.exp(log_decay.masked_fill(log_decay < floor, float("-inf")))

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mmgrow.ops.segments import apply_resets, segsum
+from mmgrow.ops.segments import apply_resets, decay, segsum
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -93,7 +93,7 @@ def ssd_recurrent(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, ini
     h = initial_state.to(compute) if initial_state is not None else x_.new_zeros(Bt, H, N, P)
     ys = []
     for t in range(T):
-        a = torch.exp(dt_[:, t] * A_)  # [Bt, H]
+        a = decay(dt_[:, t] * A_)  # [Bt, H]
         if reset is not None:  # where, not a product: the old state gets exactly no weight and no gradient
             a = torch.where(reset[:, t, None], torch.zeros_like(a), a)
         write = (dt_[:, t, :, None] * B_h[:, t])[..., None] * x_[:, t, :, None, :]  # [Bt, H, N, P]
@@ -139,15 +139,15 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk
     decay_within = segsum(lac)  # [Bt, G, R, nC, Q, Q]: log-decay from token j to token i of a chunk
 
     # (1) intra-chunk: y_i = sum_{j<=i} (C_i . B_j) L[i, j] dt_j x_j
-    scores = (Cc @ Bc.transpose(-1, -2)) * torch.exp(decay_within) * dtc[..., None, :]
+    scores = (Cc @ Bc.transpose(-1, -2)) * decay(decay_within) * dtc[..., None, :]
     y = scores @ xc  # [Bt, G, R, nC, Q, P]
 
     # (2) each chunk's own contribution to its end state: sum_j L[Q-1, j] dt_j B_j x_j^T
-    to_end = torch.exp(decay_within[..., -1, :]) * dtc  # [Bt, G, R, nC, Q]
+    to_end = decay(decay_within[..., -1, :]) * dtc  # [Bt, G, R, nC, Q]
     chunk_states = Bc.transpose(-1, -2) @ (to_end[..., None] * xc)  # [Bt, G, R, nC, N, P]
 
     # (3) sequential scan of the states entering each chunk (nC small steps)
-    chunk_decay = torch.exp(lac.sum(dim=-1))[..., None, None]  # [Bt, G, R, nC, 1, 1]
+    chunk_decay = decay(lac.sum(dim=-1))[..., None, None]  # [Bt, G, R, nC, 1, 1]
     h = h.view(Bt, G, R, N, P)
     entering = []
     for c in range(n_chunks):
@@ -156,7 +156,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk
     entering_states = torch.stack(entering, dim=3)  # [Bt, G, R, nC, N, P]
 
     # (4) the entering state read out at every token, decayed from the chunk start to the token
-    from_start = torch.exp(torch.cumsum(lac, dim=-1))  # [Bt, G, R, nC, Q]
+    from_start = decay(torch.cumsum(lac, dim=-1))  # [Bt, G, R, nC, Q]
     y = y + (Cc @ entering_states) * from_start[..., None]
 
     y = y.permute(0, 3, 4, 1, 2, 5).reshape(Bt, n_chunks * Q, H, P)[:, :T]

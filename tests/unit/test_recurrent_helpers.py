@@ -4,6 +4,7 @@ convolution with its tail, the gated RMSNorm and the time reversal of contexts."
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -132,3 +133,15 @@ def test_short_conv_hides_an_older_segment_with_the_same_id_in_the_tail() -> Non
     torch.testing.assert_close(continued, fresh, rtol=0, atol=0)
     unpacked, _ = conv(x, None, tail)  # an unpacked call is segment 0: also a new segment here
     torch.testing.assert_close(unpacked, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decay_flushes_subnormals_and_keeps_normal_values(dtype: torch.dtype) -> None:
+    from mmgrow.ops.segments import decay
+
+    tiny = torch.finfo(dtype).tiny
+    x = torch.tensor([0.0, -1.0, math.log(tiny) + 1e-3, math.log(tiny) - 1.0, float("-inf")], dtype=dtype)
+    out = decay(x)
+    assert torch.equal(out[:3], torch.exp(x[:3])) and bool((out[:3] >= tiny).all())
+    assert torch.equal(out[3:], torch.zeros(2, dtype=dtype))  # exp would give a subnormal, then 0
+    assert float(torch.exp(x[3])) > 0.0  # ... and plain exp really is subnormal there (the test bites)
