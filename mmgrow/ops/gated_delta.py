@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mmgrow.ops.segments import apply_resets, decay, segsum
+from mmgrow.ops.segments import apply_resets, check_state_and_reset, decay, segsum
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,12 +70,7 @@ def _check(name: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, 
     if g.shape != (B, T, H) or beta.shape != (B, T, H):
         raise ValueError(f"{name}: expected g and beta of shape [B, T, H] = {[B, T, H]}, got g {tuple(g.shape)}, "
                          f"beta {tuple(beta.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"{name}: initial_state must be [B, H, K, V] = {[B, H, K, V]}, got "
-                         f"{tuple(initial_state.shape)}")
-    if reset is not None and (reset.shape != (B, T) or reset.dtype != torch.bool):
-        raise ValueError(f"{name}: reset must be a bool tensor [B, T] = {[B, T]}, got {reset.dtype} "
-                         f"{tuple(reset.shape)}")
+    check_state_and_reset(name, initial_state, (B, H, K, V), reset, B, T)
     return B, T, H, K, V
 
 

@@ -89,3 +89,14 @@ def decay(log_decay: Tensor) -> Tensor:
     """
     floor = math.log(torch.finfo(log_decay.dtype).tiny)
     return torch.exp(log_decay.masked_fill(log_decay < floor, float("-inf")))
+
+
+def check_state_and_reset(name: str, initial_state: Tensor | None, state_shape: tuple[int, ...],
+                          reset: Tensor | None, batch_size: int, seq_len: int) -> None:
+    """The shared argument checks of the recurrent ops: ``initial_state`` of ``state_shape`` (or None)
+    and ``reset`` a bool ``[B, T]`` tensor (or None); a ``ValueError`` naming what differs otherwise."""
+    if initial_state is not None and tuple(initial_state.shape) != tuple(state_shape):
+        raise ValueError(f"{name}: initial_state must be {list(state_shape)}, got {list(initial_state.shape)}")
+    if reset is not None and (tuple(reset.shape) != (batch_size, seq_len) or reset.dtype != torch.bool):
+        raise ValueError(f"{name}: reset must be a bool tensor [B, T] = {[batch_size, seq_len]}, got {reset.dtype} "
+                         f"{list(reset.shape)}")

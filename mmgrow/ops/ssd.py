@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mmgrow.ops.segments import apply_resets, decay, segsum
+from mmgrow.ops.segments import apply_resets, check_state_and_reset, decay, segsum
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -62,12 +62,7 @@ def check_ssd_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, ini
         raise ValueError(f"ssd: dt must be [Bt, T, H] = {[Bt, T, H]}, got {list(dt.shape)}")
     if A.shape != (H,):
         raise ValueError(f"ssd: A must be [H] = [{H}], got {list(A.shape)}")
-    if initial_state is not None and initial_state.shape != (Bt, H, N, P):
-        raise ValueError(f"ssd: initial_state must be [Bt, H, N, P] = {[Bt, H, N, P]}, "
-                         f"got {list(initial_state.shape)}")
-    if reset is not None and (reset.shape != (Bt, T) or reset.dtype != torch.bool):
-        raise ValueError(f"ssd: reset must be a bool tensor [Bt, T] = {[Bt, T]}, got {reset.dtype} "
-                         f"{list(reset.shape)}")
+    check_state_and_reset("ssd", initial_state, (Bt, H, N, P), reset, Bt, T)
     return Bt, T, H, P, G, N
 
 

@@ -81,7 +81,7 @@ def _randn(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> Te
     return torch.randn(*shape, generator=gen, dtype=dtype)
 
 
-def _packed_context(rows: list[list[int]], T: int, *, causal: bool = True, window: int | None = None,
+def packed_context(rows: list[list[int]], T: int, *, causal: bool = True, window: int | None = None,
                     blocks: bool = False) -> SeqContext:
     """Rows packed from segments of the given lengths, padded with ``PAD_SEGMENT`` to ``T``.
 
@@ -155,7 +155,7 @@ def _leakage_contexts(cls: type, T: int) -> list[tuple[str, SeqContext, int]]:
         out.append(("causal + blocks", SeqContext(positions=torch.arange(T).expand(2, T).contiguous(),
                                                    block_ids=blocks), 4))
     if cls.supports_segments:
-        out.append(("causal + packed segments", _packed_context([[3, 5, 2], [6, 3]], T), 5))
+        out.append(("causal + packed segments", packed_context([[3, 5, 2], [6, 3]], T), 5))
     return out
 
 
@@ -189,7 +189,7 @@ def _check_packed_equals_separate(cls: type) -> None:
         variants.append((True, None, True))
     for causal, window, blocks in variants:
         what = f"causal={causal}, window={window}, blocks={blocks}"
-        y_packed, _ = _output(mixer, x, _packed_context(rows, T, causal=causal, window=window, blocks=blocks))
+        y_packed, _ = _output(mixer, x, packed_context(rows, T, causal=causal, window=window, blocks=blocks))
         for b, lengths in enumerate(rows):
             start = 0
             for s, length in enumerate(lengths):
@@ -204,7 +204,7 @@ def _check_packed_equals_separate(cls: type) -> None:
 def _state_contexts(cls: type, T: int, *, allow_blocks: bool) -> list[tuple[str, SeqContext]]:
     out = [("causal", SeqContext.simple(2, T, offset=3))]
     if cls.supports_segments:
-        out.append(("packed segments", _packed_context([[T - 4, 4], [3, T - 5]], T)))
+        out.append(("packed segments", packed_context([[T - 4, 4], [3, T - 5]], T)))
     if cls.supports_window:
         out.append(("window 3", SeqContext.simple(2, T, window=3)))
     if allow_blocks and cls.supports_blocks:  # blocks [1,4), [4,7), [7,10): never cut by the splits below
@@ -244,7 +244,7 @@ def _check_decode(cls: type) -> None:
 def _check_gradients(cls: type) -> None:
     contexts = [("causal", SeqContext.simple(2, 9), True)]
     if cls.supports_segments:  # padding tokens have empty attention rows: gradients must stay finite
-        contexts.append(("packed with padding", _packed_context([[4, 3], [5]], 9), False))
+        contexts.append(("packed with padding", packed_context([[4, 3], [5]], 9), False))
     for what, ctx, require_nonzero in contexts:
         mixer = build_small(cls)
         x = _randn(2, 9, DIM).requires_grad_(True)
@@ -283,11 +283,11 @@ def _reference_cases(cls: type, T: int) -> list[tuple[str, SeqContext, int]]:
     from the state the fast path left after ``x[:, :prefix]`` (0 = a fresh ``init_state``)."""
     out = [("causal", SeqContext.simple(2, T, offset=3), 0)]
     if cls.supports_segments:
-        out.append(("packed with padding", _packed_context([[4, 3, 2], [6]], T), 0))
+        out.append(("packed with padding", packed_context([[4, 3, 2], [6]], T), 0))
     if cls.supports_state:
         out.append(("causal, continuing a state", SeqContext.simple(2, T, offset=3), 3))
         if cls.supports_segments:  # the first segment continues the carried one: its positions go on from 3
-            packed = _packed_context([[5, 4], [2, 6]], T)
+            packed = packed_context([[5, 4], [2, 6]], T)
             packed.positions[0, :5] += 3
             packed.positions[1, :2] += 3
             out.append(("packed, continuing a state", packed, 3))
@@ -317,7 +317,7 @@ def _check_reference(cls: type) -> None:
         x_all = _randn(2, T + prefix, DIM, seed=4)
         state = mixer.init_state(2, x_all.device, x_all.dtype) if cls.supports_state else None
         if prefix:  # positions 0..prefix-1 in segment 0, continued by the case's context
-            pre_ctx = SeqContext.simple(2, prefix) if ctx.segment_ids is None else _packed_context([[prefix]] * 2, prefix)
+            pre_ctx = SeqContext.simple(2, prefix) if ctx.segment_ids is None else packed_context([[prefix]] * 2, prefix)
             with torch.no_grad():
                 _, state = _output(mixer, x_all[:, :prefix], pre_ctx, state)
         x = x_all[:, prefix:].clone().requires_grad_(True)
@@ -351,7 +351,7 @@ def _check_gradcheck(cls: type) -> None:
 def _check_extremes(cls: type) -> None:
     contexts = [("causal", SeqContext.simple(2, 9))]
     if cls.supports_segments:
-        contexts.append(("packed with padding", _packed_context([[4, 3], [5]], 9)))
+        contexts.append(("packed with padding", packed_context([[4, 3], [5]], 9)))
     for setting, apply in cls.conformance_extremes().items():
         mixer = build_small(cls)
         with torch.no_grad():

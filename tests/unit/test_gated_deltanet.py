@@ -16,6 +16,7 @@ from mmgrow.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 from mmgrow.ops import gated_delta_cuda
 from mmgrow.ops.gated_delta import gated_delta_chunked
 from mmgrow.protocols import PAD_SEGMENT, MixerCapabilityError, SeqContext
+from mmgrow.testing.conformance import packed_context
 
 SMALL = {"num_heads": 2, "head_dim": 4, "conv_kernel": 3, "chunk_size": 4}
 
@@ -29,19 +30,6 @@ def _layer(dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs) -> Gated
 
 def _randn(*shape: int, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
-
-
-def _packed(rows: list[list[int]], T: int) -> SeqContext:
-    """Segments of the given lengths per row, then padding to ``T``."""
-    pos = torch.zeros(len(rows), T, dtype=torch.long)
-    seg = torch.full((len(rows), T), PAD_SEGMENT, dtype=torch.long)
-    for b, lengths in enumerate(rows):
-        start = 0
-        for s, length in enumerate(lengths):
-            pos[b, start:start + length] = torch.arange(length)
-            seg[b, start:start + length] = s
-            start += length
-    return SeqContext(positions=pos, segment_ids=seg)
 
 
 def per_token_reference(m: GatedDeltaNet, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
@@ -122,7 +110,7 @@ def test_equals_independent_per_token_loop(kernel, allow_neg_eigval):
     m = _layer(kernel=kernel, allow_neg_eigval=allow_neg_eigval)
     T = 11
     x = _randn(2, T, 16)
-    ctx = _packed([[6, 3, 2], [4, 5]], T)  # row 1 ends in padding
+    ctx = packed_context([[6, 3, 2], [4, 5]], T)  # row 1 ends in padding
     with torch.no_grad():
         y, _ = m(x, ctx)
         ref = per_token_reference(m, x, ctx.segment_ids)
@@ -134,7 +122,7 @@ def test_equals_independent_per_token_loop(kernel, allow_neg_eigval):
 def test_recurrent_and_chunked_kernels_agree_with_gradients():
     T = 23
     x = _randn(2, T, 16, seed=2)
-    ctx = _packed([[9, 14], [5, 6, 7]], T)
+    ctx = packed_context([[9, 14], [5, 6, 7]], T)
     results = []
     for kernel in ("recurrent", "chunked"):
         m = _layer(kernel=kernel, chunk_size=5)
@@ -253,15 +241,15 @@ def test_auto_dispatches_to_fla_when_it_can_honour_the_context(monkeypatch):
     state, cu = check(x, SeqContext.simple(2, T), expect_call=True)
     assert cu is None
     check(x[:, :1], SeqContext.simple(2, 1), state, expect_call=False)  # T == 1: the recurrent step
-    check(x, _packed([[4, 5], [9]], T), expect_call=False)  # packed, batch 2: chunked fallback
-    _, cu = check(x[:1], _packed([[4, 3, 2]], T), expect_call=True)  # packed, batch 1: cu_seqlens
+    check(x, packed_context([[4, 5], [9]], T), expect_call=False)  # packed, batch 2: chunked fallback
+    _, cu = check(x[:1], packed_context([[4, 3, 2]], T), expect_call=True)  # packed, batch 1: cu_seqlens
     assert cu.tolist() == [0, 4, 7, 9]
     _layer(dtype=torch.float64, kernel="auto")(x.double(), SeqContext.simple(2, T))
     assert len(calls) == 2  # float64 never goes to FLA
 
     m.kernel = "fla"
     with pytest.raises(MixerCapabilityError, match="batch"):
-        m(x, _packed([[4, 5], [9]], T))
+        m(x, packed_context([[4, 5], [9]], T))
     monkeypatch.setattr(gated_delta_cuda, "fla_available", lambda device: False)
     with pytest.raises(RuntimeError, match="CUDA"):
         m(x, SeqContext.simple(2, T))

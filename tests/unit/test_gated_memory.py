@@ -11,8 +11,8 @@ import mmgrow
 from mmgrow.models.block import Block, BlockState
 from mmgrow.models.gated_memory import GatedMemory, MemoryPlacement
 from mmgrow.models.unified import UnifiedModel
-from mmgrow.protocols import PAD_SEGMENT, MaskSpec, MixerCapabilityError, SeqContext, SequenceMixer
-from mmgrow.testing.conformance import build_small
+from mmgrow.protocols import MaskSpec, MixerCapabilityError, SeqContext, SequenceMixer
+from mmgrow.testing.conformance import build_small, packed_context
 
 DIM = 32
 
@@ -64,16 +64,9 @@ def test_bidirectional_equals_manual_flip_run_flip_per_segment(cls: type) -> Non
         branch.gate_reverse.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
     rows = [[5, 4], [3, 5]]  # row 1 ends with one padding token
     T = 9
-    pos = torch.zeros(2, T, dtype=torch.long)
-    seg = torch.full((2, T), PAD_SEGMENT, dtype=torch.long)
-    for b, lengths in enumerate(rows):
-        start = 0
-        for s, n in enumerate(lengths):
-            pos[b, start:start + n], seg[b, start:start + n] = torch.arange(n), s
-            start += n
     x = _randn(2, T, DIM, seed=3)
     with torch.no_grad():
-        y, _ = branch(x, SeqContext(positions=pos, segment_ids=seg, mask=MaskSpec(causal=False)))
+        y, _ = branch(x, packed_context(rows, T, causal=False))
         a, b_ = torch.tanh(branch.gate[0]), torch.tanh(branch.gate_reverse[0])
         for row, lengths in enumerate(rows):
             start = 0

@@ -12,8 +12,8 @@ from torch import Tensor
 
 import mmgrow.layers.ttt as ttt_module
 from mmgrow.layers.ttt import TTTMLP, TTTLayer, TTTLinear, TTTState
-from mmgrow.protocols import PAD_SEGMENT, MixerCapabilityError, SeqContext
-from mmgrow.testing.conformance import run_checks
+from mmgrow.protocols import MixerCapabilityError, SeqContext
+from mmgrow.testing.conformance import packed_context
 
 F64 = torch.float64
 TOL = 1e-10
@@ -33,18 +33,6 @@ def build(cls: type[TTTLayer], seed: int = 0, dtype: torch.dtype = F64, **kw: ob
 
 def randn(*shape: int, seed: int = 1, dtype: torch.dtype = F64) -> Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(dtype)
-
-
-def packed(rows: list[list[int]], T: int, causal: bool) -> SeqContext:
-    pos = torch.zeros(len(rows), T, dtype=torch.long)
-    seg = torch.full((len(rows), T), PAD_SEGMENT, dtype=torch.long)
-    for b, lengths in enumerate(rows):
-        start = 0
-        for s, length in enumerate(lengths):
-            pos[b, start:start + length] = torch.arange(length)
-            seg[b, start:start + length] = s
-            start += length
-    return SeqContext(positions=pos, segment_ids=seg, mask=SeqContext.simple(1, 1, causal=causal).mask)
 
 
 def state_tensors(state: TTTState) -> dict[str, Tensor]:
@@ -86,18 +74,10 @@ def assert_forward_equals_reference(layer: TTTLayer, x: Tensor, ctx: SeqContext,
 
 
 @pytest.mark.parametrize("cls", CLASSES)
-def test_conformance_suite_passes(cls: type[TTTLayer]) -> None:
-    results = run_checks("memory", cls)
-    names = {r.name for r in results}
-    assert {"packed_equals_separate", "state_split_equals_one_pass", "decode_equals_prefill"} <= names
-    assert not [r for r in results if not r.passed]
-
-
-@pytest.mark.parametrize("cls", CLASSES)
 def test_lm_chunks_at_and_inside_minibatch_boundaries_equal_one_pass(cls: type[TTTLayer]) -> None:
     layer = build(cls)
     x = randn(2, 12, DIM)
-    for ctx in (SeqContext.simple(2, 12), packed([[7, 5], [2, 10]], 12, causal=True)):
+    for ctx in (SeqContext.simple(2, 12), packed_context([[7, 5], [2, 10]], 12, causal=True)):
         with torch.no_grad():
             y_full, s_full = layer(x, ctx)
             state, ys = layer.init_state(2, "cpu", F64), []
@@ -123,7 +103,7 @@ def test_forward_equals_reference(cls: type[TTTLayer], flavour: str) -> None:
     causal = flavour == "lm"
     x = randn(2, 10, DIM)  # 10 tokens: mini-batches of 4, 4 and a remainder of 2
     assert_forward_equals_reference(layer, x, SeqContext.simple(2, 10, causal=causal))
-    assert_forward_equals_reference(layer, x, packed([[6, 3], [9]], 10, causal=causal))
+    assert_forward_equals_reference(layer, x, packed_context([[6, 3], [9]], 10, causal=causal))
     with torch.no_grad():
         _, state = layer(x[:, :8], SeqContext.simple(2, 8, causal=causal))
     assert_forward_equals_reference(layer, x[:, 8:], SeqContext.simple(2, 2, causal=causal, offset=8), state)
@@ -177,7 +157,7 @@ def test_video_packed_rows_equal_separate(cls: type[TTTLayer]) -> None:
     layer = build(cls, flavour="video")
     x = randn(1, 12, DIM)
     with torch.no_grad():
-        y, _ = layer(x, packed([[7, 5]], 12, causal=False))
+        y, _ = layer(x, packed_context([[7, 5]], 12, causal=False))
         for start, end in ((0, 7), (7, 12)):
             y_alone, _ = layer(x[:, start:end], SeqContext.simple(1, end - start, causal=False))
             assert (y[:, start:end] - y_alone).abs().max() <= TOL
