@@ -48,7 +48,8 @@ multiple of ``b``), a remainder is allowed: it is a shorter mini-batch, still wi
 
 **State** (:class:`TTTState`): ``W_i`` per inner layer, the accumulated ``sum lr_s grad l_s`` of a
 partial mini-batch, the next expected position and the segment. Packed rows restart from ``W_0`` at
-every segment; positions must increase by 1 inside a segment.
+every segment, and wherever the positions do not follow on by one (a new example whose segment id
+was not given, e.g. the right padding of a single-example row, for which objectives drop segment ids).
 
 **Kernels**: ``"dual"`` (prefill/training), ``"primal"`` (explicit per-token weights) or ``"auto"``:
 primal for ``T == 1`` decoding, dual otherwise; the dual form also continues a partial mini-batch of a
@@ -259,6 +260,10 @@ class TTTLayer(MemoryLayer):
         previous = state.segment if state is not None else None
         reset = reset_mask(seg, previous, (B, T), x.device)
         positions = ctx.positions
+        if T > 1:  # positions that restart start a new example too (e.g. right padding without segment ids)
+            restart = torch.zeros_like(reset)
+            restart[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+            reset = reset | (restart & valid)
         if state is not None:
             self._check_continuation(positions, reset, valid, state)
         q, k, target, lr, tok = self._inner_inputs(x, positions)

@@ -279,3 +279,15 @@ def test_init_weights(cls: type[TTTLayer]) -> None:
         assert abs(float(layer.lr_gate_weight.std()) - 0.02) < 0.004 and float(layer.lr_gate_bias.abs().max()) == 0
     assert torch.equal(layer.ttt_norm_weight, torch.ones(4, 16)) and torch.equal(layer.post_norm.weight, torch.ones(64))
     assert layer.residual_outputs() == [layer.o_proj]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_right_padding_without_segment_ids_leaves_real_tokens_alone(cls: type[TTTLayer]) -> None:
+    """Objectives drop segment ids for one-example rows with right padding (positions 0 there): the
+    restart of the positions starts a new example, so the real tokens equal the unpadded row."""
+    layer = build(cls)
+    x = randn(1, 10, DIM, seed=4)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 0, 0]])
+    y, _ = layer(x, SeqContext(positions=positions))
+    alone, _ = layer(x[:, :7], SeqContext.simple(1, 7))
+    torch.testing.assert_close(y[:, :7], alone, rtol=0, atol=1e-12)
