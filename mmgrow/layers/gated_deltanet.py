@@ -54,8 +54,8 @@ from torch.nn import functional as F
 from mmgrow.layers.norm import GatedRMSNorm
 from mmgrow.layers.short_conv import ConvTail, ShortConvolution
 from mmgrow.ops import gated_delta_cuda
-from mmgrow.ops.gated_delta import compute_dtype, gated_delta_chunked, gated_delta_recurrent
-from mmgrow.ops.segments import last_segment, reset_mask
+from mmgrow.ops.gated_delta import gated_delta_chunked, gated_delta_recurrent
+from mmgrow.ops.segments import compute_dtype, last_segment, reset_mask
 from mmgrow.protocols import PAD_SEGMENT, MixerCapabilityError, MixerState, SeqContext, SequenceMixer
 
 KERNELS = ("auto", "chunked", "recurrent", "fla")
@@ -105,9 +105,6 @@ class GatedDeltaNet(SequenceMixer):
     causal_only = True
     supports_state = True
     supports_segments = True
-    supports_blocks = False
-    supports_window = False
-    supports_context_parallel = False
 
     def __init__(self, *, dim: int, layer_idx: int = 0, num_heads: int = 4, head_dim: int | None = None,
                  expand_v: float = 2.0, conv_kernel: int = 4, allow_neg_eigval: bool = False,

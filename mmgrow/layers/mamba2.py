@@ -55,8 +55,8 @@ from torch.nn import functional as F
 from mmgrow.layers.norm import GatedRMSNorm
 from mmgrow.layers.short_conv import ConvTail, ShortConvolution
 from mmgrow.ops import ssd_cuda
-from mmgrow.ops.segments import last_segment, reset_mask
-from mmgrow.ops.ssd import compute_dtype, ssd_chunked, ssd_recurrent
+from mmgrow.ops.segments import compute_dtype, last_segment, reset_mask
+from mmgrow.ops.ssd import ssd_chunked, ssd_recurrent
 from mmgrow.protocols import MixerCapabilityError, MixerState, SeqContext, SequenceMixer
 
 KERNELS = ("auto", "chunked", "recurrent", "mamba_ssm")
@@ -103,9 +103,6 @@ class Mamba2(SequenceMixer):
     causal_only = True
     supports_state = True
     supports_segments = True
-    supports_blocks = False
-    supports_window = False
-    supports_context_parallel = False
 
     def __init__(self, *, dim: int, layer_idx: int = 0, d_state: int = 128, d_conv: int = 4, expand: float = 2,
                  headdim: int = 64, ngroups: int = 1, chunk_size: int = 64, dt_min: float = 1e-3,
@@ -240,7 +237,7 @@ class Mamba2(SequenceMixer):
         xbc, tail = self.conv(xbc, segments, state.conv if state is not None else None)
         xs, B, C = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.reshape(Bt, T, H, P)
-        compute = compute_dtype(x)
+        compute = compute_dtype(x.dtype)
         dt = F.softplus(dt_raw.to(compute) + self.dt_bias.to(compute))
         if self.dt_limit != (0.0, math.inf):
             dt = dt.clamp(*self.dt_limit)

@@ -57,10 +57,8 @@ class ShortConvolution(nn.Module):
                         torch.zeros(batch_size, K1, dtype=torch.long, device=device))
 
     def forward(self, u: Tensor, segment_ids: Tensor | None, tail: ConvTail | None = None) -> tuple[Tensor, ConvTail]:
-        if tail is None:
+        if tail is None:  # zeros: whichever segment they are taken for, they add nothing
             tail = self.init_tail(u.shape[0], u.device, u.dtype)
-            if segment_ids is not None:  # a fresh tail belongs to no segment of this row
-                tail = ConvTail(tail.inputs, torch.full_like(tail.segment_ids, -2))
         y, inputs, segs = causal_depthwise_conv(u, self.weight, self.bias, tail.inputs, tail.segment_ids, segment_ids)
         if self.activation:
             y = F.silu(y)

@@ -142,9 +142,6 @@ class TTTLayer(MemoryLayer):
     causal_only = True
     supports_state = True
     supports_segments = True
-    supports_blocks = False
-    supports_window = False
-    supports_context_parallel = False
 
     def __init__(self, *, dim: int, layer_idx: int = 0, num_heads: int = 4, flavour: str = "lm",
                  mini_batch_size: int | None = None, base_lr: float | None = None,

@@ -51,12 +51,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mmgrow.ops.segments import apply_resets, check_state_and_reset, decay, segsum
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64, float32 stays float32, half types are computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from mmgrow.ops.segments import apply_resets, check_state_and_reset, compute_dtype, decay, segsum
 
 
 def _check(name: str, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None,

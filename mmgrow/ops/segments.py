@@ -26,6 +26,11 @@ A state made by ``init_state`` claims segment 0 instead, so an initial state pla
 continue a sequence) is used by a row whose first segment id is 0, as unpacked rows are."""
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the recurrent ops compute in: float64 stays float64 (the oracle), everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def reset_mask(segment_ids: Tensor | None, previous_segment: Tensor | None, shape: tuple[int, int],
                device: torch.device) -> Tensor:
     """``[B, T]`` bool: True where token ``t`` does not continue the segment of token ``t - 1``.

@@ -37,12 +37,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mmgrow.ops.segments import apply_resets, check_state_and_reset, decay, segsum
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from mmgrow.ops.segments import apply_resets, check_state_and_reset, compute_dtype, decay, segsum
 
 
 def check_ssd_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None,
@@ -80,7 +75,7 @@ def ssd_recurrent(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, ini
         ``(y [Bt, T, H, P], final_state [Bt, H, N, P])``.
     """
     Bt, T, H, P, G, N = check_ssd_inputs(x, dt, A, B, C, initial_state, reset)
-    compute = compute_dtype(x)
+    compute = compute_dtype(x.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else x.dtype
     x_, dt_, A_ = x.to(compute), dt.to(compute), A.to(compute)
     B_h = B.to(compute).repeat_interleave(H // G, dim=2)  # [Bt, T, H, N]: head h reads group h // (H/G)
@@ -108,7 +103,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk
     Bt, T, H, P, G, N = check_ssd_inputs(x, dt, A, B, C, initial_state, reset)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"ssd_chunked: chunk_size must be a positive int, got {chunk_size!r}")
-    compute = compute_dtype(x)
+    compute = compute_dtype(x.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else x.dtype
     h = initial_state.to(compute) if initial_state is not None else x.new_zeros(Bt, H, N, P, dtype=compute)
     if T == 0:

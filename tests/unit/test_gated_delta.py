@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-import types
 
 import pytest
 import torch
@@ -249,43 +248,11 @@ def test_bad_arguments_raise():
 # the FLA adapter, with a fake ``fla`` package whose kernel is our chunked op in FLA's layout
 
 
-def install_fake_fla(monkeypatch: pytest.MonkeyPatch, calls: list[dict]) -> None:
-    """Put ``fla.ops.gated_delta_rule.chunk_gated_delta_rule`` into ``sys.modules``: FLA's documented
-    signature ([B, T, H, D] tensors, log-space g before beta, [N, H, K, V] states, cu_seqlens with
-    batch 1), computed by our chunked op one sequence at a time."""
-    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                               use_qk_l2norm_in_kernel=False, cu_seqlens=None):
-        calls.append({"cu_seqlens": cu_seqlens, "g_dtype": g.dtype, "l2norm": use_qk_l2norm_in_kernel,
-                      "initial_state": initial_state})
-        assert q.shape == k.shape and v.shape[:3] == q.shape[:3] and g.shape == beta.shape == q.shape[:3]
-        assert bool(torch.isfinite(g).all()), "FLA cannot take g = -inf"
-        B, T, H, K = q.shape
-        bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
-        assert cu_seqlens is None or B == 1, "cu_seqlens needs batch 1"
-        N = B if cu_seqlens is None else len(bounds) - 1
-        assert initial_state is None or initial_state.shape == (N, H, K, v.shape[-1])
-        outs, finals = [], []
-        for n, (start, end) in enumerate(itertools.pairwise(bounds)):
-            h0 = None if initial_state is None else (initial_state if cu_seqlens is None else initial_state[n:n + 1])
-            o, final = gated_delta_chunked(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end],
-                                           beta[:, start:end], scale=scale, chunk_size=64, initial_state=h0)
-            outs.append(o)
-            finals.append(final)
-        return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
-
-    package, ops, gdr = (types.ModuleType(n) for n in ("fla", "fla.ops", "fla.ops.gated_delta_rule"))
-    gdr.chunk_gated_delta_rule = chunk_gated_delta_rule
-    package.ops, ops.gated_delta_rule = ops, gdr
-    for module in (package, ops, gdr):
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-
-
-def test_fla_availability_needs_cuda_and_the_import(monkeypatch):
+def test_fla_availability_needs_cuda_and_the_import(monkeypatch, request):
     monkeypatch.setitem(sys.modules, "fla", None)  # import fla -> ImportError
     assert gated_delta_cuda._chunk_kernel() is None
     assert not gated_delta_cuda.fla_available("cuda")
-    calls: list[dict] = []
-    install_fake_fla(monkeypatch, calls)
+    request.getfixturevalue("fake_fla")
     assert gated_delta_cuda._chunk_kernel() is sys.modules["fla.ops.gated_delta_rule"].chunk_gated_delta_rule
     assert not gated_delta_cuda.fla_available("cpu")  # importable, but not on CUDA
 
@@ -303,9 +270,8 @@ def test_fla_honours_resets():
 
 
 @pytest.mark.parametrize("case", ["no resets", "resets at t=0", "batch 1, resets inside"])
-def test_fla_adapter_converts_at_the_boundary(monkeypatch, case):
-    calls: list[dict] = []
-    install_fake_fla(monkeypatch, calls)
+def test_fla_adapter_converts_at_the_boundary(monkeypatch, case, fake_fla):
+    calls = fake_fla
     B = 1 if case == "batch 1, resets inside" else 2
     T = 11
     inputs = {n: t.detach().float() for n, t in _inputs(B, T, 2, 4, 5, seed=13).items()}
@@ -328,8 +294,7 @@ def test_fla_adapter_converts_at_the_boundary(monkeypatch, case):
         assert calls[0]["cu_seqlens"] is None
 
 
-def test_fla_adapter_refuses_what_it_cannot_honour(monkeypatch):
-    install_fake_fla(monkeypatch, [])
+def test_fla_adapter_refuses_what_it_cannot_honour(monkeypatch, fake_fla):
     inputs = {n: t.detach().float() for n, t in _inputs(2, 6, 1, 3, 3, seed=14).items()}
     reset = torch.zeros(2, 6, dtype=torch.bool)
     reset[1, 2] = True

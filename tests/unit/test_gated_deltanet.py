@@ -3,10 +3,7 @@ the conformance suite, errors, and the dispatch to FLA (a fake ``fla`` package o
 
 from __future__ import annotations
 
-import itertools
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -14,7 +11,6 @@ from torch.nn import functional as F
 
 from mmgrow.layers.gated_deltanet import GatedDeltaNet, GatedDeltaNetState
 from mmgrow.ops import gated_delta_cuda
-from mmgrow.ops.gated_delta import gated_delta_chunked
 from mmgrow.protocols import PAD_SEGMENT, MixerCapabilityError, SeqContext
 from mmgrow.testing.conformance import packed_context
 
@@ -199,30 +195,8 @@ def test_bad_state_raises():
 # dispatch to FLA, with a fake ``fla`` package computing FLA's documented layout with our op
 
 
-def _install_fake_fla(monkeypatch: pytest.MonkeyPatch, calls: list) -> None:
-    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                               use_qk_l2norm_in_kernel=False, cu_seqlens=None):
-        calls.append(cu_seqlens)
-        bounds = [0, q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
-        outs, finals = [], []
-        for n, (s, e) in enumerate(itertools.pairwise(bounds)):
-            h0 = initial_state if cu_seqlens is None else initial_state[n:n + 1]  # [N, H, K, V]
-            o, final = gated_delta_chunked(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e], scale=scale,
-                                           initial_state=h0)
-            outs.append(o)
-            finals.append(final)
-        return torch.cat(outs, dim=1), torch.cat(finals) if output_final_state else None
-
-    package, ops, gdr = (types.ModuleType(n) for n in ("fla", "fla.ops", "fla.ops.gated_delta_rule"))
-    gdr.chunk_gated_delta_rule = chunk_gated_delta_rule
-    package.ops, ops.gated_delta_rule = ops, gdr
-    for module in (package, ops, gdr):
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-
-
-def test_auto_dispatches_to_fla_when_it_can_honour_the_context(monkeypatch):
-    calls: list = []
-    _install_fake_fla(monkeypatch, calls)
+def test_auto_dispatches_to_fla_when_it_can_honour_the_context(monkeypatch, fake_fla):
+    calls = fake_fla
     monkeypatch.setattr(gated_delta_cuda, "fla_available", lambda device: True)  # "on CUDA"
     m = _layer(dtype=torch.float32, kernel="auto")
     chunked = _layer(dtype=torch.float32, kernel="chunked")
@@ -235,7 +209,7 @@ def test_auto_dispatches_to_fla_when_it_can_honour_the_context(monkeypatch):
         assert (len(calls) > before) == expect_call
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s.recurrent, s_ref.recurrent, rtol=1e-5, atol=1e-5)
-        return s, calls[-1] if expect_call else None
+        return s, calls[-1]["cu_seqlens"] if expect_call else None
 
     x = _randn(2, T, 16, dtype=torch.float32)
     state, cu = check(x, SeqContext.simple(2, T), expect_call=True)
