@@ -111,7 +111,10 @@ class SeqContext:
         mask:         the :class:`MaskSpec`.
         condition:    ``[B, S, C]`` conditioning tokens (e.g. text embeddings) or None.
         condition_mask: ``[B, S]`` bool, True = valid conditioning token, or None.
-        timestep:     ``[B, C]`` timestep embedding for diffusion or None.
+        timestep:     ``[B, C]`` timestep embedding for diffusion (adaLN-Zero modulation reads it; an
+                      adaLN-single model puts the shared ``[B, 6 D]`` projection here) or None.
+        conditions:   further named conditions ``{name: (tokens [B, S, C], mask [B, S] or None)}``
+                      (ModelGrow's second text condition next to ``condition``), or None.
         cp:           :class:`ContextParallel` or None.
     """
 
@@ -123,6 +126,7 @@ class SeqContext:
     condition: Tensor | None = None
     condition_mask: Tensor | None = None
     timestep: Tensor | None = None
+    conditions: dict[str, tuple[Tensor, Tensor | None]] | None = None
     cp: ContextParallel | None = None
 
     _PER_TOKEN: ClassVar[tuple[str, ...]] = ("positions", "segment_ids", "block_ids", "modality_ids")
@@ -159,6 +163,19 @@ class SeqContext:
         """The context of tokens ``[start, end)`` (for chunked prefill or step decoding)."""
         kw = {n: (getattr(self, n)[:, start:end] if getattr(self, n) is not None else None) for n in self._PER_TOKEN}
         return replace(self, **kw)
+
+    def condition_source(self, name: str | None = None) -> tuple[Tensor, Tensor | None]:
+        """``(tokens [B, S, C], mask [B, S] or None)`` of the condition ``name`` (None = :attr:`condition`)."""
+        if name is None:
+            if self.condition is None:
+                raise ValueError("SeqContext.condition is None, but a cross-attention branch reads it; pass "
+                                 "condition=[B, S, C] conditioning tokens (e.g. text-encoder embeddings)")
+            return self.condition, self.condition_mask
+        if not self.conditions or name not in self.conditions:
+            have = sorted(self.conditions) if self.conditions else []
+            raise ValueError(f"SeqContext.conditions has no entry {name!r} (have {have}); a cross-attention branch "
+                             f"with source={name!r} reads it")
+        return self.conditions[name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,7 +380,14 @@ class Tokenizer(Plugin, nn.Module):
 
 @dataclass
 class GrowthReport:
-    """What a growth step did: parameter names that are new, and whether the function is kept."""
+    """What a growth step did.
+
+    new_parameters: names (in ``model.named_parameters()``) of parameters the step created.
+    preserves: the guarantee of *this* application (``"exact"``, ``"tolerance"`` or ``"none"``); it may
+        be weaker than the class's :attr:`GrowthStrategy.preserves` when the configuration gives it
+        up (e.g. a memory gate initialised above 0).
+    notes: a human-readable summary (logged by the training module and ``mmgrow grow``).
+    """
 
     new_parameters: list[str]
     preserves: Literal["exact", "tolerance", "none"]
@@ -371,17 +395,39 @@ class GrowthReport:
 
 
 class GrowthStrategy(Plugin):
-    """Surgery on a single-device model between training stages: ``apply(model, **cfg)``.
+    """Surgery on a single-device model between training stages (DESIGN.md §3.5).
 
-    ``preserves`` states the guarantee tested by the conformance suite: ``"exact"`` (outputs
-    bit-identical before/after), ``"tolerance"`` (within a stated bound) or ``"none"``. Strategies
-    act on modules through ``residual_outputs()``, never on state-dict key strings.
+    A strategy is built from its configuration (``Strategy(**init_args)``, ``class_path`` +
+    ``init_args`` in YAML) and applied with ``apply(model) -> GrowthReport``. ``model`` is a
+    :class:`~mmgrow.models.unified.UnifiedModel` or a bare :class:`~mmgrow.models.backbone.Backbone`.
+
+    ``preserves`` states the guarantee tested by the growth conformance tests with the default
+    configuration: ``"exact"`` (outputs bit-identical before/after, float32 and float64),
+    ``"tolerance"`` (within :attr:`tolerance`, relative to the output's scale) or ``"none"``.
+    Strategies act on modules through ``residual_outputs()`` and the layers' own hooks, never on
+    state-dict key strings.
+
+    **Replay.** The grown architecture is stored as the base model's config plus the list of
+    strategies applied (``model.yaml: growth``); loading rebuilds the base, re-applies each strategy
+    and then loads the weights. So :meth:`apply` must build the same *structure* whenever it is given
+    the same structure and arguments, and every constructor argument must be kept as an attribute of
+    the same name (:meth:`init_args` reads them back).
     """
 
     preserves: ClassVar[Literal["exact", "tolerance", "none"]] = "exact"
+    tolerance: ClassVar[float] = 0.0
+    """Bound on ``max|y_after - y_before| / max|y_before|`` for ``preserves == "tolerance"`` in float32."""
 
-    def apply(self, model: nn.Module, **cfg: Any) -> GrowthReport:
+    def apply(self, model: nn.Module) -> GrowthReport:
         raise NotImplementedError
+
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this strategy (its ``init_args`` in YAML)."""
+        import inspect
+
+        names = [n for n, p in inspect.signature(type(self).__init__).parameters.items()
+                 if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return {n: getattr(self, n) for n in names}
 
 
 # --------------------------------------------------------------------------------------------------

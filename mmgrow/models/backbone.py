@@ -5,7 +5,10 @@ e.g. a mixer class or the partial jsonargparse builds from ``class_path`` + ``in
 of factories cycled over the layers (hybrids: ``[GatedDeltaNet, GatedDeltaNet, SlidingWindow]``),
 or None for :class:`~mmgrow.layers.attention.FullAttention` with 4 heads. ``memory`` is an optional
 factory of a memory (a TTT layer, or any mixer) added as a gated branch to the blocks chosen by
-``memory_placement`` (:class:`~mmgrow.models.gated_memory.MemoryPlacement`).
+``memory_placement`` (:class:`~mmgrow.models.gated_memory.MemoryPlacement`). ``cross_attention``
+(:class:`~mmgrow.models.cross_condition.CrossAttentionConfig`) adds cross-attention branches on
+``ctx.condition``; ``modulation`` (:class:`~mmgrow.models.modulation.ModulationConfig`) makes every
+block a DiT block modulated by ``ctx.timestep``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from torch import Tensor, nn
 
 from mmgrow.layers.mlp import swiglu_hidden
 from mmgrow.models.block import Block
+from mmgrow.models.cross_condition import CrossAttentionConfig
 from mmgrow.models.gated_memory import GatedMemory, MemoryPlacement
+from mmgrow.models.modulation import ModulationConfig
 from mmgrow.protocols import MixerFactory, MixerState, SeqContext, SequenceMixer
 
 
@@ -57,14 +62,13 @@ def _default_mixer(dim: int, layer_idx: int) -> SequenceMixer:
     return FullAttention(dim=dim, layer_idx=layer_idx, num_heads=4)
 
 
-def _placement(value: MemoryPlacement | dict | None) -> MemoryPlacement:
-    if value is None:
-        return MemoryPlacement()
+def as_config(value, cls: type, name: str):
+    """``value`` as a ``cls`` dataclass: None stays None, a dict becomes ``cls(**value)``."""
+    if value is None or isinstance(value, cls):
+        return value
     if isinstance(value, dict):
-        return MemoryPlacement(**value)
-    if not isinstance(value, MemoryPlacement):
-        raise TypeError(f"Backbone: memory_placement must be a MemoryPlacement or a dict, got {type(value).__name__}")
-    return value
+        return cls(**value)
+    raise TypeError(f"Backbone: {name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
 
 
 def _memory_branch(factory: MixerFactory, placement: MemoryPlacement, dim: int, layer_idx: int,
@@ -79,7 +83,9 @@ class Backbone(nn.Module):
 
     def __init__(self, dim: int, depth: int, mixer: MixerFactory | Sequence[MixerFactory] | None = None,
                  mlp_ratio: float = 8 / 3, norm_eps: float = 1e-6, mlp_chunk: int | None = None,
-                 memory: MixerFactory | None = None, memory_placement: MemoryPlacement | dict | None = None) -> None:
+                 memory: MixerFactory | None = None, memory_placement: MemoryPlacement | dict | None = None,
+                 cross_attention: CrossAttentionConfig | dict | None = None,
+                 modulation: ModulationConfig | dict | None = None) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError(f"Backbone: depth must be >= 1, got {depth}")
@@ -93,11 +99,16 @@ class Backbone(nn.Module):
             factories = [mixer]
         self.dim = dim
         self.mlp_hidden = swiglu_hidden(dim, mlp_ratio)
-        placement = _placement(memory_placement)
+        placement = as_config(memory_placement, MemoryPlacement, "memory_placement") or MemoryPlacement()
         with_memory = placement.chosen(depth) if memory is not None else set()
+        cross = as_config(cross_attention, CrossAttentionConfig, "cross_attention")
+        with_cross = cross.chosen(depth) if cross is not None else set()
+        modulation = as_config(modulation, ModulationConfig, "modulation")
         self.blocks = nn.ModuleList(
             Block(dim, build_mixer(factories[i % len(factories)], dim, i), self.mlp_hidden, norm_eps, mlp_chunk,
-                  memory=_memory_branch(memory, placement, dim, i, norm_eps) if i in with_memory else None)
+                  memory=_memory_branch(memory, placement, dim, i, norm_eps) if i in with_memory else None,
+                  cross_attention=cross.build(dim, norm_eps) if i in with_cross else None,
+                  modulation=modulation.build(dim) if modulation is not None else None)
             for i in range(depth)
         )
 

@@ -105,7 +105,7 @@ class GatedMemory(nn.Module):
                                        "pass needs the whole row)")
         return self.memory.init_state(batch_size, device, dtype)
 
-    def reset_parameters(self) -> None:
+    def reset_gates(self) -> None:
         """Gates back to ``gate_init`` (the model's generic init must not touch them)."""
         with torch.no_grad():
             self.gate.fill_(self.gate_init)

@@ -6,8 +6,10 @@ embedded by one table over all ``token_space.total`` ids. Outputs are per-modali
 vision logits never compete in one softmax (LWM keeps its heads apart the same way).
 
 Initialisation: every ``nn.Linear`` and ``nn.Embedding`` weight ~ ``N(0, init_std)``, every bias 0,
-norm gains 1. A mixer that needs its own initialisation (SSM decay rates, gates ...) defines
-``init_weights(init_std: float)``; the model calls it instead of applying the default to that mixer.
+norm gains 1. A module that needs its own initialisation (a mixer's SSM decay rates, an adaLN-Zero
+projection that must start at 0 ...) defines ``init_weights(init_std: float)``; the model calls it
+instead of applying the default to that module and its children. A branch with gates (memory,
+cross-attention) defines ``reset_gates()``; its other parameters get the default.
 """
 
 from __future__ import annotations
@@ -19,9 +21,29 @@ from torch import Tensor, nn
 
 from mmgrow.layers.norm import RMSNorm
 from mmgrow.models.backbone import Backbone
-from mmgrow.models.gated_memory import GatedMemory, MemoryPlacement
-from mmgrow.protocols import MixerCapabilityError, MixerFactory, MixerState, ModelOutput, SeqContext, SequenceMixer
+from mmgrow.models.cross_condition import CrossAttentionConfig
+from mmgrow.models.gated_memory import MemoryPlacement
+from mmgrow.models.modulation import ModulationConfig
+from mmgrow.protocols import MixerCapabilityError, MixerFactory, MixerState, ModelOutput, SeqContext
 from mmgrow.tokenspace import TokenSpace
+
+
+def initialise(module: nn.Module, init_std: float) -> None:
+    """The model's initialisation rule (module docstring) applied to ``module`` and its children;
+    growth uses it for the branches it adds, so they start as if the model had been built with them."""
+    if callable(getattr(module, "init_weights", None)):
+        module.init_weights(init_std)
+        return  # its submodules are its business
+    if callable(getattr(module, "reset_gates", None)):
+        module.reset_gates()  # gates back to gate_init; the rest below
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=init_std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+    for child in module.children():
+        initialise(child, init_std)
 
 
 class UnifiedModel(nn.Module):
@@ -41,12 +63,18 @@ class UnifiedModel(nn.Module):
         memory: factory of a memory layer added as a gated branch (TTT, or any mixer), or None.
         memory_placement: which blocks get it, gate init, bidirectional, per-modality gates
             (:class:`~mmgrow.models.gated_memory.MemoryPlacement` or a dict of its fields).
+        cross_attention: cross-attention branches on ``ctx.condition``
+            (:class:`~mmgrow.models.cross_condition.CrossAttentionConfig` or a dict), or None.
+        modulation: adaLN modulation from ``ctx.timestep``
+            (:class:`~mmgrow.models.modulation.ModulationConfig` or a dict), or None.
     """
 
     def __init__(self, *, token_space: dict[str, int] | TokenSpace, dim: int = 256, depth: int = 4,
                  mixer: MixerFactory | Sequence[MixerFactory] | None = None, mlp_ratio: float = 8 / 3,
                  norm_eps: float = 1e-6, init_std: float = 0.02, mlp_chunk: int | None = None,
-                 memory: MixerFactory | None = None, memory_placement: MemoryPlacement | dict | None = None) -> None:
+                 memory: MixerFactory | None = None, memory_placement: MemoryPlacement | dict | None = None,
+                 cross_attention: CrossAttentionConfig | dict | None = None,
+                 modulation: ModulationConfig | dict | None = None) -> None:
         super().__init__()
         if isinstance(token_space, dict):
             token_space = TokenSpace.from_dict(token_space)
@@ -62,7 +90,8 @@ class UnifiedModel(nn.Module):
         self.init_std = init_std
         self.embed = nn.Embedding(token_space.total, dim)
         self.backbone = Backbone(dim, depth, mixer, mlp_ratio=mlp_ratio, norm_eps=norm_eps, mlp_chunk=mlp_chunk,
-                                 memory=memory, memory_placement=memory_placement)
+                                 memory=memory, memory_placement=memory_placement,
+                                 cross_attention=cross_attention, modulation=modulation)
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.heads = nn.ModuleDict({m: nn.Linear(dim, n, bias=False) for m, n in token_space.sizes})
         self.reset_parameters()
@@ -70,23 +99,8 @@ class UnifiedModel(nn.Module):
     # ---------------------------------------------------------------------------------------------
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights and zero biases; mixers with ``init_weights`` do their own."""
-        def init(module: nn.Module) -> None:
-            if isinstance(module, SequenceMixer) and hasattr(module, "init_weights"):
-                module.init_weights(self.init_std)
-                return  # its submodules are its business
-            if isinstance(module, GatedMemory):
-                module.reset_parameters()  # gates back to gate_init; norm and memory below
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            for child in module.children():
-                init(child)
-
-        init(self)
+        """Normal(0, init_std) weights and zero biases; modules with ``init_weights`` do their own."""
+        initialise(self, self.init_std)
 
     @property
     def blocks(self) -> nn.ModuleList:

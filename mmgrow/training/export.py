@@ -110,7 +110,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path) -> nn.Module:
     """Rebuild the model described by ``model.yaml`` and load ``model.safetensors`` into it."""
     from mmgrow.models.unified import UnifiedModel
-    from mmgrow.training.factories import factory_from_spec
+    from mmgrow.models.factories import factory_from_spec
 
     cfg = dict(read_model_config(path))
     cfg["mixer"] = factory_from_spec(cfg.get("mixer"))

@@ -27,7 +27,7 @@ from mmgrow.batch import TokenBatch
 from mmgrow.models.gated_memory import MemoryPlacement
 from mmgrow.protocols import ContextParallel, Objective, SequenceMixer
 from mmgrow.training.export import CheckpointError, load_weights_into
-from mmgrow.training.factories import factory_from_spec, spec_from_factory
+from mmgrow.models.factories import factory_from_spec, spec_from_factory
 
 MixerFactoryArg = Callable[[int, int], SequenceMixer]
 

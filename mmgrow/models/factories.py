@@ -16,9 +16,15 @@ from mmgrow.protocols import SequenceMixer
 
 
 def _import_class(path: str) -> type:
+    if "." not in path:  # a registered mixer or memory name
+        from mmgrow import registry
+
+        kinds = [k for k in ("mixers", "memory") if k in registry.find_kinds(path)]
+        if not kinds:
+            raise ValueError(f"class_path {path!r} is neither a dotted import path ('package.module.Class') nor a "
+                             f"registered mixer or memory name (see `mmgrow plugins list`)")
+        path = registry.import_path(kinds[0], path)
     module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"class_path {path!r} is not a dotted import path (expected 'package.module.Class')")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

@@ -1,0 +1,86 @@
+"""The cross-attention branch of a block: the sequence reads conditioning tokens.
+
+.. math::
+
+    x \\leftarrow x + \\gamma \\odot \\operatorname{CrossAttn}(\\operatorname{norm}(x), c, M), \\qquad
+    \\gamma = \\tanh(\\alpha) \\text{ (gated) or } 1 \\text{ (ungated, as in DiT / Open-Sora)}
+
+``c, M`` come from the context: ``ctx.condition`` / ``ctx.condition_mask`` by default, or a named
+entry of ``ctx.conditions`` (``source``) — ModelGrow's second, LLM-embedding condition next to the
+original one. The Flamingo-style gate (``gated=True``, ``alpha`` per channel initialised to
+``gate_init``) is the alternative to zeroing the output projection when a branch is added to a
+trained model; an ungated branch must be zeroed (:meth:`residual_outputs`) to keep the function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mmgrow.layers.cross_attention import CrossAttention
+from mmgrow.layers.norm import RMSNorm
+from mmgrow.protocols import SeqContext
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Cross-attention branches of a model (``model.cross_attention`` in recipes).
+
+    cond_dim: width of the conditioning tokens. num_heads: heads. layers: block indices that get a
+    branch (None = all; negative counts from the end). source: None = ``ctx.condition``, else a key
+    of ``ctx.conditions``. gated / gate_init: tanh gate per channel. bias: projection biases.
+    """
+
+    cond_dim: int
+    num_heads: int = 4
+    layers: list[int] | None = None
+    source: str | None = None
+    gated: bool = False
+    gate_init: float = 0.0
+    bias: bool = True
+
+    def chosen(self, depth: int) -> set[int]:
+        from mmgrow.models.gated_memory import MemoryPlacement
+
+        return MemoryPlacement(layers=self.layers).chosen(depth)
+
+    def build(self, dim: int, norm_eps: float = 1e-6) -> CrossAttentionBranch:
+        return CrossAttentionBranch(dim, CrossAttention(dim, self.cond_dim, self.num_heads, bias=self.bias),
+                                    source=self.source, gated=self.gated, gate_init=self.gate_init, norm_eps=norm_eps)
+
+
+class CrossAttentionBranch(nn.Module):
+    """``x [B, T, D], ctx -> x + gamma * CrossAttn(norm(x), condition) [B, T, D]``."""
+
+    def __init__(self, dim: int, attention: CrossAttention, source: str | None = None, gated: bool = False,
+                 gate_init: float = 0.0, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        if attention.dim != dim:
+            raise ValueError(f"CrossAttentionBranch: attention has dim {attention.dim}, expected {dim}")
+        self.dim = dim
+        self.source = source
+        self.gate_init = float(gate_init)
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.attention = attention
+        self.gate = nn.Parameter(torch.full((dim,), self.gate_init)) if gated else None
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, gated={self.gate is not None}"
+
+    def reset_gates(self) -> None:
+        """The gate back to ``gate_init`` (the model's generic init must not touch it)."""
+        if self.gate is not None:
+            with torch.no_grad():
+                self.gate.fill_(self.gate_init)
+
+    def forward(self, x: Tensor, ctx: SeqContext) -> Tensor:
+        condition, mask = ctx.condition_source(self.source)
+        out = self.attention(self.norm(x), condition, mask)
+        if self.gate is not None:
+            out = torch.tanh(self.gate).to(out.dtype) * out
+        return out
+
+    def residual_outputs(self) -> list[nn.Linear]:
+        return self.attention.residual_outputs()
