@@ -1,4 +1,4 @@
-"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools or the Lightning CLI."""
+"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow`` or the Lightning CLI."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmgrow.plugin_cli import plugins_main
 
         return plugins_main(argv[1:])
+    if argv and argv[0] == "grow":
+        from mmgrow.training.grow_cli import grow_main
+
+        return grow_main(argv[1:])
     from mmgrow.training.cli import cli_main
 
     return cli_main(argv)

@@ -57,10 +57,10 @@ class AddTextConditionGrowth(GrowthStrategy):
     def apply(self, model: nn.Module) -> GrowthReport:
         backbone = backbone_of(model)
         chosen = check_layers(self.layers, len(backbone.blocks), "add_text_condition")
-        taken = [i for i in chosen if backbone.blocks[i].cross_attention is not None]
+        taken = [i for i in chosen if any(b.source == self.source for b in backbone.blocks[i].cross_attentions)]
         if taken:
-            raise GrowthError(f"add_text_condition: blocks {taken} already have a cross-attention branch; one branch "
-                              "per block is supported (choose other layers)")
+            raise GrowthError(f"add_text_condition: blocks {taken} already read source={self.source!r} through a "
+                              "cross-attention branch; give the new condition its own source name")
         config = CrossAttentionConfig(cond_dim=self.cond_dim, num_heads=self.num_heads, source=self.source,
                                       gated=self.gated, gate_init=0.0, bias=self.bias)
         with NewParameters(model) as new:
@@ -75,7 +75,7 @@ class AddTextConditionGrowth(GrowthStrategy):
                             if lin.bias is not None:
                                 lin.bias.zero_()
                 ref = next(block.parameters())
-                block.cross_attention = branch.to(device=ref.device, dtype=ref.dtype)
+                block.cross_attentions.append(branch.to(device=ref.device, dtype=ref.dtype))
         how = "tanh gate at 0" if self.gated else "zeroed output projection"
         return GrowthReport(new.names, "exact", f"add_text_condition: cross-attention on {self.source or 'condition'} "
                                                 f"(C={self.cond_dim}) in blocks {chosen}, {how}")

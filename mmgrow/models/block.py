@@ -15,7 +15,8 @@ Without modulation ``mod_k`` is the identity and ``g_k = 1`` (the LLaMA block). 
 (:class:`~mmgrow.models.gated_memory.GatedMemory`) adds ``tanh(alpha) * memory(norm(x))`` (and the
 reversed pass); the cross-attention branch
 (:class:`~mmgrow.models.cross_condition.CrossAttentionBranch`) reads ``ctx.condition`` and is ungated
-unless configured otherwise, as in DiT / Open-Sora.
+unless configured otherwise, as in DiT / Open-Sora; a block may hold several (one per condition
+source, e.g. ModelGrow's second, LLM-embedding condition), applied in order.
 
 Every branch declares its output projections (:meth:`Block.residual_outputs`): zeroing them makes
 the block exactly the identity, whatever the modulation, which is how depth growth inserts blocks.
@@ -54,6 +55,8 @@ class Block(nn.Module):
     def __init__(self, dim: int, mixer: SequenceMixer, mlp_hidden: int, norm_eps: float = 1e-6,
                  mlp_chunk: int | None = None, memory: GatedMemory | None = None,
                  cross_attention: CrossAttentionBranch | None = None, modulation: nn.Module | None = None) -> None:
+        """``cross_attention``: the block's first cross-attention branch (growth can append more to
+        :attr:`cross_attentions`, e.g. a second condition)."""
         super().__init__()
         if not isinstance(mixer, SequenceMixer):
             raise TypeError(f"Block: mixer must be a mmgrow.protocols.SequenceMixer, got {type(mixer).__name__}")
@@ -67,7 +70,7 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(dim, eps=norm_eps)
         self.mixer = mixer
         self.memory = memory
-        self.cross_attention = cross_attention
+        self.cross_attentions = nn.ModuleList([cross_attention] if cross_attention is not None else [])
         self.norm2 = RMSNorm(dim, eps=norm_eps)
         self.mlp = SwiGLU(dim, mlp_hidden, chunk=mlp_chunk)
         self.modulation = modulation
@@ -98,8 +101,8 @@ class Block(nn.Module):
             x = x + self._masked(with_memory - x) if self.growth_mask is not None else with_memory
             if state is not None:
                 new_state = BlockState(new_state, new_memory_state)
-        if self.cross_attention is not None:
-            x = x + self._masked(self.cross_attention(x, ctx))
+        for branch in self.cross_attentions:
+            x = x + self._masked(branch(x, ctx))
         x = x + self._gated(self.mlp(self._modulated(self.norm2(x), mod, 1)), mod, 1)
         return x, new_state
 
@@ -117,7 +120,8 @@ class Block(nn.Module):
 
     def branches(self) -> dict[str, nn.Module]:
         """The residual branches present in this block, by attribute name, in forward order."""
-        named = {"mixer": self.mixer, "memory": self.memory, "cross_attention": self.cross_attention, "mlp": self.mlp}
+        named = {"mixer": self.mixer, "memory": self.memory,
+                 **{f"cross_attention.{i}": b for i, b in enumerate(self.cross_attentions)}, "mlp": self.mlp}
         return {name: branch for name, branch in named.items() if branch is not None}
 
     def residual_outputs(self) -> list[nn.Linear]:

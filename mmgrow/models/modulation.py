@@ -66,6 +66,11 @@ class AdaLNZero(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
+    @property
+    def timestep_width(self) -> int:
+        """Width of the ``ctx.timestep`` this module reads."""
+        return self.cond_dim
+
     def forward(self, ctx: SeqContext) -> Tensor:
         t = _timestep(ctx, "AdaLNZero", self.cond_dim)
         return self.proj(F.silu(t)).view(-1, BRANCHES, 3, self.dim)
@@ -89,8 +94,13 @@ class AdaLNSingle(nn.Module):
         with torch.no_grad():
             self.table.normal_(0.0, self.dim ** -0.5)
 
+    @property
+    def timestep_width(self) -> int:
+        """Width of the shared projection in ``ctx.timestep``: ``3 K D``."""
+        return BRANCHES * 3 * self.dim
+
     def forward(self, ctx: SeqContext) -> Tensor:
-        t = _timestep(ctx, "AdaLNSingle", BRANCHES * 3 * self.dim)
+        t = _timestep(ctx, "AdaLNSingle", self.timestep_width)
         return t.view(-1, BRANCHES, 3, self.dim) + self.table.to(t.dtype)
 
     def gate_parameters(self) -> list[Tensor]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmgrow.protocols import (
     NO_BLOCK,
@@ -262,6 +262,24 @@ def _check_gradients(cls: type) -> None:
                 assert bool(p.grad.abs().sum() > 0), f"{what}: gradient of parameter {name} is exactly zero"
 
 
+@torch.no_grad()
+def _check_residual_outputs(cls: type) -> None:
+    """Zeroing :meth:`residual_outputs` (weights and biases) must make the output exactly 0: depth
+    growth relies on it to insert identity blocks."""
+    mixer = build_small(cls)
+    outputs = mixer.residual_outputs()
+    assert outputs, (f"{cls.__name__}.residual_outputs() is empty; declare the projection(s) that write the "
+                     "output, so function-preserving growth can zero them")
+    for lin in outputs:
+        assert isinstance(lin, nn.Linear), f"residual_outputs() must hold nn.Linear modules, got {type(lin).__name__}"
+        lin.weight.zero_()
+        if lin.bias is not None:
+            lin.bias.zero_()
+    y, _ = _output(mixer, _randn(2, 9, DIM), SeqContext.simple(2, 9))
+    assert bool((y == 0).all()), (f"{cls.__name__}: with its residual_outputs() zeroed the output is not exactly 0 "
+                                  f"(max |y| = {float(y.abs().max()):.3g}); some path bypasses the declared outputs")
+
+
 def _state_tensors(state: Any, prefix: str = "state") -> dict[str, Tensor]:
     """Every tensor in a (possibly nested) state: dataclass fields, tuples and lists, by dotted name."""
     if isinstance(state, Tensor):
@@ -421,6 +439,7 @@ def mixer_checks(cls: type) -> list[Check]:
         checks.append(("decode_equals_prefill", lambda: _check_decode(cls)))
     checks.append(("gradients_finite_nonzero", lambda: _check_gradients(cls)))
     checks.append(("gradcheck", lambda: _check_gradcheck(cls)))
+    checks.append(("residual_outputs_zero_the_output", lambda: _check_residual_outputs(cls)))
     if hasattr(cls, "reference_forward"):
         checks.append(("reference_equals_fast", lambda: _check_reference(cls)))
     if hasattr(cls, "conformance_extremes"):

@@ -1,7 +1,8 @@
 """Weights out and in: ``model.safetensors`` + ``model.yaml``, written atomically.
 
 ``model.yaml`` holds everything needed to rebuild the :class:`~mmgrow.models.unified.UnifiedModel`
-(token space, sizes, mixer ``class_path`` + ``init_args``); ``model.safetensors`` holds the tensors.
+(token space, sizes, mixer ``class_path`` + ``init_args``, and for a grown model the growth
+history); ``model.safetensors`` holds the tensors.
 Both are written to a temporary file in the same directory and moved into place with
 ``os.replace``, so a crash never leaves a half-written file under the final name.
 """
@@ -108,14 +109,20 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild the model described by ``model.yaml`` and load ``model.safetensors`` into it."""
-    from mmgrow.models.unified import UnifiedModel
+    """Rebuild the model described by ``model.yaml`` and load ``model.safetensors`` into it.
+
+    A grown model's ``model.yaml`` holds the base config plus ``growth`` (the strategies applied, in
+    order): the base is built, the growth replayed for its structure, then the weights loaded."""
+    from mmgrow.growth.base import apply_growth
     from mmgrow.models.factories import factory_from_spec
+    from mmgrow.models.unified import UnifiedModel
 
     cfg = dict(read_model_config(path))
     cfg["mixer"] = factory_from_spec(cfg.get("mixer"))
     if cfg.get("memory") is not None:
         cfg["memory"] = factory_from_spec(cfg["memory"])
+    growth = cfg.pop("growth", None) or []
     model = UnifiedModel(**cfg)
+    apply_growth(model, growth)
     load_weights_into(model, path)
     return model

@@ -24,10 +24,11 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.batch import TokenBatch
-from mmgrow.models.gated_memory import MemoryPlacement
-from mmgrow.protocols import ContextParallel, Objective, SequenceMixer
-from mmgrow.training.export import CheckpointError, load_weights_into
 from mmgrow.models.factories import factory_from_spec, spec_from_factory
+from mmgrow.models.gated_memory import MemoryPlacement
+from mmgrow.protocols import ContextParallel, GrowthStrategy, Objective, SequenceMixer
+from mmgrow.training.export import CheckpointError
+from mmgrow.training.growth_stage import GrowthStage, prepare_stage
 
 MixerFactoryArg = Callable[[int, int], SequenceMixer]
 
@@ -48,7 +49,17 @@ class MMGrowModule(pl.LightningModule):
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at
             ``trainer.max_steps`` (constant after warm-up when ``max_steps`` is not set).
         init_from: a ``model.safetensors`` file or a run directory holding one; loaded after the
-            model is built (architecture must match).
+            model is built. The model section must describe the checkpoint's architecture before
+            this stage's growth (checked against its ``model.yaml``; growth the checkpoint went
+            through is replayed first).
+        growth: growth strategies applied after ``init_from`` is loaded, in order (``class_path`` +
+            ``init_args``; registered names such as ``insert_depth`` work). See ``docs/growth.md``.
+        train_parameters: ``"all"``, ``"new"`` (only parameters growth created) or a regular
+            expression over parameter names; the rest are frozen.
+        measure_growth_jump: on the first training batch after growth, log the loss of the model
+            before and after growth (``growth/loss_before``, ``growth/loss_after``,
+            ``growth/loss_jump``; 0 for function-preserving growth). Keeps a copy of the pre-growth
+            model until then.
         memory: a memory factory (``class_path: ttt_mlp`` + ``init_args``, or any mixer) added to blocks as a
             gated branch ``x + tanh(alpha) * memory(norm(x))``; None = no memory.
         memory_placement: which blocks get it and how (``layers``, ``gate_init``, ``bidirectional``,
@@ -72,6 +83,9 @@ class MMGrowModule(pl.LightningModule):
         init_from: str | None = None,
         memory: MixerFactoryArg | None = None,
         memory_placement: MemoryPlacement | None = None,
+        growth: list[GrowthStrategy] | None = None,
+        train_parameters: str = "all",
+        measure_growth_jump: bool = True,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -80,7 +94,8 @@ class MMGrowModule(pl.LightningModule):
         if init_from is not None and not Path(init_from).exists():
             raise CheckpointError(f"init_from path does not exist: {init_from} (expected a model.safetensors "
                                   "file or a run directory containing one)")
-        self.save_hyperparameters(ignore=["objective"])
+        self.save_hyperparameters(ignore=["objective", "growth"])
+        self.growth = list(growth or [])
         self.vocab = dict(vocab)
         self.mixer = factory_from_spec(mixer) if isinstance(mixer, (dict, list)) else mixer
         self.memory = factory_from_spec(memory) if isinstance(memory, dict) else memory
@@ -93,6 +108,7 @@ class MMGrowModule(pl.LightningModule):
             objective = AutoregressiveObjective()
         self.objective = objective
         self.model: torch.nn.Module | None = None
+        self.growth_stage: GrowthStage | None = None
         self._tokens_seen = torch.zeros((), dtype=torch.long)  # a tensor: counted without a host sync
         self.last_step_tokens = torch.zeros((), dtype=torch.long)  # non-padding tokens of the last training step
 
@@ -109,6 +125,8 @@ class MMGrowModule(pl.LightningModule):
             cfg["memory"] = spec_from_factory(self.memory)
             if self.memory_placement is not None:
                 cfg["memory_placement"] = dataclasses.asdict(self.memory_placement)
+        if self.growth_stage is not None and self.growth_stage.history:
+            cfg["growth"] = self.growth_stage.history
         return cfg
 
     def configure_model(self) -> None:
@@ -129,8 +147,12 @@ class MMGrowModule(pl.LightningModule):
         bind = getattr(self.objective, "bind", None)
         if callable(bind):
             bind(self.model.token_space)
-        if self.hparams.init_from:
-            load_weights_into(self.model, self.hparams.init_from)
+        hp = self.hparams
+        self.growth_stage = prepare_stage(self.model, self.model_config(), hp.init_from, self.growth,
+                                          hp.train_parameters, keep_before=hp.measure_growth_jump)
+        # Not a submodule: the pre-growth copy must stay out of state_dict, optimiser and device moves.
+        self.__dict__["_before_growth"] = self.growth_stage.before
+        self.growth_stage.before = None
 
     # ------------------------------------------------------------------ steps
     def context_parallel(self) -> ContextParallel | None:
@@ -165,7 +187,27 @@ class MMGrowModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
+        if self.__dict__.get("_before_growth") is not None:
+            self._log_growth_jump(batch)
         return self._step(batch, "train")
+
+    @torch.no_grad()
+    def _log_growth_jump(self, batch: TokenBatch) -> None:
+        """Loss of the pre-growth and the grown model on this batch (eval mode: no dropout)."""
+        before = self.__dict__.pop("_before_growth").to(self.device)
+        if self.context_parallel() is not None:
+            return  # the copy would need its own sharded step; not measured under context parallelism
+        ctx = self.objective.context(batch)
+        losses = {}
+        for name, model in (("before", before), ("after", self.model)):
+            was_training = model.training
+            model.eval()
+            losses[name] = self.objective.loss(model(batch.input_ids, ctx), batch)[0]
+            model.train(was_training)
+        kw = {"on_step": True, "on_epoch": False, "batch_size": batch.input_ids.shape[0]}
+        self.log("growth/loss_before", losses["before"], **kw)
+        self.log("growth/loss_after", losses["after"], **kw)
+        self.log("growth/loss_jump", losses["after"] - losses["before"], **kw)
 
     def validation_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
