@@ -119,6 +119,8 @@ class RunSummary(pl.Callback):
             "state_size_per_example": int(state),
             "seq_len": int(seq_len),
             "device": str(pl_module.device),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "growth": getattr(pl_module, "growth_summary", None),
         }
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

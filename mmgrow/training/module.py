@@ -109,6 +109,7 @@ class MMGrowModule(pl.LightningModule):
         self.objective = objective
         self.model: torch.nn.Module | None = None
         self.growth_stage: GrowthStage | None = None
+        self.growth_summary: dict[str, Any] | None = None  # for summary.json
         self._tokens_seen = torch.zeros((), dtype=torch.long)  # a tensor: counted without a host sync
         self.last_step_tokens = torch.zeros((), dtype=torch.long)  # non-padding tokens of the last training step
 
@@ -150,6 +151,11 @@ class MMGrowModule(pl.LightningModule):
         hp = self.hparams
         self.growth_stage = prepare_stage(self.model, self.model_config(), hp.init_from, self.growth,
                                           hp.train_parameters, keep_before=hp.measure_growth_jump)
+        stage = self.growth_stage
+        self.growth_summary = {
+            "history": stage.history, "frozen_parameters": len(stage.frozen),
+            "reports": [{"preserves": r.preserves, "notes": r.notes, "new_parameters": len(r.new_parameters)}
+                        for r in stage.reports]} if stage.history else None
         # Not a submodule: the pre-growth copy must stay out of state_dict, optimiser and device moves.
         self.__dict__["_before_growth"] = self.growth_stage.before
         self.growth_stage.before = None
@@ -204,10 +210,12 @@ class MMGrowModule(pl.LightningModule):
             model.eval()
             losses[name] = self.objective.loss(model(batch.input_ids, ctx), batch)[0]
             model.train(was_training)
-        kw = {"on_step": True, "on_epoch": False, "batch_size": batch.input_ids.shape[0]}
-        self.log("growth/loss_before", losses["before"], **kw)
-        self.log("growth/loss_after", losses["after"], **kw)
-        self.log("growth/loss_jump", losses["after"] - losses["before"], **kw)
+        values = {"growth/loss_before": float(losses["before"]), "growth/loss_after": float(losses["after"]),
+                  "growth/loss_jump": float(losses["after"] - losses["before"])}
+        # Straight to the loggers: a step-0 value would be dropped by log_every_n_steps.
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+        self.growth_summary["loss_jump"] = values
 
     def validation_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
