@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from mmgrow.layers.attention import FullAttention
+from mmgrow.models.factories import factory_from_spec, spec_from_factory
 from mmgrow.models.unified import UnifiedModel
 from mmgrow.protocols import SeqContext
 from mmgrow.training.export import CheckpointError, load_model, load_weights_into, save_model
-from mmgrow.models.factories import factory_from_spec, spec_from_factory
 
 VOCAB = {"text": 11, "video": 7}
 

@@ -262,6 +262,6 @@ def test_bad_arguments_are_named():
 
 def test_zeroing_refuses_a_branch_without_declared_outputs():
     model = _ar(depth=1)
-    model.blocks[0].mlp.residual_outputs = lambda: []
+    model.blocks[0].mlp.residual_outputs = list
     with pytest.raises(GrowthError, match="branch 'mlp'.*declares no residual_outputs"):
         zero_residual_outputs(model.blocks[0])
