@@ -1,6 +1,6 @@
 # mmgrow: the two set-up commands of the README.
 #   make demo  - create .venv, install mmgrow, train the quickstart recipe on CPU, print where the GIFs are
-#   make test  - create .venv if needed, install the dev extras, run the test suite
+#   make test  - create .venv if needed, install the dev, video and text extras, run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,7 +12,7 @@ RUN    ?= runs/quickstart
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23.1"
-	$(PY) -m pip install --quiet -e ".[dev,video]"
+	$(PY) -m pip install --quiet -e ".[dev,video,text]"
 	@touch $(STAMP)
 
 install: $(STAMP)

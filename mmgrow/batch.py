@@ -11,8 +11,12 @@ from mmgrow.protocols import NO_BLOCK, PAD_SEGMENT, MaskSpec, SeqContext
 
 PAD_VALUES: dict[str, float] = {"input_ids": 0, "modality_ids": 0, "positions": 0, "segment_ids": PAD_SEGMENT,
                                 "block_ids": NO_BLOCK, "loss_mask": 0.0, "example_weight": 0.0}
-"""Value of each :class:`TokenBatch` field at a padding token (what ``pad_collate`` and context-parallel
-padding write): in no segment, no block, never a target."""
+"""Value of each per-token :class:`TokenBatch` field at a padding token (what ``pad_collate`` and
+context-parallel padding write): in no segment, no block, never a target. The conditioning fields are
+per row, not per token, and have no entry: padding the sequence leaves them as they are."""
+
+PER_TOKEN_FIELDS: tuple[str, ...] = tuple(PAD_VALUES)
+"""The ``[B, T]`` fields of :class:`TokenBatch` (every field but ``condition`` / ``condition_mask``)."""
 
 
 @dataclass
@@ -28,6 +32,13 @@ class TokenBatch:
         loss_mask:      float, 1 where token ``t`` is a *target* (predicted from ``t-1``), else 0.
         example_weight: float, per-token weight of the example it belongs to (1 unless packing
                         re-weights examples); multiplies the loss.
+        condition:      optional ``[B, S, C]`` float conditioning tokens of each row's example (e.g.
+                        frozen text-encoder embeddings of its caption, read by cross-attention).
+        condition_mask: optional ``[B, S]`` bool, True = a real conditioning token; only with
+                        ``condition`` (None = every conditioning token is real).
+
+    Fields are iterated with :data:`PER_TOKEN_FIELDS` where a ``[B, T]`` tensor is expected (padding,
+    sharding); ``condition`` and ``condition_mask`` may be None and are never sequence-padded.
     """
 
     input_ids: Tensor
@@ -37,23 +48,47 @@ class TokenBatch:
     block_ids: Tensor
     loss_mask: Tensor
     example_weight: Tensor
+    condition: Tensor | None = None
+    condition_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids.shape)
         if len(shape) != 2:
             raise ValueError(f"TokenBatch.input_ids must be [B, T], got {shape}")
-        for f in fields(self):
-            v = getattr(self, f.name)
+        for name in PER_TOKEN_FIELDS:
+            v = getattr(self, name)
             if tuple(v.shape) != shape:
-                raise ValueError(f"TokenBatch.{f.name} has shape {tuple(v.shape)}, expected {shape}")
+                raise ValueError(f"TokenBatch.{name} has shape {tuple(v.shape)}, expected {shape}")
         if self.input_ids.dtype != torch.long:
             raise TypeError(f"TokenBatch.input_ids must be int64, got {self.input_ids.dtype}")
+        self._check_condition(shape[0])
+
+    def _check_condition(self, batch_size: int) -> None:
+        cond, mask = self.condition, self.condition_mask
+        if cond is None:
+            if mask is not None:
+                raise ValueError("TokenBatch.condition_mask is set but condition is None; give both or neither")
+            return
+        if cond.dim() != 3 or cond.shape[0] != batch_size:
+            raise ValueError(f"TokenBatch.condition must be [B, S, C] with B = {batch_size}, got {tuple(cond.shape)}")
+        if not cond.is_floating_point():
+            raise TypeError(f"TokenBatch.condition must be floating point, got {cond.dtype}")
+        if mask is not None:
+            if tuple(mask.shape) != tuple(cond.shape[:2]):
+                raise ValueError(f"TokenBatch.condition_mask has shape {tuple(mask.shape)}, expected "
+                                 f"{tuple(cond.shape[:2])} ([B, S] of condition)")
+            if mask.dtype != torch.bool:
+                raise TypeError(f"TokenBatch.condition_mask must be bool, got {mask.dtype}")
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return replace(self, **{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
 
     def context(self, mask: MaskSpec | None = None, **extra) -> SeqContext:
-        """The :class:`SeqContext` of this batch (segments, blocks and modalities as data)."""
+        """The :class:`SeqContext` of this batch (segments, blocks and modalities as data; the
+        condition when the batch has one, unless ``extra`` gives another)."""
+        if self.condition is not None:
+            extra.setdefault("condition", self.condition)
+            extra.setdefault("condition_mask", self.condition_mask)
         return SeqContext(positions=self.positions, segment_ids=self.segment_ids, block_ids=self.block_ids,
                           modality_ids=self.modality_ids, mask=mask or MaskSpec(), **extra)
 
@@ -66,3 +101,7 @@ class TokenBatch:
     def num_tokens(self) -> int:
         """Non-padding tokens (a host sync on accelerators; use :meth:`token_count` in hot loops)."""
         return int(self.token_count())
+
+
+def _to(value: Tensor | None, device: torch.device | str) -> Tensor | None:
+    return None if value is None else value.to(device)

@@ -4,16 +4,46 @@ Padding tokens: ``input_ids = 0``, ``modality_ids = 0``, ``positions = 0``, ``se
 (:data:`~mmgrow.protocols.PAD_SEGMENT`: they see nothing and nothing sees them),
 ``block_ids = -1``, ``loss_mask = 0``, ``example_weight = 0``. Real tokens have ``segment_ids = 0``
 and ``example_weight = 1``. Packing several examples per row is a separate step (``packing.py``).
+
+Conditioning (:func:`attach_condition`, :func:`pad_collate_with_condition`): each row may carry the
+embeddings of its example's caption, from a frozen :class:`ConditionEncoder`, as
+``TokenBatch.condition [B, S, C]`` + ``condition_mask [B, S]``. One condition belongs to one example,
+so a conditioned row must hold exactly one example (cross-attention per packed segment is not
+supported).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import Tensor
 
 from mmgrow.batch import PAD_VALUES, TokenBatch
 from mmgrow.data.sequence import EncodedSequence
+
+
+@runtime_checkable
+class ConditionEncoder(Protocol):
+    """What conditions a batch: ``encode(texts) -> (embeddings float [B, S, C], mask bool [B, S])``
+    with ``C == latent_dim`` (e.g. :class:`~mmgrow.tokenizers.text_encoder.FrozenTextEncoder`).
+    It should be deterministic and cache repeated texts: it runs on every batch. (``Any`` in the
+    signature: jsonargparse accepts a ``class_path`` only when its annotations match exactly.)"""
+
+    latent_dim: int
+
+    def encode(self, texts: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ConditionedSequence:
+    """One example with the text that conditions it (None: the row gets no condition, e.g. when
+    the caption is the example's target and conditioning on it would leak the answer)."""
+
+    sequence: EncodedSequence
+    text: str | None
 
 
 def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, truncate: bool = False) -> TokenBatch:
@@ -50,3 +80,46 @@ def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, tru
         out["loss_mask"][row, :n] = s.loss_mask[:n]
         out["example_weight"][row, :n] = 1.0
     return TokenBatch(**out)
+
+
+def attach_condition(batch: TokenBatch, texts: Sequence[str | None], encoder: ConditionEncoder) -> TokenBatch:
+    """``batch`` with ``condition [B, S, C]`` / ``condition_mask [B, S]`` = ``encoder.encode`` of each row's text.
+
+    ``texts[b]`` conditions row ``b``; a None row gets zeros and an all-False mask (cross-attention
+    then adds nothing to it). ``S`` is the longest encoded text of the batch (at least 1). Raises
+    when a row packs several examples (``segment_ids > 0``): one row, one condition.
+    """
+    B = batch.input_ids.shape[0]
+    if len(texts) != B:
+        raise ValueError(f"attach_condition: got {len(texts)} texts for a batch of {B} rows; expected one per row")
+    if bool((batch.segment_ids > 0).any()):
+        raise ValueError("attach_condition: a row packs several examples (segment_ids > 0), but a condition "
+                         "belongs to one example and cross-attention per packed segment is not supported; "
+                         "use one example per row (no packing) with a condition_encoder")
+    dim = int(encoder.latent_dim)
+    rows = [b for b, t in enumerate(texts) if t is not None]
+    if not rows:
+        return replace(batch, condition=torch.zeros(B, 1, dim), condition_mask=torch.zeros(B, 1, dtype=torch.bool))
+    emb, mask = encoder.encode([texts[b] for b in rows])
+    name = type(encoder).__name__
+    if not isinstance(emb, Tensor) or emb.dim() != 3 or emb.shape[0] != len(rows) or emb.shape[2] != dim:
+        raise ValueError(f"attach_condition: {name}.encode must return embeddings [{len(rows)}, S, {dim}] "
+                         f"(latent_dim={dim}), got {tuple(getattr(emb, 'shape', ()))}")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(emb.shape[:2]):
+        raise ValueError(f"attach_condition: {name}.encode must return a bool mask {list(emb.shape[:2])}, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    condition = emb.new_zeros(B, emb.shape[1], dim)
+    condition_mask = torch.zeros(B, emb.shape[1], dtype=torch.bool)
+    index = torch.tensor(rows, dtype=torch.long)
+    condition[index], condition_mask[index] = emb, mask
+    return replace(batch, condition=condition, condition_mask=condition_mask)
+
+
+def pad_collate_with_condition(items: Sequence[ConditionedSequence], encoder: ConditionEncoder,
+                               seq_len: int | None = None, truncate: bool = False) -> TokenBatch:
+    """:func:`pad_collate` of the sequences, then :func:`attach_condition` of their texts."""
+    for item in items:
+        if not isinstance(item, ConditionedSequence):
+            raise TypeError(f"pad_collate_with_condition expects ConditionedSequence items, got {type(item).__name__}")
+    batch = pad_collate([item.sequence for item in items], seq_len=seq_len, truncate=truncate)
+    return attach_condition(batch, [item.text for item in items], encoder)

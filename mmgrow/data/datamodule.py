@@ -6,6 +6,16 @@ the model needs (``token_space``, ``vocab``) exist right after ``__init__`` for 
 such as ``data.vocab -> model.vocab``.
 
 Datasets are not a plugin kind yet; :data:`DATASETS` maps the few embedded ones by name.
+
+Conditioning. With a ``condition_encoder`` (e.g. a frozen
+:class:`~mmgrow.tokenizers.text_encoder.FrozenTextEncoder`), every batch also carries the embeddings
+of each row's caption as ``TokenBatch.condition [B, S, C]`` / ``condition_mask [B, S]``, which the
+objective passes on to cross-attention through ``SeqContext``. The encoder runs in the collate
+function: in the main process with the default ``num_workers=0``, in each loader worker otherwise
+(each with its own copy and cache; the encoder is deterministic, so the batches are the same). It
+runs on the CPU and caches per caption, so after the first epoch a batch costs a dictionary lookup
+per row; the condition moves to the accelerator with the rest of the batch. A row holds one
+example, so one caption conditions it.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import mmgrow
 from mmgrow.batch import TokenBatch
-from mmgrow.data.collate import pad_collate
+from mmgrow.data.collate import ConditionedSequence, ConditionEncoder, pad_collate, pad_collate_with_condition
 from mmgrow.data.sequence import EncodedSequence, SequenceBuilder
 from mmgrow.data.synthetic.shapes import ShapesDataset
 from mmgrow.protocols import Task
@@ -31,23 +41,34 @@ DEFAULT_CODECS: dict[str, str] = {"text": "bytes", "video": "pixels"}
 
 
 class TaskSequenceDataset(Dataset):
-    """``dataset[i]`` run through one task and the builder -> :class:`EncodedSequence`.
+    """``dataset[i]`` run through one task and the builder -> :class:`EncodedSequence` (or, with
+    ``conditioned=True``, a :class:`~mmgrow.data.collate.ConditionedSequence` with its condition text).
 
     The task is chosen round-robin by index: sample ``i`` uses ``tasks[i % len(tasks)]``. This is
     deterministic, needs no state shared with loader workers, and with a shuffled sampler every
     batch mixes tasks in equal shares (the dataset draws a fresh random video for every index, so
     every task still sees every combination).
+
+    The condition text of an example is its first ``"text"`` *input* segment (the caption of
+    ``text_to_video``); an example whose text is only a target (``video_to_text``) gets none, since
+    cross-attending to the caption it must predict would leak the answer.
     """
 
-    def __init__(self, dataset: Any, tasks: list[Task], builder: SequenceBuilder) -> None:
-        self.dataset, self.tasks, self.builder = dataset, tasks, builder
+    def __init__(self, dataset: Any, tasks: list[Task], builder: SequenceBuilder, conditioned: bool = False) -> None:
+        self.dataset, self.tasks, self.builder, self.conditioned = dataset, tasks, builder, conditioned
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> EncodedSequence:
+    def __getitem__(self, index: int) -> EncodedSequence | ConditionedSequence:
         task = self.tasks[index % len(self.tasks)]
-        return self.builder.build(task.segments(self.dataset[index]))
+        segments = task.segments(self.dataset[index])
+        sequence = self.builder.build(segments)
+        if not self.conditioned:
+            return sequence
+        text = next((s.raw for s in segments if s.modality == "text" and s.role == "input" and isinstance(s.raw, str)),
+                    None)
+        return ConditionedSequence(sequence, text)
 
 
 class MMDataModule(pl.LightningDataModule):
@@ -59,13 +80,18 @@ class MMDataModule(pl.LightningDataModule):
             order fixes the token-space offsets and ``modality_ids``.
         codec_args: ``{modality: {kwarg: value}}`` for the codecs (e.g. ``{"video": {"grid": 4}}``).
         dataset: name in :data:`DATASETS`.
-        dataset_args: extra keyword arguments of the dataset class (e.g. ``{"frames": 4}``).
+        dataset_args: extra keyword arguments of the dataset class (e.g. ``{"frames": 4}``; for shapes
+            also ``shapes``, ``colours``, ``motions``, ``captions: short | detailed`` ...).
         num_train, num_val: samples in the ``"train"`` and ``"val"`` splits; ``num_val`` also sizes
             the ``"heldout"`` split used by ``test_dataloader`` / ``predict_dataloader``.
         seq_len: pad every batch to this length (an example longer than it is an error), or None to
             pad each batch to its longest example.
         batch_size, num_workers: DataLoader settings.
         seed: seeds the dataset splits and the training shuffle order.
+        condition_encoder: an object with ``latent_dim`` and ``encode(list[str]) -> (emb [B, S, C],
+            mask [B, S])`` (:class:`~mmgrow.data.collate.ConditionEncoder`), e.g. ``class_path:
+            mmgrow.tokenizers.text_encoder.FrozenTextEncoder``; None (default) = no conditioning.
+            Its output width is :attr:`condition_dim` (link it to the model's cross-attention).
     """
 
     def __init__(
@@ -81,9 +107,12 @@ class MMDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        condition_encoder: ConditionEncoder | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # The encoder object (possibly a whole frozen language model) stays out of the hyperparameters
+        # that Lightning pickles into every checkpoint; the recipe's config.yaml records how it was built.
+        self.save_hyperparameters(ignore=["condition_encoder"])
         if isinstance(tasks, str) or not tasks:
             raise ValueError(f"MMDataModule: tasks must be a non-empty list of task names, got {tasks!r}")
         if dataset not in DATASETS:
@@ -108,6 +137,12 @@ class MMDataModule(pl.LightningDataModule):
             if missing:
                 raise ValueError(f"MMDataModule: task {name!r} needs codecs for {missing}; codecs: {sorted(self.codecs)}")
 
+        if condition_encoder is not None and not isinstance(condition_encoder, ConditionEncoder):
+            raise TypeError(f"MMDataModule: condition_encoder must have latent_dim and encode(list[str]) -> "
+                            f"(embeddings, mask), got {type(condition_encoder).__name__}")
+        self.condition_encoder = condition_encoder
+        self.condition_dim: int | None = None if condition_encoder is None else int(condition_encoder.latent_dim)
+
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
         dataset_cls, args = DATASETS[dataset], dict(dataset_args or {})
         self.train_set = dataset_cls(num_samples=num_train, seed=seed, split="train", **args)
@@ -117,13 +152,18 @@ class MMDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        encoder = self.condition_encoder
+        if encoder is None:
+            collate = partial(pad_collate, seq_len=self.seq_len)
+        else:
+            collate = partial(pad_collate_with_condition, encoder=encoder, seq_len=self.seq_len)
         return DataLoader(
-            TaskSequenceDataset(dataset, self.tasks, self.builder),
+            TaskSequenceDataset(dataset, self.tasks, self.builder, conditioned=encoder is not None),
             batch_size=self.batch_size,
             shuffle=shuffle,
             generator=generator,
             num_workers=self.num_workers,
-            collate_fn=partial(pad_collate, seq_len=self.seq_len),
+            collate_fn=collate,
             persistent_workers=self.num_workers > 0,
         )
 

@@ -26,10 +26,18 @@ it: the output and every gradient through those rows are exactly 0, on every bac
 attend to cache + new tokens, with stream indices ``seen .. seen+T-1`` for the queries, so chunked
 prefill and ``T == 1`` decoding reproduce one full pass whenever the chunk boundaries cut no
 visibility (causal masks, and blocks not split across chunks).
+
+**Width growth** (hooks for :mod:`mmgrow.growth`; every subclass inherits them): heads grow in whole
+key/value groups (one key/value head and its ``H // Hk`` query heads, appended after the existing
+ones, so ``H % Hk`` stays 0): :meth:`FullAttention.duplicate_kv_groups` copies groups (Net2Net,
+function-preserving up to rounding), :meth:`FullAttention.add_kv_groups` adds fresh ones for masked
+structural growth. ``head_mask`` (None by default, then free) is a ``GrowthMask`` over the
+``H * hd`` channels before ``out_proj``; it multiplies new heads' outputs by the ramp value.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +47,7 @@ from torch.nn import functional as F
 
 from mmgrow.layers.masks import mask_from_context
 from mmgrow.layers.rope import RotaryEmbedding
+from mmgrow.layers.unit_growth import extend_mask, normal_like, replica_noise, set_linear
 from mmgrow.ops.flex import flex_masked_attention, flex_usable
 from mmgrow.ops.token_meta import TokenMeta, tile_mask
 from mmgrow.protocols import NO_BLOCK, MixerCapabilityError, MixerState, SeqContext, SequenceMixer
@@ -169,6 +178,8 @@ class FullAttention(SequenceMixer):
         self.v_proj = nn.Linear(dim, num_kv_heads * head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
         self.rope = RotaryEmbedding(head_dim, theta=rope_theta)
+        # Masked structural growth: a GrowthMask over the H*hd output channels (None = no cost).
+        self.head_mask: nn.Module | None = None
 
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:
@@ -202,8 +213,10 @@ class FullAttention(SequenceMixer):
             out = self.attend(q, k, v, ctx, dropout_p)
         else:
             out, new_state = self._attend_with_cache(q, k, v, ctx, state, dropout_p)
-        y = self.out_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
-        return y, new_state
+        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        if self.head_mask is not None:
+            out = self.head_mask(out)
+        return self.out_proj(out), new_state
 
     def layer_context(self, ctx: SeqContext) -> SeqContext:
         """The context this layer attends under; subclasses narrow it (a window, local blocks)."""
@@ -287,6 +300,92 @@ class FullAttention(SequenceMixer):
 
     def residual_outputs(self) -> list[nn.Linear]:
         return [self.out_proj]
+
+    # --------------------------------------------------------------------------------------------- width growth
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads per key/value head, ``G = H // Hk``; heads grow in whole groups of ``G``."""
+        return self.num_heads // self.num_kv_heads
+
+    @torch.no_grad()
+    def duplicate_kv_groups(self, sources: Sequence[int] | Tensor, *, noise_std: float = 0.0,
+                            generator: torch.Generator | None = None) -> None:
+        """Net2WiderNet on heads: append ``n = len(sources)`` key/value groups, the new group
+        ``Hk + j`` a copy of group ``sources[j]`` (its key/value head and its ``G`` query heads,
+        weights and biases), so ``H -> H + n G`` and ``Hk -> Hk + n`` and ``H % Hk`` stays 0.
+
+        A copy computes the same head outputs ``o_g [B, T, G hd]`` as its source, so dividing the
+        output-projection columns of a source and of every copy of it by its replication count
+        ``c_g = 1 + #{j : sources[j] = g}`` keeps ``y = sum_g o_g W_o[:, g]^T`` unchanged up to
+        float rounding. With ``noise_std > 0`` replica ``i`` of a source gets ``W_o[:, g] / c_g +
+        eps_i``, ``eps ~ N(0, noise_std)`` centred over the replicas (``sum_i eps_i = 0``): the
+        replicas then get different gradients (symmetry broken) and the sum is still unchanged.
+        Noise is drawn in float32 on the CPU from ``generator`` (the global RNG when None).
+
+        An attached :attr:`head_mask` grows with the channels (a copy inherits its source's
+        entries). KV caches built before the growth no longer fit; build new ones.
+        """
+        src = self._group_indices(sources)
+        if src.numel() == 0:
+            return
+        if noise_std < 0:
+            raise ValueError(f"{type(self).__name__}: noise_std must be >= 0, got {noise_std}")
+        Hk, G, hd, D = self.num_kv_heads, self.kv_group_size, self.head_dim, self.dim
+        groups = torch.cat((torch.arange(Hk), src))  # the source of every group after growth
+        counts = torch.bincount(groups, minlength=Hk)  # replication count c_g
+        for lin, rows in ((self.q_proj, G * hd), (self.k_proj, hd), (self.v_proj, hd)):
+            idx = groups.to(lin.weight.device)
+            bias = None if lin.bias is None else lin.bias.view(Hk, rows)[idx].reshape(-1)
+            set_linear(lin, lin.weight.view(Hk, rows, D)[idx].reshape(-1, D), bias)
+        w_o = self.out_proj.weight
+        scale = counts[groups].to(device=w_o.device, dtype=w_o.dtype)[None, :, None]
+        w_new = w_o.view(D, Hk, G * hd)[:, groups.to(w_o.device)] / scale  # [D, Hk + n, G hd]
+        if noise_std > 0:
+            w_new = w_new + replica_noise(w_new.shape, groups, counts, noise_std, w_o, generator)
+        set_linear(self.out_proj, w_new.reshape(D, -1), None)
+        if self.head_mask is not None:
+            is_new = self.head_mask.is_new
+            extend_mask(self.head_mask, is_new.view(Hk, G * hd)[src.to(is_new.device)].reshape(-1))
+        self.num_heads += src.numel() * G
+        self.num_kv_heads += src.numel()
+
+    @torch.no_grad()
+    def add_kv_groups(self, count: int, *, init_std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Append ``count`` freshly initialised key/value groups (``count`` key/value heads and
+        ``count * G`` query heads): new q/k/v rows and output-projection columns
+        ``~ N(0, init_std)`` (drawn in float32 on the CPU from ``generator``, the global RNG when
+        None), new biases 0.
+
+        On their own the new heads change the function. Masked structural growth puts them behind
+        :attr:`head_mask` (a ``GrowthMask`` at value 0 on their channels), so they add exactly
+        ``0 * o`` to the channels before ``out_proj``. An attached head_mask grows here, the new
+        channels marked new; attaching one when there is none is the caller's business.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{type(self).__name__}: count must be an int >= 0, got {count!r}")
+        if count == 0:
+            return
+        G, hd, D = self.kv_group_size, self.head_dim, self.dim
+        for lin, rows in ((self.q_proj, count * G * hd), (self.k_proj, count * hd), (self.v_proj, count * hd)):
+            weight = torch.cat((lin.weight, normal_like((rows, D), init_std, lin.weight, generator)))
+            bias = None if lin.bias is None else torch.cat((lin.bias, lin.bias.new_zeros(rows)))
+            set_linear(lin, weight, bias)
+        w_o = self.out_proj.weight
+        set_linear(self.out_proj, torch.cat((w_o, normal_like((D, count * G * hd), init_std, w_o, generator)), dim=1),
+                    None)
+        if self.head_mask is not None:
+            extend_mask(self.head_mask, torch.ones(count * G * hd, dtype=torch.bool))
+        self.num_heads += count * G
+        self.num_kv_heads += count
+
+    def _group_indices(self, sources: Sequence[int] | Tensor) -> Tensor:
+        """``sources`` as a 1-D int64 CPU tensor of key/value group indices in ``[0, Hk)``."""
+        src = torch.as_tensor(sources, dtype=torch.long).cpu().reshape(-1)
+        if src.numel() and (int(src.min()) < 0 or int(src.max()) >= self.num_kv_heads):
+            raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): source groups must lie in "
+                             f"[0, {self.num_kv_heads}) (key/value heads), got {src.tolist()}")
+        return src
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, layer_idx={self.layer_idx}, num_heads={self.num_heads}, "

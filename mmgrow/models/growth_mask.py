@@ -1,7 +1,7 @@
 """Masks of masked structural growth (MSG, Yao et al. 2024, arXiv 2305.02869).
 
 A structure added by growth (a block, FFN units, attention heads) has its output multiplied by a
-mask ``m`` that a callback ramps from 0 to 1 (:class:`~mmgrow.training.callbacks.GrowthMaskRamp`).
+mask ``m`` that a callback ramps from 0 to 1 (:class:`~mmgrow.training.growth_ramp.GrowthMaskRamp`).
 At ``m = 0`` the new structure contributes exactly 0 whatever its weights, so growth preserves the
 function bit for bit; as ``m`` rises the new weights take part smoothly.
 

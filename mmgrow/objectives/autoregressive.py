@@ -190,8 +190,14 @@ class AutoregressiveObjective(Objective):
         batches and lets attention use its unmasked causal kernel. Modality ids are kept;
         ``block_ids`` are always dropped -- a bidirectional frame block would let position ``t-1``
         see token ``t`` and leak the target. ``extra`` goes to :class:`SeqContext` (``condition``,
-        ``timestep``, ``cp`` ...); a ``mask=`` in it must be causal.
+        ``timestep``, ``cp`` ...); a ``mask=`` in it must be causal. The batch's own ``condition`` /
+        ``condition_mask`` (caption embeddings from the data module) are passed on when it has them and
+        ``extra`` gives none; a model without cross-attention never reads them.
         """
+        condition = getattr(batch, "condition", None)
+        if condition is not None:
+            extra.setdefault("condition", condition)
+            extra.setdefault("condition_mask", getattr(batch, "condition_mask", None))
         mask = extra.pop("mask", None) or MaskSpec(causal=True)
         if not mask.causal:
             raise ValueError("AutoregressiveObjective needs a causal mask; got MaskSpec(causal=False), which "
@@ -330,7 +336,8 @@ class AutoregressiveObjective(Objective):
     def generate(self, model: nn.Module, prompt_ids: Tensor, *, modality: str, max_new_tokens: int,
                  modality_ids: Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
                  greedy: bool = False, constraint: Constraint | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, condition: Tensor | None = None,
+                 condition_mask: Tensor | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens of ``modality`` after ``prompt_ids``.
 
         ``prompt_ids [B, T0]`` global ids (``T0 >= 1``), ``modality_ids [B, T0]`` (default: derived
@@ -341,7 +348,9 @@ class AutoregressiveObjective(Objective):
         quadratic cost). Step ``k``: logits of the modality head at the last position; disallowed ids
         of ``constraint(k)`` set to ``-inf``; then greedy argmax (``greedy=True``), or ``top_k``
         filtering and sampling from ``softmax(logits / temperature)`` with ``generator``.
-        The model runs in eval mode (restored afterwards) without gradients.
+        The model runs in eval mode (restored afterwards) without gradients. ``condition [B, S, C]``
+        and ``condition_mask [B, S]`` (text-encoder embeddings of the prompt) are handed to every
+        step's context, for models with cross-attention branches.
         """
         space: TokenSpace = _as_token_space(model.token_space)
         if modality not in space.modalities:
@@ -375,7 +384,8 @@ class AutoregressiveObjective(Objective):
             if stateful:
                 param = next(model.parameters())
                 states = model.init_states(batch_size, device, param.dtype)
-            out = model(ids, self._decode_context(mods, 0), states=states)
+            cond = {"condition": condition, "condition_mask": condition_mask}
+            out = model(ids, self._decode_context(mods, 0, **cond), states=states)
             generated = []
             for step in range(max_new_tokens):
                 logits = out.logits(out.hidden[:, -1], modality)          # [B, V]
@@ -389,21 +399,23 @@ class AutoregressiveObjective(Objective):
                         raise RuntimeError(f"{type(model).__name__}.supports_state is True but its forward returned "
                                            "no states; cannot decode step by step")
                     start = prompt_len + step
-                    out = model(next_ids, self._decode_context(new_modality, start), states=out.states)
+                    out = model(next_ids, self._decode_context(new_modality, start, **cond), states=out.states)
                 else:
                     ids = torch.cat([ids, next_ids], dim=1)
                     mods = torch.cat([mods, new_modality], dim=1)
-                    out = model(ids, self._decode_context(mods, 0), states=None)
+                    out = model(ids, self._decode_context(mods, 0, **cond), states=None)
             return torch.stack(generated, dim=1)
         finally:
             model.train(was_training)
 
     @staticmethod
-    def _decode_context(modality_ids: Tensor, start: int) -> SeqContext:
+    def _decode_context(modality_ids: Tensor, start: int, condition: Tensor | None = None,
+                        condition_mask: Tensor | None = None) -> SeqContext:
         """Context of tokens at positions ``start .. start+T-1``: one example per row, causal."""
         batch_size, length = modality_ids.shape
         positions = torch.arange(start, start + length, device=modality_ids.device).expand(batch_size, length)
-        return SeqContext(positions=positions.contiguous(), modality_ids=modality_ids, mask=MaskSpec(causal=True))
+        return SeqContext(positions=positions.contiguous(), modality_ids=modality_ids, mask=MaskSpec(causal=True),
+                          condition=condition, condition_mask=condition_mask)
 
     @staticmethod
     def _pick(logits: Tensor, step: int, constraint: Constraint | None, greedy: bool, temperature: float,

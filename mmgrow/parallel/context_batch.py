@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmgrow.batch import PAD_VALUES, TokenBatch
+from mmgrow.batch import PAD_VALUES, PER_TOKEN_FIELDS, TokenBatch
 from mmgrow.parallel.sharding import shard, shard_context, shard_multiple
 from mmgrow.protocols import PAD_SEGMENT, ContextParallel, MixerCapabilityError, SeqContext, SequenceMixer
 
@@ -43,10 +43,10 @@ def pad_to_multiple(batch: TokenBatch, multiple: int) -> TokenBatch:
     if extra == 0:
         return batch
     padded = {}
-    for f in fields(batch):
-        value: Tensor = getattr(batch, f.name)
-        tail = value.new_full((value.shape[0], extra), PAD_VALUES[f.name])
-        padded[f.name] = torch.cat([value, tail], dim=1)
+    for name in PER_TOKEN_FIELDS:  # the condition [B, S, C] is per row, not per token: kept as is
+        value: Tensor = getattr(batch, name)
+        tail = value.new_full((value.shape[0], extra), PAD_VALUES[name])
+        padded[name] = torch.cat([value, tail], dim=1)
     return replace(batch, **padded)
 
 

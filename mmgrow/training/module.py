@@ -24,6 +24,8 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.batch import TokenBatch
+from mmgrow.growth.base import strategy_from_spec
+from mmgrow.models.cross_condition import CrossAttentionConfig
 from mmgrow.models.factories import factory_from_spec, spec_from_factory
 from mmgrow.models.gated_memory import MemoryPlacement
 from mmgrow.protocols import ContextParallel, GrowthStrategy, Objective, SequenceMixer
@@ -64,6 +66,9 @@ class MMGrowModule(pl.LightningModule):
             gated branch ``x + tanh(alpha) * memory(norm(x))``; None = no memory.
         memory_placement: which blocks get it and how (``layers``, ``gate_init``, ``bidirectional``,
             ``modality_gates``; :class:`~mmgrow.models.gated_memory.MemoryPlacement`).
+        cross_attention: cross-attention branches on the batch's condition (text-encoder
+            embeddings from ``data.condition_encoder``): ``cond_dim``, ``num_heads``, ``layers``,
+            ``gated`` ... (:class:`~mmgrow.models.cross_condition.CrossAttentionConfig`); None = none.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class MMGrowModule(pl.LightningModule):
         init_from: str | None = None,
         memory: MixerFactoryArg | None = None,
         memory_placement: MemoryPlacement | None = None,
+        cross_attention: CrossAttentionConfig | None = None,
         growth: list[GrowthStrategy] | None = None,
         train_parameters: str = "all",
         measure_growth_jump: bool = True,
@@ -95,13 +101,16 @@ class MMGrowModule(pl.LightningModule):
             raise CheckpointError(f"init_from path does not exist: {init_from} (expected a model.safetensors "
                                   "file or a run directory containing one)")
         self.save_hyperparameters(ignore=["objective", "growth"])
-        self.growth = list(growth or [])
+        self.growth = [strategy_from_spec(s) for s in growth or []]  # bad specs fail here, not mid-setup
         self.vocab = dict(vocab)
         self.mixer = factory_from_spec(mixer) if isinstance(mixer, (dict, list)) else mixer
         self.memory = factory_from_spec(memory) if isinstance(memory, dict) else memory
         if isinstance(memory_placement, dict):
             memory_placement = MemoryPlacement(**memory_placement)
         self.memory_placement = memory_placement
+        if isinstance(cross_attention, dict):
+            cross_attention = CrossAttentionConfig(**cross_attention)
+        self.cross_attention = cross_attention
         if objective is None:
             from mmgrow.objectives.autoregressive import AutoregressiveObjective
 
@@ -126,6 +135,8 @@ class MMGrowModule(pl.LightningModule):
             cfg["memory"] = spec_from_factory(self.memory)
             if self.memory_placement is not None:
                 cfg["memory_placement"] = dataclasses.asdict(self.memory_placement)
+        if self.cross_attention is not None:
+            cfg["cross_attention"] = dataclasses.asdict(self.cross_attention)
         if self.growth_stage is not None and self.growth_stage.history:
             cfg["growth"] = self.growth_stage.history
         return cfg
@@ -144,6 +155,8 @@ class MMGrowModule(pl.LightningModule):
         if self.memory is not None:
             kwargs["memory"] = self.memory
             kwargs["memory_placement"] = self.memory_placement
+        if self.cross_attention is not None:
+            kwargs["cross_attention"] = self.cross_attention
         self.model = UnifiedModel(**kwargs)
         bind = getattr(self.objective, "bind", None)
         if callable(bind):
@@ -191,6 +204,13 @@ class MMGrowModule(pl.LightningModule):
             if k != "loss":
                 self.log(f"{stage}/{k}", v, **kw)
         return loss
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The growth-mask ramp when a strategy of this stage added masked structures (MSG)."""
+        from mmgrow.training.growth_ramp import GrowthMaskRamp
+
+        ramp = GrowthMaskRamp.from_strategies(self.growth)
+        return [ramp] if ramp is not None else []
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
         if self.__dict__.get("_before_growth") is not None:

@@ -59,9 +59,14 @@ class _HeldOutSampler(pl.Callback):
         prefix = codec.generation_prefix()
         ids = torch.cat([prompt, space.to_global(prefix, self.modality)])[None].to(pl_module.device)
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        cond = {}
+        encoder = getattr(dm, "condition_encoder", None)
+        if encoder is not None and prompt_segment.modality == "text":  # the prompt's text, as in training
+            emb, mask = encoder.encode([prompt_segment.raw])
+            cond = {"condition": emb.to(pl_module.device), "condition_mask": mask.to(pl_module.device)}
         new = pl_module.objective.generate(
             pl_module.model, ids, modality=self.modality, max_new_tokens=max_new_tokens, greedy=self.greedy,
-            temperature=self.temperature, top_k=self.top_k, constraint=constraint, generator=gen)[0].cpu()
+            temperature=self.temperature, top_k=self.top_k, constraint=constraint, generator=gen, **cond)[0].cpu()
         return codec.decode(torch.cat([prefix, new[: codec.generation_length(new)]]))
 
 

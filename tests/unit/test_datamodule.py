@@ -100,3 +100,23 @@ def test_errors():
         small(codec_args={"audio": {}})
     with pytest.raises(ValueError, match="tasks must be a non-empty list"):
         small(tasks="text_to_video")
+
+
+def test_stage_options_reach_every_split_through_dataset_args():
+    stage = {"frames": 2, "size": 16, "shapes": ["square", "cross"], "colours": ["red", "green", "blue"],
+             "captions": "detailed"}
+    dm = small(dataset_args=stage)
+    for ds in (dm.train_set, dm.val_set, dm.test_set):
+        assert ds.shapes == ("square", "cross") and ds.colours == ("red", "green", "blue") and ds.captions == "detailed"
+    assert set(dm.test_set.heldout) == {("square", "red", "left"), ("cross", "blue", "up")}
+    text = dm.token_space.index("text")
+    for loader, ds in ((dm.val_dataloader(), dm.val_set), (dm.test_dataloader(), dm.test_set)):
+        batch = next(iter(loader))
+        for r in range(batch.input_ids.shape[0]):
+            ids = batch.input_ids[r][(batch.modality_ids[r] == text) & (batch.segment_ids[r] >= 0)]
+            caption = dm.codecs["text"].decode(ids - dm.token_space.offset("text"))
+            assert caption == ds[r].text and ", one cell per frame for 2 frames, starting at the " in caption
+            assert ds[r].meta["shape"] in stage["shapes"] and ds[r].meta["colour"] in stage["colours"]
+    assert [cap for cap, _ in dm.heldout_prompts()] == dm.train_set.heldout_captions()
+    with pytest.raises(ValueError, match=r"unknown: \['hexagon'\]"):
+        small(dataset_args={"shapes": ["hexagon"]})

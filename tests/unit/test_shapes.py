@@ -157,3 +157,96 @@ def test_centred_start_is_deterministic_given_the_caption():
             assert torch.equal(by_caption[s.text], s.media["video"])
         by_caption[s.text] = s.media["video"]
     assert len(by_caption) > 40
+
+
+# ------------------------------------------------------------------ stage filters and detailed captions
+
+STAGE2 = {"shapes": ["ring", "bar"], "colours": ["yellow", "cyan", "magenta"]}
+
+
+def test_shape_and_colour_filters_are_honoured_and_heldout_stays_consistent():
+    from mmgrow.data.synthetic.shapes import describe_video
+
+    allowed = {(s, c, m) for s in STAGE2["shapes"] for c in STAGE2["colours"] for m in STEP}
+    heldout = {("ring", "yellow", "right"), ("ring", "cyan", "down")}  # HELDOUT_COMBOS within the filters
+    seen = set()
+    for split in ("train", "val"):
+        ds = ShapesDataset(num_samples=400, seed=0, split=split, **STAGE2)
+        assert set(ds.heldout) == heldout
+        for i in range(len(ds)):
+            s = ds[i]
+            seen.add((s.meta["shape"], s.meta["colour"], s.meta["motion"]))
+            if i < 40:  # the pixels show what the metadata says
+                assert describe_video(cells_of(s.media["video"])) == s.meta
+    assert seen == allowed - heldout  # 800 draws over 22 combinations: each one shows up
+    ds = ShapesDataset(num_samples=4, split="heldout", **STAGE2)
+    assert {(ds[i].meta["shape"], ds[i].meta["colour"], ds[i].meta["motion"]) for i in range(4)} == heldout
+    # colours outside the default six (any palette colour but the background) can be chosen too
+    extra = ShapesDataset(num_samples=50, shapes=["bar"], colours=["white", "orange"], motions=["up", "down"],
+                          heldout=[("bar", "white", "up")])
+    assert {extra[i].meta["colour"] for i in range(50)} == {"white", "orange"}
+
+
+def test_filter_and_caption_errors_name_the_valid_choices():
+    with pytest.raises(ValueError, match=r"valid ones: square, cross, ring, bar; got \['hexagon'\] \(unknown: \['hexagon'\]\)"):
+        ShapesDataset(shapes=["hexagon"])
+    with pytest.raises(ValueError, match=r"colours must be distinct names from the valid ones: white, grey, red.*"
+                                         r"\(unknown: \['black'\]\)"):
+        ShapesDataset(colours=["red", "black"])
+    with pytest.raises(ValueError, match=r"unknown captions style 'long'; expected one of \('short', 'detailed'\)"):
+        ShapesDataset(captions="long")
+    with pytest.raises(ValueError, match=r"no default held-out combination uses only shapes=\['bar'\].*pass heldout="):
+        ShapesDataset(split="heldout", shapes=["bar"], colours=["white", "orange"])
+
+
+def test_position_words_and_one_full_detailed_caption():
+    from mmgrow.data.synthetic.shapes import detailed_caption, position_words
+
+    assert position_words("square", (0, 0), 8) == "top left"
+    assert position_words("square", (5, 5), 8) == "bottom right"
+    assert position_words("square", (2, 2), 8) == "centre"
+    assert position_words("square", (0, 2), 8) == "top"
+    assert position_words("bar", (3, 0), 8) == "left"
+    assert detailed_caption("bar", "red", "up", (3, 0), frames=4, grid=8) == (
+        "a red bar moves up, one cell per frame for 4 frames, starting at the left of a black 8 by 8 grid; "
+        "the bar is medium-sized, 3 cells wide and 1 cell tall")
+
+
+def _words_of_position(video, grid):
+    """Start position in words, read from the first frame's pixels: thirds of the grid around the
+    centre of the shape's bounding box."""
+    on = (cells_of(video, grid)[0] != 0).any(-1)
+    rows, cols = on.any(1).nonzero()[:, 0], on.any(0).nonzero()[:, 0]
+    centre_r = (int(rows[0]) + int(rows[-1]) + 1) / 2 / grid
+    centre_c = (int(cols[0]) + int(cols[-1]) + 1) / 2 / grid
+    v = "top" if centre_r < 1 / 3 else "bottom" if centre_r > 2 / 3 else ""
+    h = "left" if centre_c < 1 / 3 else "right" if centre_c > 2 / 3 else ""
+    return " ".join(w for w in (v, h) if w) or "centre"
+
+
+@pytest.mark.parametrize("cfg, size_word", [({"frames": 6, "grid": 8, "size": 32}, "medium-sized"),
+                                            ({"frames": 4, "grid": 12, "size": 24}, "small"),
+                                            ({"frames": 2, "grid": 4, "size": 8}, "large")])
+def test_detailed_captions_are_deterministic_and_name_every_attribute(cfg, size_word):
+    detailed = ShapesDataset(num_samples=60, seed=5, captions="detailed", **cfg)
+    again = ShapesDataset(num_samples=60, seed=5, captions="detailed", **cfg)
+    short = ShapesDataset(num_samples=60, seed=5, **cfg)
+    positions = set()
+    for i in range(60):
+        s, t = detailed[i], short[i]
+        assert s.text == again[i].text and torch.equal(s.media["video"], t.media["video"]) and s.meta == t.meta
+        shape, colour, motion = s.meta["shape"], s.meta["colour"], s.meta["motion"]
+        h, w = len(EXPECTED_CELLS[shape]), len(EXPECTED_CELLS[shape][0])
+        position = _words_of_position(s.media["video"], cfg["grid"])
+        positions.add(position)
+        assert s.text == (f"{t.text}, one cell per frame for {cfg['frames']} frames, starting at the {position} of a "
+                          f"black {cfg['grid']} by {cfg['grid']} grid; the {shape} is {size_word}, {w} cells wide and "
+                          f"{h} {'cell' if h == 1 else 'cells'} tall"), s.text
+        assert t.text == f"a {colour} {shape} moves {motion}"  # "short" is today's caption exactly
+    assert len(positions) >= 3  # random starts give several position words
+
+
+def test_detailed_heldout_prompts_describe_the_centred_video():
+    ds = ShapesDataset(num_samples=len(HELDOUT_COMBOS), split="heldout", captions="detailed", random_start=False)
+    assert [ds[i].text for i in range(len(ds))] == ds.heldout_captions() == [p[0] for p in ds.heldout_prompts()]
+    assert all(cap.startswith(f"a {c} {s} moves {m}, ") for cap, (s, c, m) in zip(ds.heldout_captions(), HELDOUT_COMBOS))

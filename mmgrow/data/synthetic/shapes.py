@@ -1,7 +1,15 @@
 """Moving shapes: an embedded, seeded text-video dataset (nothing downloaded).
 
 Each sample is a short video of one coloured shape on a black background moving one grid cell per
-frame in a straight line, with the caption ``"a <colour> <shape> moves <motion>"``.
+frame in a straight line, with the caption ``"a <colour> <shape> moves <motion>"`` (``captions="short"``)
+or an attribute-complete one (``captions="detailed"``, :func:`detailed_caption`)::
+
+    a red square moves left, one cell per frame for 6 frames, starting at the top right of a black
+    8 by 8 grid; the square is medium-sized, 3 cells wide and 3 cells tall
+
+``shapes`` / ``colours`` / ``motions`` restrict what is drawn, so a curriculum can train a first
+stage on some shapes and colours with short captions and a second stage on new ones with detailed
+captions (both through ``MMDataModule(dataset_args={...})``).
 
 Drawing happens on a coarse grid of ``grid x grid`` cells (``size / grid`` pixels each), every cell
 one exact palette colour of :data:`mmgrow.tokenizers.pixels.DEFAULT_PALETTE`, so the pixel codec
@@ -58,11 +66,51 @@ HELDOUT_COMBOS: tuple[tuple[str, str, str], ...] = (
 """(shape, colour, motion) triples that appear only in the ``"heldout"`` split."""
 
 SPLITS = ("train", "val", "heldout")
+CAPTION_STYLES = ("short", "detailed")
 
 
 def caption(shape: str, colour: str, motion: str) -> str:
     """The caption of a combination: ``"a red square moves left"``."""
     return f"a {colour} {shape} moves {motion}"
+
+
+def size_word(shape: str, grid: int) -> str:
+    """How big ``shape`` looks on a ``grid``-cell frame, from its longer side ``e`` in cells:
+    ``"small"`` when ``e <= grid / 4``, ``"medium-sized"`` when ``e <= grid / 2``, else ``"large"``."""
+    extent = max(len(SHAPES[shape]), len(SHAPES[shape][0]))
+    if 4 * extent <= grid:
+        return "small"
+    return "medium-sized" if 2 * extent <= grid else "large"
+
+
+def position_words(shape: str, start: tuple[int, int], grid: int) -> str:
+    """Where the shape's centre lies in the first frame, by thirds of the grid: ``"top left"``,
+    ``"top"``, ``"centre"``, ``"bottom right"`` ... (``start`` = its top-left cell ``(row, col)``).
+
+    The centre along an axis is at ``(2 * start + extent) / (2 * grid)`` of the frame; below 1/3 is
+    top / left, above 2/3 is bottom / right (integer comparisons, so no rounding decides a word).
+    """
+    def third(first: int, extent: int, low: str, high: str) -> str:
+        twice_centre = 2 * first + extent  # in half cells
+        if 3 * twice_centre < 2 * grid:
+            return low
+        return high if 3 * twice_centre > 4 * grid else ""
+
+    rows, cols = len(SHAPES[shape]), len(SHAPES[shape][0])
+    words = [w for w in (third(start[0], rows, "top", "bottom"), third(start[1], cols, "left", "right")) if w]
+    return " ".join(words) or "centre"
+
+
+def detailed_caption(shape: str, colour: str, motion: str, start: tuple[int, int], frames: int, grid: int,
+                     background: str = BACKGROUND) -> str:
+    """The short caption followed by every other attribute of the video, deterministically:
+    speed and number of frames, start position in words (:func:`position_words`), background and
+    grid, size in words (:func:`size_word`) and in cells."""
+    rows, cols = len(SHAPES[shape]), len(SHAPES[shape][0])
+    plural = "frame" if frames == 1 else "frames"
+    return (f"{caption(shape, colour, motion)}, one cell per frame for {frames} {plural}, starting at the "
+            f"{position_words(shape, start, grid)} of a {background} {grid} by {grid} grid; the {shape} is "
+            f"{size_word(shape, grid)}, {cols} cells wide and {rows} {'cell' if rows == 1 else 'cells'} tall")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -81,13 +129,18 @@ class ShapesDataset(torch.utils.data.Dataset):
         seed: base seed; samples depend on ``(seed, split, index)`` only.
         split: ``"train"`` / ``"val"`` (all combinations except the held-out ones, uniformly) or
             ``"heldout"`` (cycles through the held-out combinations).
-        shapes, colours, motions: subsets of :data:`SHAPES`, palette colour names, :data:`MOTIONS`.
+        shapes, colours, motions: the names drawn, subsets of :data:`SHAPES`, the palette's colours
+            (not the background) and :data:`MOTIONS`; None = all shapes and motions and the
+            :data:`COLOURS`. An unknown name is an error listing the valid ones.
         heldout: held-out (shape, colour, motion) triples; default :data:`HELDOUT_COMBOS` restricted
-            to the chosen shapes, colours and motions.
+            to the chosen shapes, colours and motions (may be empty: then give ``heldout`` to use
+            ``split="heldout"``). Restricting never puts a held-out triple into train / val.
         random_start: draw the start cell at random within the range that keeps every frame inside
             the grid (default), or start at the centre of that range, so the caption alone
             determines the video (the quickstart uses this: a 3-minute CPU run can then learn to
             compose colour, shape and motion for unseen captions).
+        captions: ``"short"`` (:func:`caption`) or ``"detailed"`` (:func:`detailed_caption`, which
+            also names the start position, so it depends on the drawn start).
     """
 
     def __init__(
@@ -103,6 +156,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         motions: Sequence[str] | None = None,
         heldout: Sequence[Sequence[str]] | None = None,
         random_start: bool = True,
+        captions: str = "short",
     ) -> None:
         for name, value, low in (("num_samples", num_samples, 0), ("frames", frames, 1), ("size", size, 1),
                                  ("grid", grid, 1)):
@@ -112,6 +166,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"ShapesDataset: size={size} must be a multiple of grid={grid}")
         if split not in SPLITS:
             raise ValueError(f"ShapesDataset: unknown split {split!r}; expected one of {SPLITS}")
+        if captions not in CAPTION_STYLES:
+            raise ValueError(f"ShapesDataset: unknown captions style {captions!r}; expected one of {CAPTION_STYLES}")
+        self.captions = captions
         self.shapes = _subset("shapes", shapes, tuple(SHAPES))
         self.colours = _subset("colours", colours, COLOURS, allowed=tuple(c for c in DEFAULT_PALETTE if c != BACKGROUND))
         self.motions = _subset("motions", motions, tuple(MOTIONS))
@@ -137,7 +194,9 @@ class ShapesDataset(torch.utils.data.Dataset):
                 raise ValueError(f"ShapesDataset: {missing} would never appear in training; every part of a "
                                  "held-out combination must also occur in a seen combination")
         if split == "heldout" and not self.heldout:
-            raise ValueError("ShapesDataset: split='heldout' but there are no held-out combinations")
+            raise ValueError(f"ShapesDataset: split='heldout' but no default held-out combination uses only "
+                             f"shapes={list(self.shapes)}, colours={list(self.colours)}, motions={list(self.motions)}; "
+                             "pass heldout=[[shape, colour, motion], ...] from those")
 
     def _check_fits(self) -> None:
         travel = self.frames - 1
@@ -152,9 +211,16 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    def caption_of(self, shape: str, colour: str, motion: str, start: tuple[int, int]) -> str:
+        """The caption of a video in this dataset's ``captions`` style (``start`` = first top-left cell)."""
+        if self.captions == "short":
+            return caption(shape, colour, motion)
+        return detailed_caption(shape, colour, motion, start, self.frames, self.grid)
+
     def heldout_captions(self) -> list[str]:
-        """Captions of the held-out combinations, in :attr:`heldout` order."""
-        return [caption(*c) for c in self.heldout]
+        """Captions of the held-out combinations, in :attr:`heldout` order. Detailed captions describe
+        the centred start (the one ``random_start=False`` draws), so they are prompts for one video."""
+        return [self.caption_of(*c, self.centred_start(c[0], c[2])) for c in self.heldout]
 
     @staticmethod
     def describe(frames: Tensor) -> dict[str, str | None]:
@@ -164,7 +230,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def heldout_prompts(self) -> list[tuple[str, dict[str, str]]]:
         """``(caption, {"shape", "colour", "motion"})`` for each held-out combination."""
-        return [(caption(*c), _meta(*c)) for c in self.heldout]
+        return [(text, _meta(*c)) for text, c in zip(self.heldout_captions(), self.heldout)]
 
     def __getitem__(self, index: int) -> Sample:
         if not -self.num_samples <= index < self.num_samples:
@@ -176,23 +242,44 @@ class ShapesDataset(torch.utils.data.Dataset):
             shape, colour, motion = self.heldout[index % len(self.heldout)]
         else:
             shape, colour, motion = rng.choice(self.seen)
-        video = self.render(shape, colour, motion, rng)
-        return Sample(media={"video": video}, text=caption(shape, colour, motion), meta=_meta(shape, colour, motion))
+        start = self.start_cell(shape, motion, rng)
+        video = self.draw(shape, colour, motion, start)
+        return Sample(media={"video": video}, text=self.caption_of(shape, colour, motion, start),
+                      meta=_meta(shape, colour, motion))
+
+    def _start_ranges(self, shape: str, motion: str) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Inclusive (row, column) ranges of the first top-left cell that keep every frame inside the
+        grid: ``r0 + d_row * t`` in ``[0, grid - rows]`` for all ``t < frames``."""
+        rows, cols = len(SHAPES[shape]), len(SHAPES[shape][0])
+        d_row, d_col = MOTIONS[motion]
+        travel = self.frames - 1
+        return ((max(0, -d_row * travel), self.grid - rows - max(0, d_row * travel)),
+                (max(0, -d_col * travel), self.grid - cols - max(0, d_col * travel)))
+
+    def centred_start(self, shape: str, motion: str) -> tuple[int, int]:
+        """The centre of the allowed start range (what ``random_start=False`` uses)."""
+        r_range, c_range = self._start_ranges(shape, motion)
+        return sum(r_range) // 2, sum(c_range) // 2
+
+    def start_cell(self, shape: str, motion: str, rng: random.Random) -> tuple[int, int]:
+        """The first top-left cell ``(row, col)``: random within the allowed range, or centred."""
+        if not self.random_start:  # the caption alone determines the video
+            return self.centred_start(shape, motion)
+        r_range, c_range = self._start_ranges(shape, motion)
+        return rng.randint(*r_range), rng.randint(*c_range)
 
     def render(self, shape: str, colour: str, motion: str, rng: random.Random) -> Tensor:
         """``uint8 [frames, size, size, 3]``: the shape at a random (or, with ``random_start=False``,
         centred) start, stepping one cell per frame."""
+        return self.draw(shape, colour, motion, self.start_cell(shape, motion, rng))
+
+    def draw(self, shape: str, colour: str, motion: str, start: tuple[int, int]) -> Tensor:
+        """``uint8 [frames, size, size, 3]``: the shape's top-left cell at ``start`` in frame 0,
+        stepping one cell per frame in the direction of ``motion``."""
         mask = torch.tensor([[ch == "#" for ch in row] for row in SHAPES[shape]])
         rows, cols = mask.shape
         d_row, d_col = MOTIONS[motion]
-        travel = self.frames - 1
-        # Start range keeps every frame inside the grid: r0 + d_row * t in [0, grid - rows] for all t.
-        r_range = (max(0, -d_row * travel), self.grid - rows - max(0, d_row * travel))
-        c_range = (max(0, -d_col * travel), self.grid - cols - max(0, d_col * travel))
-        if self.random_start:
-            r0, c0 = rng.randint(*r_range), rng.randint(*c_range)
-        else:  # centre of the allowed range: the caption alone determines the video
-            r0, c0 = sum(r_range) // 2, sum(c_range) // 2
+        r0, c0 = start
         cells = torch.zeros(self.frames, self.grid, self.grid, 3, dtype=torch.uint8)
         cells[:] = torch.tensor(DEFAULT_PALETTE[BACKGROUND], dtype=torch.uint8)
         rgb = torch.tensor(DEFAULT_PALETTE[colour], dtype=torch.uint8)
@@ -217,7 +304,9 @@ def _subset(what: str, chosen: Sequence[str] | None, default: tuple[str, ...],
     values = tuple(chosen)
     bad = [v for v in values if v not in allowed]
     if bad or not values or len(set(values)) != len(values):
-        raise ValueError(f"ShapesDataset: {what} must be distinct names from {allowed}, got {list(values)}")
+        unknown = f" (unknown: {bad})" if bad else ""
+        raise ValueError(f"ShapesDataset: {what} must be distinct names from the valid ones: {', '.join(allowed)}; "
+                         f"got {list(values)}{unknown}")
     return values
 
 
