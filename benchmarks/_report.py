@@ -26,9 +26,15 @@ def update_benchmarks_md(name: str, title: str, command: str, device: str, heade
         f"Measured {_dt.date.today().isoformat()} on {device} with `{command}`.", "",
         markdown_table(header, rows), "", note, end,
     ])
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nNumbers written by the scripts in `benchmarks/`.\n"
+    replace_section(DOC, start, end, body, "# Benchmarks\n\nNumbers written by the scripts in `benchmarks/`.\n")
+
+
+def replace_section(doc: Path, start: str, end: str, body: str, new_doc: str = "") -> None:
+    """Put ``body`` (which begins with ``start`` and ends with ``end``) in place of that section of
+    ``doc``, or append it when the markers are absent."""
+    text = doc.read_text() if doc.exists() else new_doc
     if start in text and end in text:
         text = text[: text.index(start)] + body + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + body + "\n"
-    DOC.write_text(text)
+    doc.write_text(text)

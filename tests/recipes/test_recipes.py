@@ -19,6 +19,15 @@ def test_there_are_recipes():
     assert Path("recipes/quickstart.yaml") in RECIPES
 
 
+def _producer(init_from: str) -> Path:
+    """The recipe whose run directory a later stage starts from (``model.init_from``)."""
+    for recipe in RECIPES:
+        trainer = yaml.safe_load((ROOT / recipe).read_text()).get("trainer") or {}
+        if Path(trainer.get("default_root_dir", "")) == Path(init_from):
+            return recipe
+    raise AssertionError(f"no recipe writes {init_from}, which another recipe starts from")
+
+
 def _processes(recipe: Path) -> int:
     devices = (yaml.safe_load((ROOT / recipe).read_text()).get("trainer") or {}).get("devices", 1)
     return devices if isinstance(devices, int) else 1
@@ -30,6 +39,11 @@ def test_recipe_trains_two_steps(recipe, tmp_path, monkeypatch):
     args = ["fit", "--config", str(recipe), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
             "--trainer.limit_val_batches", "1", "--data.num_train", "32", "--data.num_val", "8",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    init_from = (yaml.safe_load((ROOT / recipe).read_text()).get("model") or {}).get("init_from")
+    if init_from:  # a later stage: first train the stage it starts from, two steps
+        earlier = tmp_path / "earlier_stage"
+        build_cli([*args[:2], str(_producer(init_from)), *args[3:-1], str(earlier)])
+        args += ["--model.init_from", str(earlier)]
     if _processes(recipe) > 1:
         # Lightning launches the other ranks by re-running this process's command line: run the CLI
         # itself (not pytest) in a clean environment, as a user would.
