@@ -15,10 +15,10 @@ linearly to 1.
   by the model's own initialisation rule (:func:`mmgrow.models.unified.initialise`: linear and
   embedding weights ``N(0, init_std)``, biases 0, norms 1, modules with ``init_weights`` their own)
   under ``torch.manual_seed(seed)`` in a forked RNG when ``init="random"``, or kept as the copy when
-  ``init="copy"``; ``block.growth_mask = GrowthMask.whole(0)`` scales all its branches. Placement
-  ``"insert"``: after evenly spaced source blocks ``s_j = ceil((j+1) L / n) - 1`` (LLaMA-Pro: 4 -> 6
-  blocks inserts after blocks 1 and 3), each a copy of its source; ``"prefix"``: copies of block 0
-  first; ``"suffix"``: copies of the last block at the end. Bit-exact: ``x + 0 * y == x``.
+  ``init="copy"``; ``block.growth_mask = GrowthMask.whole(0)`` scales all its branches. Placement as
+  :class:`~mmgrow.growth.depth.InsertDepthGrowth` (``insert``: after blocks ``ceil((j+1) L / n) - 1``;
+  ``prefix``: copies of the first ``n`` blocks first; ``suffix``: copies of the last ``n`` at the
+  end). Bit-exact: ``x + 0 * y == x``.
 - **FFN / heads** (``ffn`` units, ``heads`` query heads per block of ``layers``): fresh units from
   :meth:`~mmgrow.layers.mlp.SwiGLU.add_hidden` / :meth:`~mmgrow.layers.attention.FullAttention.add_kv_groups`
   (``N(0, init_std)`` from ``torch.Generator().manual_seed(seed)``, blocks in order, FFN first)
@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from mmgrow.growth.base import GrowthError, NewParameters, backbone_of, check_layers, renumber_layers
+from mmgrow.growth.depth import PLACEMENTS, InsertDepthGrowth
 from mmgrow.growth.width import check_count, head_groups
 from mmgrow.models.backbone import Backbone
 from mmgrow.models.block import Block
@@ -60,13 +61,7 @@ from mmgrow.models.growth_mask import GrowthMask
 from mmgrow.models.unified import initialise
 from mmgrow.protocols import GrowthReport, GrowthStrategy
 
-PLACEMENTS = ("insert", "prefix", "suffix")
 INITS = ("random", "copy")
-
-
-def insert_sources(depth: int, count: int) -> list[int]:
-    """Blocks after which ``insert`` places the ``count`` new blocks: ``ceil((j+1) depth / count) - 1``."""
-    return [((j + 1) * depth + count - 1) // count - 1 for j in range(count)]
 
 
 def grown_mask(old: nn.Module | None, n_old: int, n_new: int, device: torch.device) -> GrowthMask:
@@ -174,18 +169,11 @@ class MaskedGrowth(GrowthStrategy):
 
     def _deepen(self, backbone: Backbone) -> None:
         old = list(backbone.blocks)
-        n = self.depth
-        if self.placement == "prefix":
-            pairs = [(None, old[0])] * n + [(b, None) for b in old]
-        elif self.placement == "suffix":
-            pairs = [(b, None) for b in old] + [(None, old[-1])] * n
-        else:
-            after = insert_sources(len(old), n)
-            pairs = [p for i, b in enumerate(old) for p in [(b, None)] + [(None, b)] * after.count(i)]
+        plan = InsertDepthGrowth(self.depth, self.placement).plan(len(old))  # the same layout as insert_depth
         devices = sorted({p.device.index or 0 for p in backbone.parameters() if p.is_cuda})
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
-            backbone.blocks = nn.ModuleList(b if b is not None else self._new_block(src) for b, src in pairs)
+            backbone.blocks = nn.ModuleList(self._new_block(old[i]) if is_copy else old[i] for i, is_copy in plan)
         renumber_layers(backbone)
 
     def _new_block(self, source: Block) -> Block:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmgrow.growth.base import GrowthError
-from mmgrow.growth.msg import MaskedGrowth, insert_sources
+from mmgrow.growth.msg import MaskedGrowth
 from mmgrow.growth.width import Net2WiderGrowth
 from mmgrow.layers.attention import FullAttention
 from mmgrow.layers.blockwise import BlockwiseAttention
@@ -18,6 +18,7 @@ from mmgrow.layers.sliding_window import SlidingWindowAttention
 from mmgrow.models.growth_mask import GrowthMask
 from mmgrow.models.unified import UnifiedModel
 from mmgrow.protocols import SeqContext
+from mmgrow.testing.growth import relative_error, tiny_model, token_inputs
 from mmgrow.training.growth_ramp import GrowthMaskRamp, set_growth_masks
 
 D, VOCAB, B, T = 32, 50, 2, 9
@@ -30,16 +31,14 @@ MIXERS = {
 
 
 def build(mixer: str = "full-gqa", dtype: torch.dtype = torch.float32, depth: int = 2, seed: int = 0) -> UnifiedModel:
-    torch.manual_seed(seed)
-    return UnifiedModel(token_space={"text": VOCAB}, dim=D, depth=depth, mixer=MIXERS[mixer]).eval().to(dtype)
+    return tiny_model(MIXERS[mixer], dtype, depth, seed, dim=D, vocab=VOCAB)
 
 
 def inputs(seed: int = 1) -> tuple[torch.Tensor, SeqContext]:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed)), SeqContext.simple(B, T)
+    return token_inputs(B, T, VOCAB, seed)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a - b).abs().max() / b.abs().max()).detach())
+rel_err = relative_error
 
 
 # -------------------------------------------------------------------------------------------- depth
@@ -59,7 +58,7 @@ def test_depth_at_mask_zero_is_bit_exact(placement: str, new_at: list[int], init
         assert [i for i, b in enumerate(model.blocks) if b.growth_mask is not None] == new_at
         assert [b for b in model.blocks if b.growth_mask is None] == old  # the originals, in order
         assert [b.mixer.layer_idx for b in model.blocks] == list(range(6))
-        source = {"insert": [1, 3], "prefix": [0, 0], "suffix": [3, 3]}[placement]
+        source = {"insert": [1, 3], "prefix": [0, 1], "suffix": [2, 3]}[placement]
         for i, s in zip(new_at, source, strict=True):
             same = torch.equal(model.blocks[i].mlp.w_up.weight, old[s].mlp.w_up.weight)
             assert same == (init == "copy")
@@ -67,12 +66,6 @@ def test_depth_at_mask_zero_is_bit_exact(placement: str, new_at: list[int], init
         assert sorted(report.new_parameters) == sorted(
             f"backbone.blocks.{i}.{n}" for i in new_at for n, _ in model.blocks[i].named_parameters())
 
-
-def test_insert_places_new_blocks_evenly() -> None:
-    assert insert_sources(4, 2) == [1, 3]  # LLaMA-Pro: one copy after every 2 blocks
-    assert insert_sources(32, 8) == [3, 7, 11, 15, 19, 23, 27, 31]
-    assert insert_sources(2, 4) == [0, 0, 1, 1]
-    assert insert_sources(5, 2) == [2, 4]
 
 
 # -------------------------------------------------------------------------------------------- width

@@ -16,6 +16,7 @@ from mmgrow.layers.mlp import SwiGLU
 from mmgrow.layers.sliding_window import SlidingWindowAttention
 from mmgrow.models.unified import UnifiedModel
 from mmgrow.protocols import SeqContext
+from mmgrow.testing.growth import relative_error, tiny_model, token_inputs
 
 D, VOCAB, B, T = 32, 50, 2, 9
 
@@ -29,16 +30,14 @@ MIXERS = {
 
 
 def build(mixer: str, dtype: torch.dtype = torch.float32, depth: int = 2, seed: int = 0) -> UnifiedModel:
-    torch.manual_seed(seed)
-    return UnifiedModel(token_space={"text": VOCAB}, dim=D, depth=depth, mixer=MIXERS[mixer]).eval().to(dtype)
+    return tiny_model(MIXERS[mixer], dtype, depth, seed, dim=D, vocab=VOCAB)
 
 
 def inputs(seed: int = 1) -> tuple[torch.Tensor, SeqContext]:
-    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed)), SeqContext.simple(B, T)
+    return token_inputs(B, T, VOCAB, seed)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a - b).abs().max() / b.abs().max()).detach())
+rel_err = relative_error
 
 
 def added_parameters(mixer: FullAttention, ffn: int, heads: int, grown_blocks: int) -> int:
