@@ -273,6 +273,7 @@ class MMGrowModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
+        self.__dict__.pop("_before_growth", None)  # a resumed run: growth happened before the checkpoint
         self._tokens_seen = torch.tensor(int(checkpoint.get("mmgrow_tokens_seen", 0)))
 
 
