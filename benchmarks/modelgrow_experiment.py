@@ -18,10 +18,13 @@ steps; the others get the number of steps that spends the same total compute (st
 Reported per variant: stage-2 validation loss, stage-1 validation loss after stage 2 (forgetting =
 its rise over the stage-1 model's), text alignment (videos generated for stage-2 validation captions,
 read back exactly by the dataset's ``describe``: share of shape / colour / motion that match), the
-loss jump at growth, compute and wall time. Writes ``benchmarks/results/modelgrow_experiment.json``,
-``docs/growth_experiment.png`` and the results section of ``docs/growth.md``.
+loss jump at growth, compute and wall time. Writes ``benchmarks/results/modelgrow_experiment_s2-<N>.json``
+(``N`` = stage-2 steps of ``grow``), ``docs/growth_experiment_s2-<N>.png`` and that budget's results
+section of ``docs/growth.md``.
 
-    python benchmarks/modelgrow_experiment.py                 # about 15 minutes on 2 CPU cores
+    python benchmarks/modelgrow_experiment.py                      # about 20 minutes on 2 idle CPU cores
+    python benchmarks/modelgrow_experiment.py --stage2-steps 100   # a short stage 2, about 7 minutes
+    python benchmarks/modelgrow_experiment.py --from-json benchmarks/results/modelgrow_experiment_s2-400.json
     python benchmarks/modelgrow_experiment.py --stage1-steps 20 --stage2-steps 20 --no-docs   # smoke
 """
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -125,7 +129,11 @@ def main() -> None:
     parser.add_argument("--alignment-samples", type=int, default=24)
     parser.add_argument("--out", default=str(ROOT / "runs" / "modelgrow_experiment"))
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/growth.md and the plot")
+    parser.add_argument("--from-json", help="only rewrite the docs from a results file of an earlier run")
     args = parser.parse_args()
+    if args.from_json:
+        write_docs(json.loads(Path(args.from_json).read_text()))
+        return
     out = Path(args.out)
     from mmgrow.tokenizers.text_encoder import FrozenTextEncoder
 
@@ -185,7 +193,8 @@ def main() -> None:
                                                "compute_tflop": c1 / 1e12, "wall_seconds": s1_time},
                "variants": results, "curves": curves}
     (ROOT / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "modelgrow_experiment.json").write_text(json.dumps(payload, indent=2))
+    name = f"modelgrow_experiment_s2-{args.stage2_steps}.json"
+    (ROOT / "benchmarks" / "results" / name).write_text(json.dumps(payload, indent=2))
     print(json.dumps({k: {m: v[m] for m in ("stage2_val_loss", "forgetting", "alignment", "compute_tflop")}
                       for k, v in results.items()}, indent=1))
     if not args.no_docs:
@@ -198,7 +207,10 @@ def write_docs(payload: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks._report import markdown_table, replace_section
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _report import markdown_table, replace_section
+
+    tag = f"s2-{payload['args']['stage2_steps']}"
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name in VARIANTS:
@@ -210,10 +222,11 @@ def write_docs(payload: dict) -> None:
     for ax, title in ((ax1, "stage-2 training loss"), (ax2, "stage-2 validation loss")):
         ax.set_xlabel("total compute (TFLOP, stage 1 included)")
         ax.set_ylabel("loss")
+        ax.set_yscale("log")
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "growth_experiment.png", dpi=110)
+    fig.savefig(ROOT / "docs" / f"growth_experiment_{tag}.png", dpi=110)
 
     rows = []
     for name in VARIANTS:
@@ -222,24 +235,28 @@ def write_docs(payload: dict) -> None:
         jump = "—" if r["loss_jump"] is None else f"{r['loss_jump']:+.4f}"
         rows.append([name, str(r["steps"]), f"{r['parameters']:,}", f"{r['compute_tflop']:.2f}",
                      f"{r['stage2_val_loss']:.4f}", f"{r['stage1_val_loss_after']:.4f} ({r['forgetting']:+.4f})",
-                     f"{a['shape']:.2f} / {a['colour']:.2f} / {a['motion']:.2f}", jump, f"{r['wall_seconds']:.0f}"])
+                     f"{a['shape']:.2f} / {a['colour']:.2f} / {a['motion']:.2f}", jump])
     s1 = payload["stage1"]
     a = payload["args"]
     body = "\n".join([
-        "<!-- results:modelgrow -->",
-        (f"Measured on {payload['device']} with `python benchmarks/modelgrow_experiment.py` "
+        f"<!-- results:modelgrow-{tag} -->",
+        f"### Stage 2 of {payload['args']['stage2_steps']} steps for `grow`",
+        "",
+        (f"Measured on {payload['device']} with `python benchmarks/modelgrow_experiment.py "
+         f"--stage1-steps {a['stage1_steps']} --stage2-steps {a['stage2_steps']}` "
         f"(stage 1: {s1['steps']} steps, {s1['compute_tflop']:.2f} TFLOP, stage-1 validation loss "
         f"{s1['val_loss']:.4f}; stage 2 for `grow`: {a['stage2_steps']} steps; evaluation on "
         f"{a['eval_examples']} validation examples per stage, alignment on {a['alignment_samples']} sampled videos)."),
         "",
         markdown_table(["variant", "stage-2 steps", "parameters", "total compute (TFLOP)", "stage-2 val loss",
                         "stage-1 val loss after (forgetting)", "alignment shape / colour / motion",
-                        "loss jump at growth", "wall s"], rows),
+                        "loss jump at growth"], rows),
         "",
-        "![stage-2 loss against total compute](growth_experiment.png)",
-        "<!-- /results:modelgrow -->",
+        f"![stage-2 loss against total compute](growth_experiment_{tag}.png)",
+        f"<!-- /results:modelgrow-{tag} -->",
     ])
-    replace_section(ROOT / "docs" / "growth.md", "<!-- results:modelgrow -->", "<!-- /results:modelgrow -->", body)
+    replace_section(ROOT / "docs" / "growth.md", f"<!-- results:modelgrow-{tag} -->",
+                    f"<!-- /results:modelgrow-{tag} -->", body)
 
 
 if __name__ == "__main__":
