@@ -29,6 +29,7 @@ Each check is a no-argument callable raising ``AssertionError`` with a message n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -518,15 +519,23 @@ def _attribute_checks(kind: str, cls: type, base: type) -> list[Check]:
         assert _overrides(cls, base, "segments"), f"{cls.__name__} does not implement segments()"
 
     fn = {"growth": growth, "objectives": objective, "tasks": task}[kind]
-    return [(f"{kind}_contract", fn)]
+    checks: list[Check] = [(f"{kind}_contract", fn)]
+    if kind == "growth":
+        from mmgrow.layers.attention import FullAttention
+        from mmgrow.testing.growth_conformance import ARCHITECTURES, check_growth
+
+        checks += [(f"growth_keeps_its_promise_{arch}", functools.partial(check_growth, cls, FullAttention, arch))
+                   for arch in ARCHITECTURES]
+    return checks
 
 
 def run_checks(kind: str, cls: type) -> list[CheckResult]:
     """Run every applicable check on ``cls`` registered as ``kind``; never raises for a failing check.
 
     Mixers and memory layers get :func:`mixer_checks`; tokenizers their attributes and (with a
-    ``conformance_sample()`` classmethod) an encode/decode round trip; growth strategies, objectives and
-    tasks their contract attributes. The class's own ``conformance_checks()`` run last.
+    ``conformance_sample()`` classmethod) an encode/decode round trip; growth strategies their contract
+    attributes and :func:`~mmgrow.testing.growth_conformance.check_growth` with full attention (AR and
+    DiT blocks, float64); objectives and tasks their contract attributes. The class's own ``conformance_checks()`` run last.
     """
     from mmgrow.registry import base_class
 
