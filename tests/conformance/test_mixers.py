@@ -42,7 +42,7 @@ def test_full_attention_is_registered_and_gets_every_check() -> None:
     names = [n for n, _ in mixer_checks(mmgrow.load_plugin("mixers", "full"))]
     assert names == ["shapes_and_dtype", "no_future_leakage", "packed_equals_separate", "state_split_equals_one_pass",
                      "decode_equals_prefill", "gradients_finite_nonzero", "gradcheck",
-                     "unsupported_features_raise"]
+                     "residual_outputs_zero_the_output", "unsupported_features_raise"]
 
 
 # --------------------------------------------------------------------------------------------------

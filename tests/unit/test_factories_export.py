@@ -30,7 +30,7 @@ def test_spec_round_trip_for_class_partial_and_list():
 
 
 def test_spec_errors_name_the_problem():
-    with pytest.raises(ValueError, match="not a dotted import path"):
+    with pytest.raises(ValueError, match="neither a dotted import path"):
         factory_from_spec({"class_path": "FullAttention"})
     with pytest.raises(TypeError, match="not a subclass of mmgrow.protocols.SequenceMixer"):
         factory_from_spec({"class_path": "torch.nn.Linear"})
