@@ -63,10 +63,33 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
     return weights, weights.with_name(CONFIG_NAME)
 
 
+LIGHTNING_SUFFIX = ".ckpt"
+CHECKPOINT_CONFIG_KEY = "mmgrow_model_config"
+"""Key under which the training module stores ``model.yaml``'s content in a Lightning checkpoint."""
+
+
+def _lightning_checkpoint(path: Path) -> dict[str, Any]:
+    try:  # tensors and plain containers only: no code from the file runs
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable Lightning checkpoint (truncated or corrupted?): {exc}") from exc
+
+
+def is_lightning_checkpoint(path: str | Path) -> bool:
+    return Path(path).suffix == LIGHTNING_SUFFIX and Path(path).is_file()
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load tensors from a safetensors file, turning format errors into :class:`CheckpointError`."""
+    """Tensors of the model: from ``model.safetensors`` (a file or a run directory), or the
+    ``model.*`` entries of a Lightning ``.ckpt``; format errors become :class:`CheckpointError`."""
     from safetensors.torch import load
 
+    if is_lightning_checkpoint(path):
+        state = _lightning_checkpoint(Path(path)).get("state_dict", {})
+        tensors = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        if not tensors:
+            raise CheckpointError(f"{path} holds no model weights (no 'state_dict' entries under 'model.')")
+        return tensors
     weights, _ = _resolve(path)
     data = weights.read_bytes()
     try:
@@ -95,7 +118,22 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(tensors)
 
 
+def has_model_config(path: str | Path) -> bool:
+    """Whether ``path`` comes with a model config (``model.yaml``, or the key in a Lightning checkpoint)."""
+    if is_lightning_checkpoint(path):
+        return CHECKPOINT_CONFIG_KEY in _lightning_checkpoint(Path(path))
+    path = Path(path)
+    return ((path if path.is_dir() else path.parent) / CONFIG_NAME).exists()
+
+
 def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The model config next to the weights (``model.yaml``) or inside a Lightning checkpoint."""
+    if is_lightning_checkpoint(path):
+        cfg = _lightning_checkpoint(Path(path)).get(CHECKPOINT_CONFIG_KEY)
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path} has no {CHECKPOINT_CONFIG_KEY!r} entry (written by an older mmgrow?); "
+                                  f"use the run's {WEIGHTS_NAME} instead")
+        return cfg
     _, cfg_path = _resolve(path)
     if not cfg_path.exists():
         raise CheckpointError(f"model config not found: {cfg_path} (written next to {WEIGHTS_NAME} by mmgrow)")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -26,7 +25,7 @@ from torch import nn
 from mmgrow.growth.base import apply_growth, spec_of, strategy_from_spec
 from mmgrow.growth.freezing import apply_freezing
 from mmgrow.protocols import GrowthReport
-from mmgrow.training.export import CONFIG_NAME, CheckpointError, load_weights_into, read_model_config
+from mmgrow.training.export import CheckpointError, has_model_config, load_weights_into, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +77,7 @@ def prepare_stage(model: nn.Module, base_config: dict[str, Any], init_from: str 
     """Load ``init_from`` (replaying its growth), apply ``growth``, freeze by ``train_parameters``."""
     stage = GrowthStage()
     if init_from is not None:
-        weights = Path(init_from)
-        config_path = (weights if weights.is_dir() else weights.parent) / CONFIG_NAME
-        if config_path.exists():
+        if has_model_config(init_from):
             checkpoint = read_model_config(init_from)
             check_same_base(base_config, checkpoint, str(init_from))
             stage.history = list(checkpoint.get("growth") or [])

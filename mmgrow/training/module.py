@@ -29,7 +29,7 @@ from mmgrow.models.cross_condition import CrossAttentionConfig
 from mmgrow.models.factories import factory_from_spec, spec_from_factory
 from mmgrow.models.gated_memory import MemoryPlacement
 from mmgrow.protocols import ContextParallel, GrowthStrategy, Objective, SequenceMixer
-from mmgrow.training.export import CheckpointError
+from mmgrow.training.export import CHECKPOINT_CONFIG_KEY, CheckpointError
 from mmgrow.training.growth_stage import GrowthStage, prepare_stage
 
 MixerFactoryArg = Callable[[int, int], SequenceMixer]
@@ -50,7 +50,8 @@ class MMGrowModule(pl.LightningModule):
         lr, weight_decay, betas: AdamW settings (no decay on norms, biases and embeddings).
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at
             ``trainer.max_steps`` (constant after warm-up when ``max_steps`` is not set).
-        init_from: a ``model.safetensors`` file or a run directory holding one; loaded after the
+        init_from: a ``model.safetensors`` file, a run directory holding one, or a Lightning
+            ``.ckpt`` of an mmgrow run (its model weights and config); loaded after the
             model is built. The model section must describe the checkpoint's architecture before
             this stage's growth (checked against its ``model.yaml``; growth the checkpoint went
             through is replayed first).
@@ -270,6 +271,7 @@ class MMGrowModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmgrow_tokens_seen"] = self.tokens_seen
+        checkpoint[CHECKPOINT_CONFIG_KEY] = self.model_config()  # so init_from can start from a .ckpt
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()

@@ -110,3 +110,20 @@ def test_grow_cli_errors_exit_2_and_write_nothing(stage1, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is the source's directory" in err and "needs a class_path" in err and "not found" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_lightning_checkpoint_works_as_init_from(stage1, tmp_path):
+    from mmgrow.training.export import has_model_config
+    from mmgrow.training.growth_stage import prepare_stage
+
+    ckpt = stage1 / "checkpoints" / "last.ckpt"
+    assert has_model_config(ckpt)
+    from_ckpt, from_dir = load_model(ckpt), load_model(stage1)
+    assert output_change(from_dir, from_ckpt)["max_abs"] == 0.0
+    config = yaml.safe_load((stage1 / "model.yaml").read_text())
+    stage = prepare_stage(load_model(stage1), config, str(ckpt), [{"class_path": "insert_depth"}])
+    assert stage.history[-1]["class_path"].endswith("InsertDepthGrowth") and stage.new_parameters
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable Lightning checkpoint"):
+        load_model(bad)
