@@ -16,11 +16,10 @@ module's ``condition_encoder`` supplies the embeddings.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from mmgrow.growth.add_memory import init_like_model
-from mmgrow.growth.base import GrowthError, NewParameters, backbone_of, check_layers
+from mmgrow.growth.base import GrowthError, NewParameters, backbone_of, check_layers, zero_linears
 from mmgrow.models.cross_condition import CrossAttentionConfig
 from mmgrow.protocols import GrowthReport, GrowthStrategy
 
@@ -69,11 +68,7 @@ class AddTextConditionGrowth(GrowthStrategy):
                 branch = config.build(backbone.dim, block.norm1.eps)
                 init_like_model(branch, model)
                 if not self.gated:
-                    with torch.no_grad():
-                        for lin in branch.residual_outputs():
-                            lin.weight.zero_()
-                            if lin.bias is not None:
-                                lin.bias.zero_()
+                    zero_linears(branch.residual_outputs())
                 ref = next(block.parameters())
                 block.cross_attentions.append(branch.to(device=ref.device, dtype=ref.dtype))
         how = "tanh gate at 0" if self.gated else "zeroed output projection"

@@ -9,7 +9,6 @@ strings.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from mmgrow.models.backbone import Backbone
 from mmgrow.models.block import Block
+from mmgrow.models.factories import import_class
 from mmgrow.protocols import GrowthReport, GrowthStrategy
 
 
@@ -58,11 +58,17 @@ def zero_residual_outputs(block: Block) -> list[nn.Linear]:
                               "function-preserving growth must zero the projections that write into the residual "
                               "stream — implement residual_outputs() on it")
         outputs.extend(declared)
-    for lin in outputs:
+    zero_linears(outputs)
+    return outputs
+
+
+@torch.no_grad()
+def zero_linears(linears: Sequence[nn.Linear]) -> None:
+    """Zero the weight and bias of each linear layer."""
+    for lin in linears:
         lin.weight.zero_()
         if lin.bias is not None:
             lin.bias.zero_()
-    return outputs
 
 
 class NewParameters:
@@ -110,23 +116,14 @@ def strategy_from_spec(spec: Any) -> GrowthStrategy:
         return spec
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise GrowthError(f"a growth entry must be a GrowthStrategy or {{class_path, init_args}}, got {spec!r}")
-    path = str(spec["class_path"])
-    if "." in path:
-        module_name, _, attr = path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise GrowthError(f"cannot import growth class_path {path!r}: {exc}") from exc
-    else:
-        from mmgrow.registry import load_plugin
-
-        cls = load_plugin("growth", path)
-    if not (isinstance(cls, type) and issubclass(cls, GrowthStrategy)):
-        raise GrowthError(f"growth class_path {path!r} is not a mmgrow.protocols.GrowthStrategy")
+    try:
+        cls = import_class(str(spec["class_path"]), ("growth",), GrowthStrategy)
+    except (ValueError, TypeError) as exc:
+        raise GrowthError(f"growth: {exc}") from exc
     try:
         return cls(**dict(spec.get("init_args") or {}))
     except TypeError as exc:
-        raise GrowthError(f"bad init_args for growth {path!r}: {exc}") from exc
+        raise GrowthError(f"bad init_args for growth {spec['class_path']!r}: {exc}") from exc
 
 
 def apply_growth(model: nn.Module, strategies: Sequence[Any]) -> list[GrowthReport]:

@@ -21,21 +21,24 @@ def probe_context(model: nn.Module, batch_size: int, seq_len: int, *, causal: bo
                   generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> SeqContext:
     """A plain context with random conditions and timestep for everything ``model`` reads."""
     ctx = SeqContext.simple(batch_size, seq_len, causal=causal)
-    condition, conditions, timestep = None, {}, None
+    sources: dict[str | None, int] = {}  # condition source -> width, first branch reading it wins
+    timestep_width = None
     for block in backbone_of(model).blocks:
         for branch in block.cross_attentions:
-            tokens = torch.randn(batch_size, cond_len, branch.attention.cond_dim, generator=generator, dtype=dtype)
-            mask = torch.ones(batch_size, cond_len, dtype=torch.bool)
-            mask[0, -1] = False  # one padded conditioning token: the mask path is exercised too
-            if branch.source is None and condition is None:
-                condition = (tokens, mask)
-            elif branch.source is not None:
-                conditions.setdefault(branch.source, (tokens, mask))
-        if block.modulation is not None and timestep is None:
-            timestep = torch.randn(batch_size, block.modulation.timestep_width, generator=generator, dtype=dtype)
-    return replace(ctx, condition=None if condition is None else condition[0],
-                   condition_mask=None if condition is None else condition[1],
-                   conditions=conditions or None, timestep=timestep)
+            sources.setdefault(branch.source, branch.attention.cond_dim)
+        if block.modulation is not None and timestep_width is None:
+            timestep_width = block.modulation.timestep_width
+    drawn = {}
+    for source, width in sources.items():
+        tokens = torch.randn(batch_size, cond_len, width, generator=generator, dtype=dtype)
+        mask = torch.ones(batch_size, cond_len, dtype=torch.bool)
+        mask[0, -1] = False  # one padded conditioning token: the mask path is exercised too
+        drawn[source] = (tokens, mask)
+    condition = drawn.pop(None, (None, None))
+    timestep = None if timestep_width is None else torch.randn(batch_size, timestep_width, generator=generator,
+                                                               dtype=dtype)
+    return replace(ctx, condition=condition[0], condition_mask=condition[1], conditions=drawn or None,
+                   timestep=timestep)
 
 
 @torch.no_grad()

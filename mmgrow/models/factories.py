@@ -15,22 +15,24 @@ from typing import Any
 from mmgrow.protocols import SequenceMixer
 
 
-def _import_class(path: str) -> type:
-    if "." not in path:  # a registered mixer or memory name
+def import_class(path: str, kinds: tuple[str, ...], base: type) -> type:
+    """The class named by ``path``: a dotted import path, or a name registered in one of ``kinds``;
+    it must subclass ``base``. ``ValueError`` / ``TypeError`` name what is wrong."""
+    if "." not in path:
         from mmgrow import registry
 
-        kinds = [k for k in ("mixers", "memory") if k in registry.find_kinds(path)]
-        if not kinds:
+        found = [k for k in kinds if k in registry.find_kinds(path)]
+        if not found:
             raise ValueError(f"class_path {path!r} is neither a dotted import path ('package.module.Class') nor a "
-                             f"registered mixer or memory name (see `mmgrow plugins list`)")
-        path = registry.import_path(kinds[0], path)
+                             f"registered {' or '.join(k.removesuffix('s') for k in kinds)} name (see `mmgrow plugins list`)")
+        path = registry.import_path(found[0], path)
     module_name, _, attr = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot import class_path {path!r}: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, SequenceMixer)):
-        raise TypeError(f"class_path {path!r} is not a subclass of mmgrow.protocols.SequenceMixer")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"class_path {path!r} is not a subclass of {base.__module__}.{base.__name__}")
     return cls
 
 
@@ -41,7 +43,8 @@ def factory_from_spec(spec: Any) -> Any:
     if isinstance(spec, (list, tuple)):
         return [factory_from_spec(s) for s in spec]
     if isinstance(spec, dict) and "class_path" in spec:
-        return functools.partial(_import_class(spec["class_path"]), **dict(spec.get("init_args") or {}))
+        cls = import_class(spec["class_path"], ("mixers", "memory"), SequenceMixer)
+        return functools.partial(cls, **dict(spec.get("init_args") or {}))
     if callable(spec):
         return spec
     raise TypeError(f"mixer spec must be a dict with class_path/init_args, a list of them or a callable, got {spec!r}")

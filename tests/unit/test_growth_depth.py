@@ -20,14 +20,14 @@ from mmgrow.growth.stack import StackGrowth, gstack_growth_tokens
 from mmgrow.layers.attention import FullAttention
 from mmgrow.layers.mamba2 import Mamba2
 from mmgrow.models.backbone import Backbone
-from mmgrow.models.unified import UnifiedModel
+from mmgrow.testing.growth import tiny_model
+from mmgrow.testing.growth_conformance import build_model
 
 ATTN = functools.partial(FullAttention, num_heads=4)
 
 
 def _ar(depth=4, mixer=ATTN, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return UnifiedModel(token_space={"text": 50}, dim=32, depth=depth, mixer=mixer).to(dtype)
+    return tiny_model(mixer, dtype, depth, seed)
 
 
 def _ids(seed=1):
@@ -81,15 +81,8 @@ def test_parameter_count_matches_analytic_count():
     assert model.num_parameters() - before == 3 * per_block + 7 * per_block
 
 
-def _dit(kind, depth=3):
-    torch.manual_seed(0)
-    bb = Backbone(32, depth, ATTN, cross_attention={"cond_dim": 8, "num_heads": 2},
-                  modulation={"kind": kind, "cond_dim": 16})
-    with torch.no_grad():
-        for block in bb.blocks:
-            for p in (*block.modulation.parameters(), *block.cross_attentions.parameters()):
-                p.add_(torch.randn_like(p) * 0.1)
-    return bb.eval()
+def _dit(kind):
+    return build_model(ATTN, f"dit_{kind}", torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
