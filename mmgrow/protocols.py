@@ -479,11 +479,18 @@ class Sample:
 
 @dataclass
 class Segment:
-    """A piece of a training sequence: which codec encodes it and whether it is predicted."""
+    """A piece of a training sequence: which codec encodes it and whether it is predicted.
+
+    ``block``: None (default) keeps the codec's own bidirectional blocks (one per video frame ...).
+    An int groups segments: every token of every segment of one sample with the same ``block``
+    forms one bidirectional block, whatever the codecs say (a storyboard's fixed-length video
+    segment together with its text, so ``local`` attention sees exactly that group).
+    """
 
     modality: str
     raw: Any
     role: Literal["input", "target"] = "input"
+    block: int | None = None
 
 
 class Task(Plugin):

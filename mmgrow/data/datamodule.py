@@ -5,7 +5,7 @@ signature is a plain type, so LightningCLI / jsonargparse can fill it from YAML,
 the model needs (``token_space``, ``vocab``) exist right after ``__init__`` for instantiate-time links
 such as ``data.vocab -> model.vocab``.
 
-Datasets are not a plugin kind yet; :data:`DATASETS` maps the few embedded ones by name.
+Datasets are named in :data:`mmgrow.data.datasets.DATASETS`.
 
 Conditioning. With a ``condition_encoder`` (e.g. a frozen
 :class:`~mmgrow.tokenizers.text_encoder.FrozenTextEncoder`), every batch also carries the embeddings
@@ -31,11 +31,8 @@ import mmgrow
 from mmgrow.batch import TokenBatch
 from mmgrow.data.collate import ConditionedSequence, ConditionEncoder, pad_collate, pad_collate_with_condition
 from mmgrow.data.sequence import EncodedSequence, SequenceBuilder
-from mmgrow.data.synthetic.shapes import ShapesDataset
+from mmgrow.data.datasets import DATASETS, dataset_class
 from mmgrow.protocols import Task
-
-DATASETS: dict[str, type] = {"shapes": ShapesDataset}
-"""Embedded datasets by name: ``cls(num_samples=..., seed=..., split=..., **dataset_args)``."""
 
 DEFAULT_CODECS: dict[str, str] = {"text": "bytes", "video": "pixels"}
 
@@ -144,7 +141,7 @@ class MMDataModule(pl.LightningDataModule):
         self.condition_dim: int | None = None if condition_encoder is None else int(condition_encoder.latent_dim)
 
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
-        dataset_cls, args = DATASETS[dataset], dict(dataset_args or {})
+        dataset_cls, args = dataset_class(dataset), dict(dataset_args or {})
         self.train_set = dataset_cls(num_samples=num_train, seed=seed, split="train", **args)
         self.val_set = dataset_cls(num_samples=num_val, seed=seed, split="val", **args)
         # `mmgrow test` / `predict` run on the held-out combinations: never seen in train or val.

@@ -86,7 +86,7 @@ def test_builder_errors(codecs):
     class Latents(Tokenizer):
         kind = "continuous"
 
-    with pytest.raises(ValueError, match="only discrete codecs"):
+    with pytest.raises(ValueError, match="must declare a positive latent_dim"):
         SequenceBuilder({"video": Latents()})
     with pytest.raises(TypeError, match="expected an mmgrow.protocols.Tokenizer"):
         SequenceBuilder({"text": "bytes"})
