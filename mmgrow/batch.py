@@ -16,7 +16,9 @@ context-parallel padding write): in no segment, no block, never a target. The co
 per row, not per token, and have no entry: padding the sequence leaves them as they are."""
 
 PER_TOKEN_FIELDS: tuple[str, ...] = tuple(PAD_VALUES)
-"""The ``[B, T]`` fields of :class:`TokenBatch` (every field but ``condition`` / ``condition_mask``)."""
+"""The ``[B, T]`` fields of :class:`TokenBatch` (every field but ``condition`` / ``condition_mask`` /
+``latents``, which context-parallel sharding does not handle: objectives on latents do not declare
+``supports_context_parallel``)."""
 
 
 @dataclass
@@ -36,6 +38,8 @@ class TokenBatch:
                         frozen text-encoder embeddings of its caption, read by cross-attention).
         condition_mask: optional ``[B, S]`` bool, True = a real conditioning token; only with
                         ``condition`` (None = every conditioning token is real).
+        latents:        optional ``[B, T, C]`` float continuous values of the tokens of continuous
+                        modalities (video latents of a DiT); zeros at discrete and padding tokens.
 
     Fields are iterated with :data:`PER_TOKEN_FIELDS` where a ``[B, T]`` tensor is expected (padding,
     sharding); ``condition`` and ``condition_mask`` may be None and are never sequence-padded.
@@ -50,6 +54,7 @@ class TokenBatch:
     example_weight: Tensor
     condition: Tensor | None = None
     condition_mask: Tensor | None = None
+    latents: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids.shape)
@@ -62,6 +67,10 @@ class TokenBatch:
         if self.input_ids.dtype != torch.long:
             raise TypeError(f"TokenBatch.input_ids must be int64, got {self.input_ids.dtype}")
         self._check_condition(shape[0])
+        if self.latents is not None and (self.latents.dim() != 3 or tuple(self.latents.shape[:2]) != shape
+                                         or not self.latents.is_floating_point()):
+            raise ValueError(f"TokenBatch.latents must be float [B, T, C] with [B, T] = {shape}, got "
+                             f"{self.latents.dtype} {tuple(self.latents.shape)}")
 
     def _check_condition(self, batch_size: int) -> None:
         cond, mask = self.condition, self.condition_mask

@@ -454,7 +454,17 @@ class Objective(Plugin):
 
     ``loss(output, batch) -> (scalar loss, metrics dict of floats/0-d tensors)``;
     ``generate(model, prompt, ...)`` samples continuations with the mixers' states.
+    The training loop calls :meth:`step`; an objective that must change the model's inputs first
+    (flow matching noises the latents and embeds a timestep) overrides it.
     """
+
+    def context(self, batch: Any) -> SeqContext:
+        """The :class:`SeqContext` the model runs ``batch`` with (default: the batch's own)."""
+        return batch.context()
+
+    def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """One training / evaluation step: ``loss(model(batch.input_ids, context(batch)), batch)``."""
+        return self.loss(model(batch.input_ids, self.context(batch)), batch)
 
     def loss(self, output: ModelOutput, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

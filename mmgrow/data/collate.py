@@ -79,6 +79,16 @@ def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, tru
         out["block_ids"][row, :n] = s.block_ids[:n]
         out["loss_mask"][row, :n] = s.loss_mask[:n]
         out["example_weight"][row, :n] = 1.0
+    widths = {s.latents.shape[1] for s in seqs if s.latents is not None}
+    if widths:
+        if len(widths) > 1 or any(s.latents is None for s in seqs):
+            raise ValueError(f"pad_collate: sequences disagree on latents (widths {sorted(widths)}, some without "
+                             "any); build every sequence with the same SequenceBuilder")
+        latents = torch.zeros(*shape, widths.pop())
+        for row, s in enumerate(seqs):
+            n = min(len(s), seq_len)
+            latents[row, :n] = s.latents[:n]
+        out["latents"] = latents
     return TokenBatch(**out)
 
 

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 import mmgrow
 from mmgrow.batch import TokenBatch
 from mmgrow.data.collate import ConditionedSequence, ConditionEncoder, pad_collate, pad_collate_with_condition
-from mmgrow.data.sequence import EncodedSequence, SequenceBuilder
 from mmgrow.data.datasets import DATASETS, dataset_class
+from mmgrow.data.sequence import EncodedSequence, SequenceBuilder
 from mmgrow.protocols import Task
 
 DEFAULT_CODECS: dict[str, str] = {"text": "bytes", "video": "pixels"}
@@ -128,6 +128,8 @@ class MMDataModule(pl.LightningDataModule):
         self.builder = SequenceBuilder(self.codecs)
         self.token_space = self.builder.token_space
         self.vocab: dict[str, int] = self.token_space.to_dict()
+        self.continuous: dict[str, int] = dict(self.builder.continuous)
+        """``{modality: latent_dim}`` of the continuous codecs (linked into ``model.continuous``)."""
         self.tasks: list[Task] = [mmgrow.create("tasks", name) for name in tasks]
         for name, task in zip(tasks, self.tasks):
             missing = [m for m in task.modalities if m not in self.codecs]

@@ -1,5 +1,12 @@
 """The one model every recipe trains: shared token embedding -> backbone -> final norm -> heads.
 
+Continuous modalities (``continuous={"video": C}``, a DiT on video latents) take one id of the token
+space (their *latent slot*) and add ``Linear(C, D)(latents)`` to that slot's embedding at their
+positions; their head is a zero-initialised ``Linear(D, C)`` (:class:`~mmgrow.models.timestep.LatentHead`)
+that predicts a velocity instead of logits. With ``modulation`` the model also owns the timestep
+embedding (:meth:`UnifiedModel.embed_timestep`, which the flow-matching objective puts into
+``ctx.timestep``) and DiT's modulated final norm.
+
 Inputs are *global* ids of a :class:`~mmgrow.tokenspace.TokenSpace` (``offset(modality) + local id``),
 embedded by one table over all ``token_space.total`` ids. Outputs are per-modality heads
 (``nn.Linear(dim, size(modality), bias=False)``) predicting *local* ids of that modality, so text and
@@ -24,6 +31,7 @@ from mmgrow.models.backbone import Backbone
 from mmgrow.models.cross_condition import CrossAttentionConfig
 from mmgrow.models.gated_memory import MemoryPlacement
 from mmgrow.models.modulation import ModulationConfig
+from mmgrow.models.timestep import FinalModulation, LatentHead, TimestepEmbedding
 from mmgrow.protocols import MixerCapabilityError, MixerFactory, MixerState, ModelOutput, SeqContext
 from mmgrow.tokenspace import TokenSpace
 
@@ -66,7 +74,11 @@ class UnifiedModel(nn.Module):
         cross_attention: cross-attention branches on ``ctx.condition``
             (:class:`~mmgrow.models.cross_condition.CrossAttentionConfig` or a dict), or None.
         modulation: adaLN modulation from ``ctx.timestep``
-            (:class:`~mmgrow.models.modulation.ModulationConfig` or a dict), or None.
+            (:class:`~mmgrow.models.modulation.ModulationConfig` or a dict), or None. The model then
+            has a :class:`~mmgrow.models.timestep.TimestepEmbedding` to ``cond_dim`` and a modulated
+            final norm.
+        continuous: ``{modality: latent_dim}`` of the continuous modalities (each must be in the
+            token space, where it holds its latent slot), or None.
     """
 
     def __init__(self, *, token_space: dict[str, int] | TokenSpace, dim: int = 256, depth: int = 4,
@@ -74,7 +86,8 @@ class UnifiedModel(nn.Module):
                  norm_eps: float = 1e-6, init_std: float = 0.02, mlp_chunk: int | None = None,
                  memory: MixerFactory | None = None, memory_placement: MemoryPlacement | dict | None = None,
                  cross_attention: CrossAttentionConfig | dict | None = None,
-                 modulation: ModulationConfig | dict | None = None) -> None:
+                 modulation: ModulationConfig | dict | None = None,
+                 continuous: dict[str, int] | None = None) -> None:
         super().__init__()
         if isinstance(token_space, dict):
             token_space = TokenSpace.from_dict(token_space)
@@ -93,7 +106,24 @@ class UnifiedModel(nn.Module):
                                  memory=memory, memory_placement=memory_placement,
                                  cross_attention=cross_attention, modulation=modulation)
         self.norm = RMSNorm(dim, eps=norm_eps)
-        self.heads = nn.ModuleDict({m: nn.Linear(dim, n, bias=False) for m, n in token_space.sizes})
+        continuous = dict(continuous or {})
+        for m, width in continuous.items():
+            if m not in token_space.modalities:
+                raise ValueError(f"UnifiedModel: continuous modality {m!r} is not in the token space "
+                                 f"{token_space.modalities} (it needs one id there: its latent slot)")
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"UnifiedModel: continuous[{m!r}] must be a positive latent width, got {width!r}")
+        self.continuous = continuous
+        self.latent_in = nn.ModuleDict({m: nn.Linear(c, dim) for m, c in continuous.items()})
+        self.heads = nn.ModuleDict({m: LatentHead(dim, continuous[m]) if m in continuous else
+                                    nn.Linear(dim, n, bias=False) for m, n in token_space.sizes})
+        self.timestep_embedding: TimestepEmbedding | None = None
+        self.final_modulation: FinalModulation | None = None
+        if self.backbone.blocks and self.blocks[0].modulation is not None:
+            mod = self.blocks[0].modulation
+            cond_dim = mod.cond_dim if isinstance(getattr(mod, "cond_dim", None), int) else dim
+            self.timestep_embedding = TimestepEmbedding(cond_dim, width=mod.timestep_width)
+            self.final_modulation = FinalModulation(dim, mod.timestep_width)
         self.reset_parameters()
 
     # ---------------------------------------------------------------------------------------------
@@ -132,19 +162,54 @@ class UnifiedModel(nn.Module):
             raise ValueError(f"UnifiedModel: input_ids must lie in [0, {total}) (global ids of the token space "
                              f"{self.token_space.to_dict()}), got range [{int(input_ids.min())}, {int(input_ids.max())}]")
 
-    def forward(self, input_ids: Tensor, ctx: SeqContext, states: Sequence[MixerState] | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, ctx: SeqContext, states: Sequence[MixerState] | None = None,
+                latents: Tensor | None = None) -> ModelOutput:
         """``input_ids [B, T]`` int64 global ids -> ``ModelOutput(hidden [B, T, D], logits, states)``.
 
         With ``states`` (from :meth:`init_states` or a previous call) every mixer continues from its
-        state and the new states are returned; otherwise ``states`` is None.
+        state and the new states are returned; otherwise ``states`` is None. ``latents [B, T, C]``
+        carries the values of continuous positions (module docstring); required when the sequence
+        holds any. A modulated model reads ``ctx.timestep`` (:meth:`embed_timestep`).
         """
         self._check_inputs(input_ids, ctx)
         x = self.embed(input_ids)
+        if self.continuous:
+            x = self._add_latents(x, input_ids, ctx, latents)
         x, new_states = self.backbone(x, ctx, states)
-        return ModelOutput(hidden=self.norm(x), logits=self.logits, states=new_states)
+        hidden = self.norm(x)
+        if self.final_modulation is not None:
+            if ctx.timestep is None:
+                raise ValueError("UnifiedModel: the model is modulated (a DiT) but ctx.timestep is None; pass "
+                                 "ctx.timestep = model.embed_timestep(t) for timesteps t [B] in [0, 1]")
+            hidden = self.final_modulation(hidden, ctx.timestep)
+        return ModelOutput(hidden=hidden, logits=self.logits, states=new_states)
+
+    def _add_latents(self, x: Tensor, input_ids: Tensor, ctx: SeqContext, latents: Tensor | None) -> Tensor:
+        """``x [B, T, D] + sum_m [modality(t) = m] Linear_m(latents[..., :C_m])``."""
+        modality = ctx.modality_ids if ctx.modality_ids is not None else self.token_space.modality_of(input_ids)
+        for m, proj in self.latent_in.items():
+            here = modality == self.token_space.index(m)  # [B, T]
+            if not bool(here.any()):
+                continue
+            width = self.continuous[m]
+            if latents is None or latents.dim() != 3 or tuple(latents.shape[:2]) != tuple(input_ids.shape) \
+                    or latents.shape[2] < width:
+                raise ValueError(f"UnifiedModel: the sequence holds continuous {m!r} positions, so latents must be "
+                                 f"float [B, T, >= {width}] with [B, T] = {tuple(input_ids.shape)}, got "
+                                 f"{None if latents is None else tuple(latents.shape)}")
+            x = x + here[..., None].to(x.dtype) * proj(latents[..., :width].to(x.dtype))
+        return x
+
+    def embed_timestep(self, t: Tensor) -> Tensor:
+        """``t [B]`` in ``[0, 1]`` -> ``[B, W]``, the ``ctx.timestep`` the modulated blocks read."""
+        if self.timestep_embedding is None:
+            raise ValueError("UnifiedModel.embed_timestep: the model has no modulation (set model.modulation, "
+                             "e.g. {kind: adaln_zero, cond_dim: 128}, to build a DiT)")
+        return self.timestep_embedding(t)
 
     def logits(self, hidden: Tensor, modality: str) -> Tensor:
-        """``hidden [..., D] -> [..., V_modality]`` logits over the *local* ids of ``modality``."""
+        """``hidden [..., D] -> [..., V_modality]`` logits over the *local* ids of ``modality`` (for a
+        continuous modality: its prediction ``[..., C]``)."""
         if modality not in self.heads:
             raise KeyError(f"UnifiedModel has no head for modality {modality!r}; modalities: {self.modalities}")
         return self.heads[modality](hidden)

@@ -28,6 +28,7 @@ from mmgrow.growth.base import strategy_from_spec
 from mmgrow.models.cross_condition import CrossAttentionConfig
 from mmgrow.models.factories import factory_from_spec, spec_from_factory
 from mmgrow.models.gated_memory import MemoryPlacement
+from mmgrow.models.modulation import ModulationConfig
 from mmgrow.protocols import ContextParallel, GrowthStrategy, Objective, SequenceMixer
 from mmgrow.training.export import CHECKPOINT_CONFIG_KEY, CheckpointError
 from mmgrow.training.growth_stage import GrowthStage, prepare_stage
@@ -70,6 +71,10 @@ class MMGrowModule(pl.LightningModule):
         cross_attention: cross-attention branches on the batch's condition (text-encoder
             embeddings from ``data.condition_encoder``): ``cond_dim``, ``num_heads``, ``layers``,
             ``gated`` ... (:class:`~mmgrow.models.cross_condition.CrossAttentionConfig`); None = none.
+        modulation: adaLN modulation of every block from the diffusion timestep (a DiT):
+            ``{kind: adaln_zero, cond_dim: 128}`` (:class:`~mmgrow.models.modulation.ModulationConfig`);
+            None = none. Use with the ``flow_matching`` objective.
+        continuous: ``{modality: latent_dim}`` of continuous codecs (linked from ``data.continuous``).
     """
 
     def __init__(
@@ -93,6 +98,8 @@ class MMGrowModule(pl.LightningModule):
         growth: list[GrowthStrategy] | None = None,
         train_parameters: str = "all",
         measure_growth_jump: bool = True,
+        modulation: ModulationConfig | None = None,
+        continuous: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -112,6 +119,10 @@ class MMGrowModule(pl.LightningModule):
         if isinstance(cross_attention, dict):
             cross_attention = CrossAttentionConfig(**cross_attention)
         self.cross_attention = cross_attention
+        if isinstance(modulation, dict):
+            modulation = ModulationConfig(**modulation)
+        self.modulation = modulation
+        self.continuous = dict(continuous or {})
         if objective is None:
             from mmgrow.objectives.autoregressive import AutoregressiveObjective
 
@@ -138,6 +149,10 @@ class MMGrowModule(pl.LightningModule):
                 cfg["memory_placement"] = dataclasses.asdict(self.memory_placement)
         if self.cross_attention is not None:
             cfg["cross_attention"] = dataclasses.asdict(self.cross_attention)
+        if self.modulation is not None:
+            cfg["modulation"] = dataclasses.asdict(self.modulation)
+        if self.continuous:
+            cfg["continuous"] = dict(self.continuous)
         if self.growth_stage is not None and self.growth_stage.history:
             cfg["growth"] = self.growth_stage.history
         return cfg
@@ -158,6 +173,10 @@ class MMGrowModule(pl.LightningModule):
             kwargs["memory_placement"] = self.memory_placement
         if self.cross_attention is not None:
             kwargs["cross_attention"] = self.cross_attention
+        if self.modulation is not None:
+            kwargs["modulation"] = self.modulation
+        if self.continuous:
+            kwargs["continuous"] = self.continuous
         self.model = UnifiedModel(**kwargs)
         bind = getattr(self.objective, "bind", None)
         if callable(bind):
@@ -184,9 +203,7 @@ class MMGrowModule(pl.LightningModule):
     def _step(self, batch: TokenBatch, stage: str) -> torch.Tensor:
         cp = self.context_parallel()
         if cp is None:
-            ctx = self.objective.context(batch)
-            out = self.model(batch.input_ids, ctx)
-            loss, metrics = self.objective.loss(out, batch)
+            loss, metrics = self.objective.step(self.model, batch)
             tokens = batch.token_count()
         else:
             from mmgrow.parallel.context_batch import context_parallel_loss
@@ -224,12 +241,13 @@ class MMGrowModule(pl.LightningModule):
         before = self.__dict__.pop("_before_growth").to(self.device)
         if self.context_parallel() is not None:
             return  # the copy would need its own sharded step; not measured under context parallelism
-        ctx = self.objective.context(batch)
         losses = {}
         for name, model in (("before", before), ("after", self.model)):
             was_training = model.training
             model.eval()
-            losses[name] = self.objective.loss(model(batch.input_ids, ctx), batch)[0]
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(0)  # an objective that draws noise (flow matching) draws the same for both
+                losses[name] = self.objective.step(model, batch)[0]
             model.train(was_training)
         values = {"growth/loss_before": float(losses["before"]), "growth/loss_after": float(losses["after"]),
                   "growth/loss_jump": float(losses["after"] - losses["before"])}
@@ -246,8 +264,7 @@ class MMGrowModule(pl.LightningModule):
 
     def predict_step(self, batch: TokenBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         """The objective's loss and metrics of each batch (e.g. held-out loss per modality)."""
-        ctx = self.objective.context(batch)
-        loss, metrics = self.objective.loss(self.model(batch.input_ids, ctx), batch)
+        loss, metrics = self.objective.step(self.model, batch)
         return {"loss": loss.detach(), **{k: torch.as_tensor(v).detach() for k, v in metrics.items()}}
 
     # ------------------------------------------------------------------ optimisation
