@@ -1,4 +1,4 @@
-"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow`` or the Lightning CLI."""
+"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow``, ``generate`` or the Lightning CLI."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         from mmgrow.training.grow_cli import grow_main
 
         return grow_main(argv[1:])
+    if argv and argv[0] == "generate":
+        from mmgrow.training.generate_cli import generate_main
+
+        return generate_main(argv[1:])
     from mmgrow.training.cli import cli_main
 
     return cli_main(argv)

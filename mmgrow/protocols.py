@@ -516,3 +516,10 @@ class Task(Plugin):
 
     def segments(self, sample: Sample) -> list[Segment]:
         raise NotImplementedError
+
+    def condition_text(self, sample: Sample, segments: list[Segment]) -> str | None:
+        """The text that conditions this example through the data module's condition encoder
+        (cross-attention), or None. Default: its first text *input* segment (the caption of
+        ``text_to_video``); an example whose text is only a target gets none (no leaked answer)."""
+        return next((s.raw for s in segments if s.modality == "text" and s.role == "input" and isinstance(s.raw, str)),
+                    None)

@@ -46,9 +46,9 @@ class TaskSequenceDataset(Dataset):
     batch mixes tasks in equal shares (the dataset draws a fresh random video for every index, so
     every task still sees every combination).
 
-    The condition text of an example is its first ``"text"`` *input* segment (the caption of
-    ``text_to_video``); an example whose text is only a target (``video_to_text``) gets none, since
-    cross-attending to the caption it must predict would leak the answer.
+    The condition text of an example is the task's :meth:`~mmgrow.protocols.Task.condition_text`
+    (by default its first ``"text"`` *input* segment; none for ``video_to_text``, whose caption is the
+    answer).
     """
 
     def __init__(self, dataset: Any, tasks: list[Task], builder: SequenceBuilder, conditioned: bool = False) -> None:
@@ -59,13 +59,12 @@ class TaskSequenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> EncodedSequence | ConditionedSequence:
         task = self.tasks[index % len(self.tasks)]
-        segments = task.segments(self.dataset[index])
+        sample = self.dataset[index]
+        segments = task.segments(sample)
         sequence = self.builder.build(segments)
         if not self.conditioned:
             return sequence
-        text = next((s.raw for s in segments if s.modality == "text" and s.role == "input" and isinstance(s.raw, str)),
-                    None)
-        return ConditionedSequence(sequence, text)
+        return ConditionedSequence(sequence, task.condition_text(sample, segments))
 
 
 class MMDataModule(pl.LightningDataModule):

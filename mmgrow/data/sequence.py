@@ -141,6 +141,10 @@ class SequenceBuilder:
 
     def build(self, segments: Sequence[Segment]) -> EncodedSequence:
         """Encode and concatenate ``segments`` (see the module docstring for the fields)."""
+        return self.build_with_spans(segments)[0]
+
+    def build_with_spans(self, segments: Sequence[Segment]) -> tuple[EncodedSequence, list[slice]]:
+        """:meth:`build`, plus where each segment's tokens lie in the sequence (``seq[span]``)."""
         if not segments:
             raise ValueError("SequenceBuilder.build: no segments to encode")
         parts: dict[str, list[Tensor]] = {"ids": [], "mod": [], "blk": [], "loss": [], "lat": []}
@@ -178,6 +182,8 @@ class SequenceBuilder:
             parts["loss"].append(torch.full((n,), float(seg.role == "target"), dtype=torch.float32))
             parts["lat"].append(latents)
         input_ids = torch.cat(parts["ids"])
+        ends = torch.tensor([p.shape[0] for p in parts["ids"]]).cumsum(0).tolist()
+        spans = [slice(end - p.shape[0], end) for end, p in zip(ends, parts["ids"])]
         return EncodedSequence(
             input_ids=input_ids,
             modality_ids=torch.cat(parts["mod"]),
@@ -185,4 +191,4 @@ class SequenceBuilder:
             loss_mask=torch.cat(parts["loss"]),
             positions=torch.arange(input_ids.shape[0], dtype=torch.long),
             latents=torch.cat(parts["lat"]) if width else None,
-        )
+        ), spans

@@ -2,6 +2,9 @@
 
 ``text_to_video``: the caption conditions, the video is predicted (``[text input][video target]``).
 ``video_to_text``: captioning, the reverse (``[video input][text target]``).
+``conditioned_video``: the DiT setup: the sequence is the video alone (``[video target]``) and the caption
+conditions it only through the data module's ``condition_encoder`` (cross-attention), so classifier-free
+guidance can drop it.
 """
 
 from __future__ import annotations
@@ -42,3 +45,19 @@ class VideoToText(Task):
     def segments(self, sample: Sample) -> list[Segment]:
         video = _video_of(sample, self.name)
         return [Segment("video", video, "input"), Segment("text", sample.text, "target")]
+
+
+class ConditionedVideo(Task):
+    """``[Segment("video", video, "target")]``; the caption is the condition (:meth:`condition_text`)."""
+
+    name: ClassVar[str] = "conditioned_video"
+    modalities: ClassVar[Sequence[str]] = ("video",)
+    target_modalities: ClassVar[Sequence[str]] = ("video",)
+
+    def segments(self, sample: Sample) -> list[Segment]:
+        return [Segment("video", _video_of(sample, self.name), "target")]
+
+    def condition_text(self, sample: Sample, segments: list[Segment]) -> str | None:
+        if not isinstance(sample.text, str) or not sample.text.strip():
+            raise ValueError(f"{self.name}: the sample's caption is empty; a conditioned video needs a caption")
+        return sample.text

@@ -1,4 +1,5 @@
-"""Pictures of generated media for run directories: animated GIFs and frame-grid PNGs (Pillow).
+"""Pictures of generated media for run directories: animated GIFs and frame-grid PNGs (Pillow), and
+MP4 videos (PyAV, the ``video`` extra: ``pip install mmgrow[video]``).
 
 Frames are ``uint8 [F, H, W, 3]`` RGB arrays (numpy or torch). Tiny grids (an 8x8 pixel codec) are
 upscaled by an integer ``scale`` with nearest-neighbour repetition so each cell stays a sharp square.
@@ -13,6 +14,7 @@ import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,87 @@ def read_gif(path: str | os.PathLike, *, fps: float | None = None) -> np.ndarray
                 repeat = max(1, round(im.info.get("duration", 0) * fps / 1000.0))
             out.extend([rgb] * repeat)
     return np.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# MP4
+# --------------------------------------------------------------------------------------------------
+
+MP4_ENCODERS = ("libx264", "mpeg4")
+"""Video encoders :func:`write_mp4` tries, best first: H.264 where FFmpeg was built with x264 (PyAV's
+wheels are), else FFmpeg's own MPEG-4 part 2 encoder, which every build has."""
+MP4_QUALITY = {"libx264": {"crf": "12"}, "mpeg4": {"flags": "+qscale", "global_quality": str(2 * 118)}}
+"""Encoder options for near-transparent quality (the videos are tiny, their size does not matter):
+x264 constant quality 12; for mpeg4 a fixed quantiser 2 (``ffmpeg -q:v 2``: quality in lambda units,
+``FF_QP2LAMBDA = 118`` per quantiser step) instead of its 200 kbit/s default bit rate."""
+
+
+def _import_av() -> Any:
+    try:
+        import av
+    except ImportError as exc:
+        raise ImportError("writing MP4 needs PyAV, which is not installed; run `pip install mmgrow[video]` "
+                          "(or `pip install av`), or write a GIF with write_gif instead") from exc
+    return av
+
+
+def mp4_encoder(av: Any, codec: str | None = None) -> str:
+    """The encoder to use: ``codec`` if given (it must exist), else the first of :data:`MP4_ENCODERS` this
+    FFmpeg build has."""
+    candidates = MP4_ENCODERS if codec is None else (codec,)
+    for name in candidates:
+        try:
+            av.codec.Codec(name, "w")
+        except av.codec.codec.UnknownCodecError:
+            continue
+        return name
+    raise RuntimeError(f"write_mp4: no video encoder among {list(candidates)} in this FFmpeg build "
+                       f"(PyAV {av.__version__}); install PyAV's wheel (`pip install mmgrow[video]`), which has both")
+
+
+def even_size(frames: np.ndarray) -> np.ndarray:
+    """Pad ``[F, H, W, 3]`` to even ``H`` and ``W`` by repeating the last row / column.
+
+    yuv420p stores colour once per 2x2 pixel block, so encoders need even sizes; repeating the edge
+    (not adding black) keeps the added pixels the colour of their neighbours.
+    """
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return frames
+
+
+def write_mp4(frames: Any, path: str | os.PathLike, fps: float = 4, scale: int = 8, *,
+              codec: str | None = None) -> Path:
+    """Write ``uint8 [F, H, W, 3]`` RGB frames as an MP4 (yuv420p), each frame upscaled ``scale`` times.
+
+    The encoder is ``codec`` or the first available of :data:`MP4_ENCODERS`. Odd upscaled sizes are
+    padded by one edge row / column (:func:`even_size`), so the file is ``H*scale`` (rounded up to even)
+    by ``W*scale`` (likewise). Lossy: RGB -> YUV 4:2:0 halves the colour resolution and the encoder
+    quantises, so read-back pixels differ by a few levels and colours bleed at sharp edges, more with
+    a small ``scale`` (an upscale of 8 or more keeps cell interiors close to their colour). ``fps`` may
+    be fractional (kept as an exact fraction). Returns the path. Needs PyAV (``pip install mmgrow[video]``).
+    """
+    frames = even_size(upscale(as_frames(frames), scale))
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise ValueError(f"fps must be a number > 0, got {fps!r}")
+    av = _import_av()
+    encoder = mp4_encoder(av, codec)
+    rate = Fraction(fps).limit_denominator(1001)
+    height, width = frames.shape[1:3]
+
+    def write(f: Any) -> None:
+        with av.open(f, mode="w", format="mp4") as container:
+            stream = container.add_stream(encoder, rate=rate)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = dict(MP4_QUALITY.get(encoder, {}))
+            for i, rgb in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                frame.pts = i  # in 1/rate units: stream time base is set from the rate by the encoder
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))  # flush frames the encoder still holds (B-frames)
+
+    return atomic_write(path, write, ".mp4")
 
 
 # --------------------------------------------------------------------------------------------------

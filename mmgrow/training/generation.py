@@ -1,0 +1,116 @@
+"""Sampling media from a trained model: the shared machinery of the sample callbacks and ``mmgrow generate``.
+
+A request is a list of :class:`~mmgrow.protocols.Segment` s as a task builds them, with placeholders
+(e.g. an all-black video of the wanted length) as the raw items of the *target* segments: they fix
+how many tokens or latents each target gets. Then
+
+* **continuous targets** (a latent video codec; the ``flow_matching`` objective): the whole sequence
+  is built once, every target latent starts as noise and the objective's ODE sampler integrates them
+  jointly (Euler / Heun, classifier-free guidance); each target is decoded by its codec;
+* **a discrete target** (pixel / VQ tokens; the autoregressive objective): the segments before it
+  are the prompt, followed by the codec's ``generation_prefix``; tokens are sampled one by one
+  (with the codec's ``generation_constraint`` when it has one), cut at ``generation_length`` and decoded.
+
+No special-token or codec names appear here: codecs declare their kind and structure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmgrow.data.collate import attach_condition, pad_collate
+from mmgrow.data.sequence import SequenceBuilder
+from mmgrow.protocols import Objective, Segment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplerSettings:
+    """How to sample. ``steps``, ``solver``, ``guidance``: the flow-matching ODE sampler; ``greedy``,
+    ``temperature``, ``top_k``: token sampling; ``seed`` seeds both."""
+
+    steps: int = 25
+    solver: str = "euler"
+    guidance: float = 1.0
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+
+
+def _condition(text: str | None, encoder: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    if encoder is None or text is None:
+        return {}
+    emb, mask = encoder.encode([text])
+    return {"condition": emb.to(device), "condition_mask": mask.to(device)}
+
+
+def sample_continuous(model: nn.Module, objective: Objective, builder: SequenceBuilder, segments: list[Segment], *,
+                      condition_text: str | None = None, condition_encoder: Any = None,
+                      settings: SamplerSettings | None = None) -> list[Any]:
+    """Decoded raw items of every target segment, sampled jointly by the objective's ODE sampler."""
+    settings = settings or SamplerSettings()
+    targets = [i for i, s in enumerate(segments) if s.role == "target"]
+    if not targets:
+        raise ValueError("sample_continuous: no target segment to generate")
+    for i in targets:
+        if builder.codecs[segments[i].modality].kind != "continuous":
+            raise ValueError(f"sample_continuous: target segment {i} ({segments[i].modality}) has a discrete codec; "
+                             "continuous sampling needs continuous targets")
+    if not getattr(objective, "samples_latents", False):
+        raise TypeError(f"{type(objective).__name__} cannot sample continuous latents; train with an objective that "
+                        "does (samples_latents = True, e.g. flow_matching)")
+    device = next(model.parameters()).device
+    seq, spans = builder.build_with_spans(segments)
+    batch = pad_collate([seq])
+    if condition_encoder is not None and condition_text is not None:
+        batch = attach_condition(batch, [condition_text], condition_encoder)
+    batch = batch.to(device)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    latents = objective.generate(model, batch, steps=settings.steps, solver=settings.solver,
+                                 guidance=settings.guidance, generator=generator)[0].float().cpu()
+    out = []
+    for i in targets:
+        codec = builder.codecs[segments[i].modality]
+        out.append(codec.decode(latents[spans[i], : codec.latent_dim]))
+    return out
+
+
+def sample_discrete(model: nn.Module, objective: Objective, builder: SequenceBuilder, prompt: list[Segment],
+                    modality: str, max_new_tokens: int, *, constraint: Any = None, condition_text: str | None = None,
+                    condition_encoder: Any = None, settings: SamplerSettings | None = None) -> Any:
+    """One decoded item of ``modality`` sampled token by token after the ``prompt`` segments."""
+    settings = settings or SamplerSettings()
+    codec = builder.codecs[modality]
+    device = next(model.parameters()).device
+    space = model.token_space
+    ids = builder.build(prompt).input_ids
+    prefix = codec.generation_prefix()
+    ids = torch.cat([ids, space.to_global(prefix, modality)])[None].to(device)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    new = objective.generate(model, ids, modality=modality, max_new_tokens=max_new_tokens, greedy=settings.greedy,
+                             temperature=settings.temperature, top_k=settings.top_k, constraint=constraint,
+                             generator=generator, **_condition(condition_text, condition_encoder, device))[0].cpu()
+    return codec.decode(torch.cat([prefix, new[: codec.generation_length(new)]]))
+
+
+def write_video_files(frames: Any, stem: str | Path, fps: float = 4) -> list[Path]:
+    """``stem.gif`` and, when PyAV is installed (the ``video`` extra), ``stem.mp4`` of ``uint8 [F, H, W, 3]``
+    frames, upscaled so small frames stay visible (8x up to 32 px, then 4x, 2x ...)."""
+    from mmgrow.evaluation.media import write_gif, write_mp4
+
+    stem = Path(stem)
+    scale = max(1, 256 // max(int(frames.shape[1]), 1))
+    files = [write_gif(frames, stem.with_suffix(".gif"), fps=fps, scale=min(scale, 8))]
+    try:
+        files.append(write_mp4(frames, stem.with_suffix(".mp4"), fps=fps, scale=min(scale, 8)))
+    except ImportError as exc:
+        log.warning("no MP4 written: %s", exc)
+    return files
