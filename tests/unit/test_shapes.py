@@ -250,3 +250,12 @@ def test_detailed_heldout_prompts_describe_the_centred_video():
     ds = ShapesDataset(num_samples=len(HELDOUT_COMBOS), split="heldout", captions="detailed", random_start=False)
     assert [ds[i].text for i in range(len(ds))] == ds.heldout_captions() == [p[0] for p in ds.heldout_prompts()]
     assert all(cap.startswith(f"a {c} {s} moves {m}, ") for cap, (s, c, m) in zip(ds.heldout_captions(), HELDOUT_COMBOS))
+
+
+def test_describe_reads_pixel_resolution_frames_like_grid_frames():
+    ds = ShapesDataset(num_samples=12, seed=3)
+    for i in range(12):
+        sample = ds[i]
+        assert ds.describe(sample.media["video"]) == sample.meta  # 32 px frames, read back at the 8-cell grid
+    noisy = (ds[0].media["video"].float() + 20 * torch.randn(ds[0].media["video"].shape)).clamp(0, 255).byte()
+    assert ds.describe(noisy) == ds[0].meta  # cell means average the noise away

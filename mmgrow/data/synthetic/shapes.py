@@ -222,10 +222,16 @@ class ShapesDataset(torch.utils.data.Dataset):
         the centred start (the one ``random_start=False`` draws), so they are prompts for one video."""
         return [self.caption_of(*c, self.centred_start(c[0], c[2])) for c in self.heldout]
 
-    @staticmethod
-    def describe(frames: Tensor) -> dict[str, str | None]:
-        """What a grid-resolution video shows, as ``{"colour", "shape", "motion"}`` (see
-        :func:`describe_video`); used to score generated samples against their captions."""
+    def describe(self, frames: Tensor) -> dict[str, str | None]:
+        """What a video shows, as ``{"colour", "shape", "motion"}`` (see :func:`describe_video`); used to
+        score generated samples against their captions. Frames at pixel resolution (``[F, size, size, 3]``,
+        e.g. decoded from latents) are first read at grid resolution: each cell's mean colour snapped to
+        the nearest palette colour (:meth:`PixelTokenizer.quantize`)."""
+        if frames.dim() == 4 and frames.shape[1] != self.grid:
+            from mmgrow.tokenizers.pixels import PixelTokenizer
+
+            codec = PixelTokenizer(grid=self.grid)
+            frames = codec.palette[codec.quantize(frames)]
         return describe_video(frames)
 
     def heldout_prompts(self) -> list[tuple[str, dict[str, str]]]:
