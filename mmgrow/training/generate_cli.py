@@ -117,7 +117,8 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"--frames must be >= 1, got {frames}")
     requests: list[tuple[str, Sample]] = []
     if args.storyboard:
-        requests.append(("storyboard", storyboard_request(Path(args.storyboard), example, frames)))
+        segment_frames = args.frames or int(example.meta.get("segment_frames", frames))
+        requests.append(("storyboard", storyboard_request(Path(args.storyboard), example, segment_frames)))
     else:
         for prompt in args.prompt:
             if not prompt.strip():
@@ -148,10 +149,12 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
 
 
 def storyboard_request(path: Path, example: Any, segment_frames: int) -> Any:
-    """A storyboard file -> a placeholder :class:`~mmgrow.protocols.Sample` the storyboard task can segment."""
+    """A storyboard file -> a placeholder :class:`~mmgrow.protocols.Sample` (black frames, each scene's
+    ``segments`` of ``segment_frames`` frames) that the ``storyboard_to_video`` task segments."""
     import torch
 
-    from mmgrow.data.synthetic.storyboard import parse_storyboard, placeholder_sample
+    from mmgrow.data.synthetic.storyboard import parse_storyboard
+    from mmgrow.protocols import Sample
 
     if not path.exists():
         raise FileNotFoundError(f"storyboard file not found: {path}")
@@ -159,5 +162,7 @@ def storyboard_request(path: Path, example: Any, segment_frames: int) -> Any:
         scenes = parse_storyboard(json.loads(path.read_text()))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    frame = example.media["video"][0]
-    return placeholder_sample(scenes, segment_frames, torch.zeros_like(frame))
+    frames = sum(scene.segments for scene in scenes) * segment_frames
+    video = torch.zeros(frames, *example.media["video"].shape[1:], dtype=torch.uint8)
+    return Sample(media={"video": video}, text=". ".join(scene.text for scene in scenes),
+                  meta={"scenes": [scene.to_dict() for scene in scenes], "segment_frames": segment_frames})
