@@ -79,16 +79,20 @@ class GenerateSamples(_HeldOutSampler):
     With a continuous video codec (a DiT trained with ``flow_matching``) the held-out split's samples are
     the prompts: each is turned into segments by the first task that targets video, its video replaced
     by a black placeholder of the same size, and sampled with the ODE sampler (``steps``, ``solver``,
-    ``guidance``); an MP4 is written next to each GIF when PyAV is installed.
+    ``guidance``); an MP4 is written next to each GIF when PyAV is installed. With ``probe`` (a directory
+    of :func:`~mmgrow.evaluation.probe.load_probe` weights, e.g. ``pretrained/shapes_probe``) each record
+    also holds what the attribute probe sees, and ``heldout.json`` its text alignment or, for
+    storyboards, scene consistency (:mod:`mmgrow.evaluation.video_metrics`).
     """
 
     modality = "video"
 
     def __init__(self, num_samples: int = 4, greedy: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, seed: int = 0, steps: int = 25, solver: str = "euler",
-                 guidance: float = 1.0) -> None:
+                 guidance: float = 1.0, probe: str | None = None) -> None:
         super().__init__(num_samples, greedy, temperature, top_k, seed)
         self.steps, self.solver, self.guidance = steps, solver, guidance
+        self.probe = probe
 
     def settings(self) -> SamplerSettings:
         return SamplerSettings(steps=self.steps, solver=self.solver, guidance=self.guidance, greedy=self.greedy,
@@ -153,9 +157,40 @@ class GenerateSamples(_HeldOutSampler):
         if videos:
             frames_grid_png(videos, captions, out / "heldout.png")
             rates = match_rates([r for r in records if "match" in r]) if any("match" in r for r in records) else {}
-            atomic_write_bytes(out / "heldout.json", json.dumps({"samples": records, "match_rate": rates},
-                                                                indent=2).encode())
+            summary = {"samples": records, "match_rate": rates}
+            if self.probe is not None:
+                summary["probe"] = probe_scores(self.probe, videos, [dm.test_set[i] for i in range(len(videos))],
+                                                records)
+            atomic_write_bytes(out / "heldout.json", json.dumps(summary, indent=2).encode())
             log.info("samples written to %s", out)
+
+
+def probe_scores(path: str, videos: list[torch.Tensor], examples: list[Sample], records: list[dict]) -> dict:
+    """Attribute-probe scores of generated ``videos`` for the ``examples`` they were asked from: text
+    alignment for single clips, scene consistency for storyboards (``meta["scenes"]``). Adds each
+    video's probe reading to its record."""
+    from mmgrow.evaluation.probe import load_probe
+    from mmgrow.evaluation.video_metrics import scene_consistency, text_alignment
+
+    probe = load_probe(path)
+    stories = [i for i, e in enumerate(examples) if "scenes" in e.meta]
+    clips = [i for i, e in enumerate(examples) if "scenes" not in e.meta]
+    scores: dict[str, Any] = {}
+    for i in stories:
+        records[i]["probe"] = scene_consistency(videos[i], examples[i].meta["scenes"],
+                                                examples[i].meta["segment_frames"], probe)
+    if stories:
+        means = {}
+        for key in ("within_scene", "transitions", "alignment", "score"):
+            values = [records[i]["probe"][key] for i in stories if records[i]["probe"].get(key) is not None]
+            means[key] = sum(values) / len(values) if values else None  # None: no storyboard had such a check
+        scores["scene_consistency"] = means
+    if clips:
+        stacked = torch.stack([videos[i] for i in clips])
+        for i, seen in zip(clips, probe.predict(stacked)):
+            records[i]["probe"] = seen
+        scores["text_alignment"] = text_alignment(stacked, [examples[i].meta for i in clips], probe)
+    return scores
 
 
 def generate_video(model: Any, objective: Any, builder: Any, task: Any, example: Sample, modality: str,
