@@ -83,7 +83,9 @@ class RunSummary(pl.Callback):
             self.tokens = self.tokens + (batch.token_count() if step_tokens is None else step_tokens)
         self._seen_first = True
         self._last = now
-        self.max_seq_len = max(self.max_seq_len, int(batch.input_ids.shape[1]))
+        input_ids = getattr(batch, "input_ids", None)  # token batches; a codec trains on raw media
+        if input_ids is not None:
+            self.max_seq_len = max(self.max_seq_len, int(input_ids.shape[1]))
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last = None  # validation time is not training time

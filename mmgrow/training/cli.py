@@ -5,7 +5,14 @@ What it adds to LightningCLI:
 * registry names work wherever a ``class_path`` is expected (``class_path: full``, or
   ``mixers:full`` when a name exists in several kinds): they are rewritten to import paths before
   parsing, so recipes stay short and the saved ``config.yaml`` still carries full paths;
-* ``data.vocab`` is linked into ``model.vocab`` at instantiation (the codecs decide the vocabulary);
+* two modes, chosen by the recipe: without a ``class_path`` in its ``model:`` section the model is
+  :class:`~mmgrow.training.module.MMGrowModule` and the data :class:`~mmgrow.data.datamodule.MMDataModule`
+  (their arguments given directly); with one, both ``model:`` and ``data:`` are ``class_path`` +
+  ``init_args`` (e.g. :class:`~mmgrow.training.codec_module.CodecModule` training a codec on
+  :class:`~mmgrow.data.media_datamodule.MediaDataModule`). Overrides work the same way in both
+  modes (jsonargparse reads ``--data.num_train 32`` as ``--data.init_args.num_train 32`` in the second);
+* ``data.vocab`` and ``data.continuous`` are linked into ``model.vocab`` / ``model.continuous`` at
+  instantiation (the codecs decide the vocabulary and latent widths), for model classes that take them;
 * a run directory: ``trainer.default_root_dir`` (default ``runs/<recipe name>``) receives
   ``config.yaml``, ``metrics.csv`` (+ TensorBoard under ``tb/`` when installed), ``checkpoints/``
   (resumable, ``last.ckpt``), and the evidence callbacks' files (weights, summary, samples, plots).
@@ -113,7 +120,57 @@ def _rewrite_config_file(value: str) -> str:
     return yaml.safe_dump(new, sort_keys=False)
 
 
-def _make_cli_class():
+DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (("vocab", "vocab"), ("continuous", "continuous"))
+"""``(data attribute, model argument)`` pairs linked at instantiation when the model class takes the argument."""
+
+
+def model_class_path(argv: list[str]) -> str | None:
+    """The ``class_path`` given for the model by ``--config`` texts or ``--model[.class_path]`` options
+    of a rewritten ``argv`` (the last one wins); None when the recipe gives the model's arguments directly."""
+    found: str | None = None
+    i = 0
+    while i < len(argv):
+        key, eq, inline = argv[i].partition("=")
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        step = 1 if eq else 2
+        if key in ("--config", "-c") and value is not None:
+            cfg = yaml.safe_load(value)  # rewrite_argv put the recipe's YAML text here
+            model = cfg.get("model") if isinstance(cfg, dict) else None
+            if isinstance(model, dict) and isinstance(model.get("class_path"), str):
+                found = model["class_path"]
+        elif key in ("--model", "--model.class_path") and value is not None:
+            if key == "--model" and value.lstrip().startswith("{"):  # --model '{class_path: ..., init_args: ...}'
+                spec = yaml.safe_load(value)
+                value = spec.get("class_path") if isinstance(spec, dict) else None
+            found = value or found
+        else:
+            step = 1
+        i += step
+    return found
+
+
+def _model_arguments(class_path: str | None) -> set[str]:
+    """Constructor argument names of the model class (MMGrowModule without a class_path); empty when
+    the class cannot be imported (jsonargparse then reports the bad class_path itself)."""
+    import inspect
+
+    if class_path is None:
+        from mmgrow.training.module import MMGrowModule as cls
+    else:
+        import importlib
+
+        module, _, name = class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError):
+            return set()
+    try:
+        return set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _make_cli_class(links: list[tuple[str, str]]):
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
@@ -125,8 +182,9 @@ def _make_cli_class():
         """LightningCLI with mmgrow's links, run directory and evidence callbacks."""
 
         def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("data.vocab", "model.init_args.vocab" if self.subclass_mode_model else "model.vocab",
-                                  apply_on="instantiate")
+            prefix = "model.init_args." if self.subclass_mode_model else "model."
+            for attribute, argument in links:
+                parser.link_arguments(f"data.{attribute}", prefix + argument, apply_on="instantiate")
 
         def instantiate_trainer(self, **kwargs: Any):
             cfg = self._get(self.config_init, "trainer", default={})
@@ -181,14 +239,19 @@ def _build_rewritten(argv: list[str], run: bool):
     from mmgrow.data.datamodule import MMDataModule
     from mmgrow.training.module import MMGrowModule
 
-    cls = _make_cli_class()
+    class_path = model_class_path(argv)
+    arguments = _model_arguments(class_path)
+    cls = _make_cli_class([(a, m) for a, m in DATA_TO_MODEL_LINKS if m in arguments])
+    if class_path is None:
+        classes: dict[str, Any] = {"model_class": MMGrowModule, "datamodule_class": MMDataModule}
+    else:  # any LightningModule / LightningDataModule, each given by class_path + init_args
+        classes = {"model_class": None, "datamodule_class": None}
     # LightningCLI warns when it gets `args` while sys.argv also holds arguments; ours *are* sys.argv
     # after the registry-name rewrite. sys.argv itself must stay: DDP's launcher re-runs it.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return cls(
-            MMGrowModule,
-            MMDataModule,
+            **classes,
             args=argv,
             run=run,
             save_config_kwargs={"overwrite": True},

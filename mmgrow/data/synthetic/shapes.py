@@ -224,10 +224,11 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def describe(self, frames: Tensor) -> dict[str, str | None]:
         """What a video shows, as ``{"colour", "shape", "motion"}`` (see :func:`describe_video`); used to
-        score generated samples against their captions. Frames at pixel resolution (``[F, size, size, 3]``,
+        score generated samples against their captions. Frames finer than the grid (``[F, size, size, 3]``,
         e.g. decoded from latents) are first read at grid resolution: each cell's mean colour snapped to
         the nearest palette colour (:meth:`PixelTokenizer.quantize`)."""
-        if frames.dim() == 4 and frames.shape[1] != self.grid:
+        if frames.dim() == 4 and frames.shape[1] > self.grid and frames.shape[1] % self.grid == 0 \
+                and frames.shape[2] % self.grid == 0:
             from mmgrow.tokenizers.pixels import PixelTokenizer
 
             codec = PixelTokenizer(grid=self.grid)
