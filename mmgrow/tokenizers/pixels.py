@@ -3,8 +3,9 @@
 A frame ``[H, W, 3]`` is cut into ``grid x grid`` cells of ``(H/grid) x (W/grid)`` pixels; each cell
 is the area average of its pixels, quantised to the nearest palette colour (squared RGB distance,
 ties to the lower id). It plays the role of LWM's per-frame VQGAN at toy scale, with the same
-serialisation (LWM, arXiv 2402.08268, Sec. 3): frame tokens, ``eof`` after each frame, ``eov``
-instead of the last ``eof``, the whole video introduced by ``bov`` (LWM's ``<vision>``)::
+serialisation (LWM, arXiv 2402.08268, Sec. 3; :class:`~mmgrow.tokenizers.frame_layout.FrameLayout`):
+frame tokens, ``eof`` after each frame, ``eov`` instead of the last ``eof``, the whole video
+introduced by ``bov`` (LWM's ``<vision>``)::
 
     [bov] c(0,0) .. c(0,G*G-1) eof  c(1,0) .. c(1,G*G-1) eof  ...  c(F-1,0) .. c(F-1,G*G-1) eov
 
@@ -19,7 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mmgrow.protocols import NO_BLOCK, Tokenizer
+from mmgrow.protocols import Tokenizer
+from mmgrow.tokenizers.frame_layout import SPECIALS, FrameLayout
 
 DEFAULT_PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
@@ -36,9 +38,6 @@ DEFAULT_PALETTE: dict[str, tuple[int, int, int]] = {
     "brown": (128, 64, 0),
 }
 """The default palette, in id order (``black`` = 0 is the background colour used by ``decode``)."""
-
-SPECIALS: tuple[str, ...] = ("bov", "eof", "eov")
-"""Special tokens, in id order after the palette colours."""
 
 
 class PixelTokenizer(Tokenizer):
@@ -85,6 +84,13 @@ class PixelTokenizer(Tokenizer):
         """Length of an encoded video of ``num_frames`` frames: ``1 + F * (G*G + 1)``."""
         return 1 + num_frames * self.tokens_per_frame
 
+    @property
+    def frame_layout(self) -> FrameLayout:
+        """LWM serialisation of ``G*G`` palette ids per frame (the specials follow the palette)."""
+        return FrameLayout(codes_per_frame=self.cells_per_frame, num_codes=self.num_colours,
+                           bov=self.special_tokens["bov"], eof=self.special_tokens["eof"],
+                           eov=self.special_tokens["eov"])
+
     def colour_id(self, name: str) -> int:
         """Palette id of a named colour (default palette only)."""
         if self.palette_names is None:
@@ -112,11 +118,7 @@ class PixelTokenizer(Tokenizer):
 
     def encode(self, video: Any) -> Tensor:
         """``uint8 [F, H, W, 3]`` or ``[H, W, 3]`` -> ``[1 + F*(G*G+1)]`` int64 (layout in the module doc)."""
-        ids = self.quantize(video).reshape(-1, self.cells_per_frame)  # [F, G*G]
-        ends = torch.full((ids.shape[0], 1), self.special_tokens["eof"], dtype=torch.long)
-        ends[-1] = self.special_tokens["eov"]
-        body = torch.cat([ids, ends], dim=1).reshape(-1)
-        return torch.cat([torch.tensor([self.special_tokens["bov"]]), body])
+        return self.frame_layout.serialize(self.quantize(video).reshape(-1, self.cells_per_frame))
 
     def decode(self, tokens: Tensor | Sequence[int]) -> Tensor:
         """``[N]`` tokens -> ``uint8 [F, G, G, 3]`` frames (one pixel per cell).
@@ -127,31 +129,8 @@ class PixelTokenizer(Tokenizer):
         holding a non-palette id gets the background ``palette[0]``.
         ``decode(encode(v)) == palette[quantize(v)]`` exactly.
         """
-        ids = _as_ids(tokens, "PixelTokenizer.decode")
-        bov, eof, eov = (self.special_tokens[n] for n in SPECIALS)
-        if ids.numel() and int(ids[0]) == bov:
-            ids = ids[1:]
-        stop = (ids == eov).nonzero()
-        if stop.numel():
-            ids = ids[: int(stop[0]) + 1]
-        frames: list[Tensor] = []
-        start = 0
-        for end in ((ids == eof) | (ids == eov)).nonzero().flatten().tolist() + [ids.numel()]:
-            cells = ids[start:end]
-            if end < ids.numel() or cells.numel():  # a frame closed by eof/eov, or a non-empty tail
-                frames.append(self._frame_ids(cells))
-            start = end + 1
-        if not frames:
-            return torch.zeros(0, self.grid, self.grid, 3, dtype=torch.uint8)
-        return self.palette[torch.stack(frames)]
-
-    def _frame_ids(self, cells: Tensor) -> Tensor:
-        """Up to ``G*G`` cell ids -> ``[G, G]`` palette ids (non-palette and missing -> 0)."""
-        out = torch.zeros(self.cells_per_frame, dtype=torch.long)
-        cells = cells[: self.cells_per_frame]
-        valid = (cells >= 0) & (cells < self.num_colours)
-        out[: cells.numel()] = torch.where(valid, cells, torch.zeros_like(cells))
-        return out.reshape(self.grid, self.grid)
+        ids = self.frame_layout.frames(tokens, where="PixelTokenizer.decode")  # [F, G*G]
+        return self.palette[ids.reshape(ids.shape[0], self.grid, self.grid)]
 
     # ---------------------------------------------------------------------------------------------
     # structure for the model and the sampler
@@ -159,22 +138,16 @@ class PixelTokenizer(Tokenizer):
 
     def generation_prefix(self) -> Tensor:
         """A generated video starts after ``bov``."""
-        return torch.tensor([self.special_tokens["bov"]], dtype=torch.long)
+        return self.frame_layout.generation_prefix()
 
     def generation_length(self, tokens: Tensor) -> int:
         """Sampled video ends at (and includes) the first ``eov``."""
-        ends = (tokens == self.special_tokens["eov"]).nonzero()
-        return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+        return self.frame_layout.generation_length(tokens)
 
     def block_ids(self, tokens: Tensor) -> Tensor:
         """``[N]`` int64: frame index of each token (its ``eof`` / ``eov`` included), ``NO_BLOCK`` for
         ``bov`` and for anything after the first ``eov``. Tokens of one frame attend bidirectionally."""
-        ids = _as_ids(tokens, "PixelTokenizer.block_ids")
-        bov, eof, eov = (self.special_tokens[n] for n in SPECIALS)
-        is_end = ((ids == eof) | (ids == eov)).long()
-        frame = torch.cumsum(is_end, 0) - is_end  # ends seen strictly before each token
-        after_eov = (torch.cumsum((ids == eov).long(), 0) - (ids == eov).long()) > 0
-        return torch.where((ids == bov) | after_eov, torch.full_like(frame, NO_BLOCK), frame)
+        return self.frame_layout.block_ids(tokens, where="PixelTokenizer.block_ids")
 
     def generation_constraint(self, num_frames: int) -> Callable[[int], Tensor]:
         """Allowed next ids while generating a ``num_frames`` video after its ``bov``.
@@ -184,23 +157,7 @@ class PixelTokenizer(Tokenizer):
         """
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"generation_constraint: num_frames must be a positive int, got {num_frames!r}")
-        cells = torch.zeros(self.vocab_size, dtype=torch.bool)
-        cells[: self.num_colours] = True
-        only_eof = torch.zeros(self.vocab_size, dtype=torch.bool)
-        only_eof[self.special_tokens["eof"]] = True
-        only_eov = torch.zeros(self.vocab_size, dtype=torch.bool)
-        only_eov[self.special_tokens["eov"]] = True
-        tpf, total = self.tokens_per_frame, num_frames * self.tokens_per_frame
-
-        def allowed(step: int) -> Tensor:
-            if not 0 <= step < total:
-                raise IndexError(f"generation step {step} is outside a {num_frames}-frame video "
-                                 f"(steps 0..{total - 1} after bov)")
-            if step % tpf < self.cells_per_frame:
-                return cells.clone()
-            return (only_eov if step == total - 1 else only_eof).clone()
-
-        return allowed
+        return self.frame_layout.generation_constraint(num_frames, self.vocab_size)
 
     # ---------------------------------------------------------------------------------------------
     # validation
@@ -243,17 +200,3 @@ def _check_palette(palette: Sequence[Sequence[int]]) -> Tensor:
         raise ValueError(f"PixelTokenizer: palette colours must be distinct, got {rows}")
     return torch.tensor(rows, dtype=torch.uint8)
 
-
-def _as_ids(tokens: Any, where: str) -> Tensor:
-    """A 1-D int tensor or list of ints -> ``[N]`` int64 tensor, with a named error otherwise."""
-    if isinstance(tokens, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in tokens):
-            raise TypeError(f"{where}: expected a sequence of ints")
-        return torch.tensor(tokens, dtype=torch.long)
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"{where}: expected a 1-D int tensor or a list of ints, got {type(tokens).__name__}")
-    if tokens.dim() != 1:
-        raise ValueError(f"{where}: expected a 1-D tensor of tokens [N], got shape {tuple(tokens.shape)}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise TypeError(f"{where}: expected integer tokens, got dtype {tokens.dtype}")
-    return tokens.long().cpu()

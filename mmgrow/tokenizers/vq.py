@@ -7,8 +7,9 @@ LWM tokenises video with a per-frame VQGAN (arXiv 2402.08268, Sec. 3; 256x256 ->
     k = argmin_i ||z - e_i||^2    x^ = Dec(e_k)
     loss = mean((x^ - x)^2) (or mean|x^ - x|)  +  VQ loss (commitment; codebook term without EMA)
 
-Tokens follow the LWM serialisation of :class:`~mmgrow.tokenizers.pixels.PixelTokenizer`, one
-"frame" per *latent* frame (two raw frames each with ``temporal_downsample``)::
+Tokens follow the LWM serialisation (:class:`~mmgrow.tokenizers.frame_layout.FrameLayout`, as in
+:class:`~mmgrow.tokenizers.pixels.PixelTokenizer`), one "frame" per *latent* frame (two raw frames
+each with ``temporal_downsample``)::
 
     [bov] k(0, 0) .. k(0, h*w-1) eof  ...  k(F'-1, 0) .. k(F'-1, h*w-1) eov
 
@@ -23,7 +24,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mmgrow.protocols import NO_BLOCK
 from mmgrow.tokenizers.conv_autoencoder import (
     RECONSTRUCTION_LOSSES,
     ConvVideoAutoencoder,
@@ -32,11 +32,9 @@ from mmgrow.tokenizers.conv_autoencoder import (
     unit_to_video,
     video_to_unit,
 )
+from mmgrow.tokenizers.frame_layout import SPECIALS, FrameLayout
 from mmgrow.tokenizers.learned import LearnedCodec
 from mmgrow.tokenizers.vector_quantizer import VectorQuantizer
-
-SPECIALS: tuple[str, ...] = ("bov", "eof", "eov")
-"""Special tokens, in id order after the codes."""
 
 
 class VQVideoTokenizer(LearnedCodec):
@@ -120,6 +118,13 @@ class VQVideoTokenizer(LearnedCodec):
         """Length of an encoded video of ``num_frames`` raw frames: ``1 + F' * (h*w + 1)``."""
         return 1 + self.latent_frames(num_frames) * self.tokens_per_frame
 
+    @property
+    def frame_layout(self) -> FrameLayout:
+        """LWM serialisation of ``h*w`` codes per latent frame (the specials follow the codebook)."""
+        return FrameLayout(codes_per_frame=self.codes_per_frame, num_codes=self.num_codes,
+                           bov=self.special_tokens["bov"], eof=self.special_tokens["eof"],
+                           eov=self.special_tokens["eov"])
+
     # ---------------------------------------------------------------------------------------------
     # training
     # ---------------------------------------------------------------------------------------------
@@ -174,11 +179,7 @@ class VQVideoTokenizer(LearnedCodec):
 
     def encode(self, video: Any) -> Tensor:
         """``uint8 [F, H, W, 3]`` or ``[H, W, 3]`` -> ``[1 + F' * (h*w + 1)]`` int64 (module doc layout)."""
-        ids = self.quantize(video).reshape(-1, self.codes_per_frame)  # [F', h*w]
-        ends = torch.full((ids.shape[0], 1), self.special_tokens["eof"], dtype=torch.long)
-        ends[-1] = self.special_tokens["eov"]
-        body = torch.cat([ids, ends], dim=1).reshape(-1)
-        return torch.cat([torch.tensor([self.special_tokens["bov"]]), body])
+        return self.frame_layout.serialize(self.quantize(video).reshape(-1, self.codes_per_frame))
 
     def decode(self, tokens: Tensor | Sequence[int]) -> Tensor:
         """``[N]`` tokens -> ``uint8 [F, H, W, 3]`` (``F = F' * frames_per_latent``).
@@ -189,31 +190,10 @@ class VQVideoTokenizer(LearnedCodec):
         codes is padded with code 0, extra codes are dropped; a non-code id becomes code 0.
         ``decode(encode(v)) == reconstruct(v[None])[0]``.
         """
-        ids = _token_ids(tokens, "VQVideoTokenizer.decode")
-        bov, eof, eov = (self.special_tokens[n] for n in SPECIALS)
-        if ids.numel() and int(ids[0]) == bov:
-            ids = ids[1:]
-        stop = (ids == eov).nonzero()
-        if stop.numel():
-            ids = ids[: int(stop[0]) + 1]
-        frames: list[Tensor] = []
-        start = 0
-        for end in ((ids == eof) | (ids == eov)).nonzero().flatten().tolist() + [ids.numel()]:
-            cells = ids[start:end]
-            if end < ids.numel() or cells.numel():  # a frame closed by eof/eov, or a non-empty tail
-                frames.append(self._frame_codes(cells))
-            start = end + 1
-        if not frames:
+        codes = self.frame_layout.frames(tokens, where="VQVideoTokenizer.decode")  # [F', h*w]
+        if not codes.shape[0]:  # nothing to run the decoder on
             return torch.zeros(0, self.frame_size, self.frame_size, 3, dtype=torch.uint8)
-        return self._decode_codes(torch.stack(frames)[None])[0]
-
-    def _frame_codes(self, cells: Tensor) -> Tensor:
-        """Up to ``h*w`` ids -> ``[h, w]`` codes (non-code and missing ids -> code 0)."""
-        out = torch.zeros(self.codes_per_frame, dtype=torch.long)
-        cells = cells[: self.codes_per_frame]
-        valid = (cells >= 0) & (cells < self.num_codes)
-        out[: cells.numel()] = torch.where(valid, cells, torch.zeros_like(cells))
-        return out.reshape(self.latent_size, self.latent_size)
+        return self._decode_codes(codes.reshape(1, -1, self.latent_size, self.latent_size))[0]
 
     # ---------------------------------------------------------------------------------------------
     # structure for the model and the sampler
@@ -221,22 +201,16 @@ class VQVideoTokenizer(LearnedCodec):
 
     def generation_prefix(self) -> Tensor:
         """A generated video starts after ``bov``."""
-        return torch.tensor([self.special_tokens["bov"]], dtype=torch.long)
+        return self.frame_layout.generation_prefix()
 
     def generation_length(self, tokens: Tensor) -> int:
         """Sampled video ends at (and includes) the first ``eov``."""
-        ends = (tokens == self.special_tokens["eov"]).nonzero()
-        return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+        return self.frame_layout.generation_length(tokens)
 
     def block_ids(self, tokens: Tensor) -> Tensor:
         """``[N]`` int64: latent-frame index of each token (its ``eof`` / ``eov`` included),
         ``NO_BLOCK`` for ``bov`` and anything after the first ``eov``."""
-        ids = _token_ids(tokens, "VQVideoTokenizer.block_ids")
-        bov, eof, eov = (self.special_tokens[n] for n in SPECIALS)
-        is_end = ((ids == eof) | (ids == eov)).long()
-        frame = torch.cumsum(is_end, 0) - is_end  # ends seen strictly before each token
-        after_eov = (torch.cumsum((ids == eov).long(), 0) - (ids == eov).long()) > 0
-        return torch.where((ids == bov) | after_eov, torch.full_like(frame, NO_BLOCK), frame)
+        return self.frame_layout.block_ids(tokens, where="VQVideoTokenizer.block_ids")
 
     def generation_constraint(self, num_frames: int) -> Callable[[int], Tensor]:
         """Allowed next ids while generating a video of ``num_frames`` raw frames after its ``bov``.
@@ -244,36 +218,6 @@ class VQVideoTokenizer(LearnedCodec):
         ``allowed(k) -> bool [vocab_size]`` for step ``k = 0 .. F'*(h*w+1)-1``: codes at code
         positions, only ``eof`` at the end of latent frames ``0..F'-2``, only ``eov`` at the end.
         """
-        latent_frames = self.latent_frames(num_frames)
-        codes = torch.zeros(self.vocab_size, dtype=torch.bool)
-        codes[: self.num_codes] = True
-        only_eof = torch.zeros(self.vocab_size, dtype=torch.bool)
-        only_eof[self.special_tokens["eof"]] = True
-        only_eov = torch.zeros(self.vocab_size, dtype=torch.bool)
-        only_eov[self.special_tokens["eov"]] = True
-        tpf, total = self.tokens_per_frame, latent_frames * self.tokens_per_frame
-
-        def allowed(step: int) -> Tensor:
-            if not 0 <= step < total:
-                raise IndexError(f"generation step {step} is outside a {num_frames}-frame video "
-                                 f"(steps 0..{total - 1} after bov)")
-            if step % tpf < self.codes_per_frame:
-                return codes.clone()
-            return (only_eov if step == total - 1 else only_eof).clone()
-
-        return allowed
-
-
-def _token_ids(tokens: Any, where: str) -> Tensor:
-    """A 1-D int tensor or list of ints -> ``[N]`` int64 CPU tensor, with a named error otherwise."""
-    if isinstance(tokens, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in tokens):
-            raise TypeError(f"{where}: expected a sequence of ints")
-        return torch.tensor(tokens, dtype=torch.long)
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"{where}: expected a 1-D int tensor or a list of ints, got {type(tokens).__name__}")
-    if tokens.dim() != 1:
-        raise ValueError(f"{where}: expected a 1-D tensor of tokens [N], got shape {tuple(tokens.shape)}")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise TypeError(f"{where}: expected integer tokens, got dtype {tokens.dtype}")
-    return tokens.long().cpu()
+        # errors name the raw frame count the caller asked for, not the latent one
+        return self.frame_layout.generation_constraint(self.latent_frames(num_frames), self.vocab_size,
+                                                       what=f"{num_frames}-frame")
