@@ -29,6 +29,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def clips_of(videos: list[torch.Tensor], samples: list) -> torch.Tensor:
+    """``[N, F, H, W, 3]`` clips: whole videos, or the fixed-length segments of storyboards (whose
+    videos differ in length), so the Fréchet distance compares segment clips."""
+    if "segment_frames" in samples[0].meta:
+        k = samples[0].meta["segment_frames"]
+        return torch.cat([torch.stack(v.split(k)) for v in videos])
+    return torch.stack(videos)
+
+
 def evaluate(run: Path, num: int, guidances: list[float], steps: int, solver: str, probe_path: str, seed: int) -> dict:
     from mmgrow.evaluation.probe import load_probe
     from mmgrow.evaluation.video_metrics import frechet_distance, scene_consistency, text_alignment
@@ -45,16 +54,17 @@ def evaluate(run: Path, num: int, guidances: list[float], steps: int, solver: st
     results: dict = {"checkpoint": str(run), "num": num, "steps": steps, "solver": solver, "rows": []}
     for split, data in splits.items():
         real = [data[i] for i in range(num)]
-        real_clips = torch.stack([s.media["video"] for s in real])
         reference = dataset_cls(num_samples=num, seed=dm.seed + 1000, split=split, **args)  # independent real clips
-        floor = frechet_distance(real_clips, torch.stack([reference[i].media["video"] for i in range(num)]), probe)
+        real_clips = clips_of([s.media["video"] for s in real], real)
+        floor = frechet_distance(real_clips, clips_of([reference[i].media["video"] for i in range(num)],
+                                                      [reference[i] for i in range(num)]), probe)
         for g in guidances:
             settings = SamplerSettings(steps=steps, solver=solver, guidance=g, seed=seed)
             start = time.perf_counter()
             fake = [generate_video(model, objective, dm.builder, task, s, "video", dm.condition_encoder, settings)
                     for s in real]
             seconds = time.perf_counter() - start
-            fake_clips = torch.stack(fake)
+            fake_clips = clips_of(fake, real)
             row = {"split": split, "guidance": g, "seconds": seconds,
                    "frechet_distance": frechet_distance(real_clips, fake_clips, probe), "frechet_real_floor": floor}
             if "scenes" in real[0].meta:
@@ -64,7 +74,7 @@ def evaluate(run: Path, num: int, guidances: list[float], steps: int, solver: st
                     values = [sc[key] for sc in scores if sc[key] is not None]
                     row[key] = sum(values) / len(values) if values else None
             else:
-                row.update({f"align_{k}": v for k, v in text_alignment(fake_clips, [s.meta for s in real],
+                row.update({f"align_{k}": v for k, v in text_alignment(torch.stack(fake), [s.meta for s in real],
                                                                           probe).items()})
             results["rows"].append(row)
             print(json.dumps(row))

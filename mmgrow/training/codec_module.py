@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mmgrow.tokenizers.learned import LearnedCodec
 from mmgrow.training.export import CHECKPOINT_CONFIG_KEY
-from mmgrow.training.module import warmup_cosine
+from mmgrow.training.module import adamw_warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +297,7 @@ class CodecModule(pl.LightningModule):
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         if not decay and not no_decay:
             raise ValueError(f"CodecModule: {type(self.model).__name__} has no trainable parameters")
-        hp = self.hparams
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
-        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, decay, no_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mmgrow_tokens_seen"] = self.tokens_seen

@@ -274,12 +274,7 @@ class MMGrowModule(pl.LightningModule):
             if not p.requires_grad:
                 continue
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-        hp = self.hparams
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
-        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self, decay, no_decay)
 
     @property
     def tokens_seen(self) -> int:
@@ -294,6 +289,18 @@ class MMGrowModule(pl.LightningModule):
         self.configure_model()
         self.__dict__.pop("_before_growth", None)  # a resumed run: growth happened before the checkpoint
         self._tokens_seen = torch.tensor(int(checkpoint.get("mmgrow_tokens_seen", 0)))
+
+
+def adamw_warmup_cosine(module: pl.LightningModule, decay: list, no_decay: list) -> dict[str, Any]:
+    """AdamW over two parameter groups (weight decay on ``decay`` only) with :func:`warmup_cosine` per step,
+    from the module's ``lr``, ``weight_decay``, ``betas``, ``warmup_steps``, ``min_lr_ratio`` hyperparameters."""
+    hp = module.hparams
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+    trainer = module._trainer
+    total = trainer.max_steps if trainer is not None and trainer.max_steps > 0 else None
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def warmup_cosine(warmup: int, total: int | None, min_ratio: float) -> Callable[[int], float]:
