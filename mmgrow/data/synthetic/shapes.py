@@ -36,6 +36,7 @@ from itertools import product
 import torch
 from torch import Tensor
 
+from mmgrow.data.synthetic.combinations import choose_names, split_combinations
 from mmgrow.protocols import Sample
 from mmgrow.tokenizers.pixels import DEFAULT_PALETTE
 
@@ -169,30 +170,18 @@ class ShapesDataset(torch.utils.data.Dataset):
         if captions not in CAPTION_STYLES:
             raise ValueError(f"ShapesDataset: unknown captions style {captions!r}; expected one of {CAPTION_STYLES}")
         self.captions = captions
-        self.shapes = _subset("shapes", shapes, tuple(SHAPES))
-        self.colours = _subset("colours", colours, COLOURS, allowed=tuple(c for c in DEFAULT_PALETTE if c != BACKGROUND))
-        self.motions = _subset("motions", motions, tuple(MOTIONS))
+        self.shapes = choose_names("ShapesDataset", "shapes", shapes, tuple(SHAPES))
+        self.colours = choose_names("ShapesDataset", "colours", colours, COLOURS,
+                                    allowed=tuple(c for c in DEFAULT_PALETTE if c != BACKGROUND))
+        self.motions = choose_names("ShapesDataset", "motions", motions, tuple(MOTIONS))
         self.num_samples, self.frames, self.size, self.grid = num_samples, frames, size, grid
         self.seed, self.split = seed, split
         self.random_start = bool(random_start)
         self._check_fits()
 
-        everything = list(product(self.shapes, self.colours, self.motions))
-        if heldout is None:
-            held = [c for c in HELDOUT_COMBOS if c in everything]
-        else:
-            held = [tuple(c) for c in heldout]
-            for c in held:
-                if c not in everything:
-                    raise ValueError(f"ShapesDataset: held-out combination {c} uses a shape, colour or motion "
-                                     f"outside shapes={self.shapes}, colours={self.colours}, motions={self.motions}")
-        self.heldout = tuple(held)
-        self.seen = tuple(c for c in everything if c not in self.heldout)
-        for axis, values in enumerate((self.shapes, self.colours, self.motions)):
-            missing = [v for v in values if not any(c[axis] == v for c in self.seen)]
-            if missing:
-                raise ValueError(f"ShapesDataset: {missing} would never appear in training; every part of a "
-                                 "held-out combination must also occur in a seen combination")
+        self.seen, self.heldout = split_combinations(
+            "ShapesDataset", {"shapes": self.shapes, "colours": self.colours, "motions": self.motions},
+            HELDOUT_COMBOS, heldout)
         if split == "heldout" and not self.heldout:
             raise ValueError(f"ShapesDataset: split='heldout' but no default held-out combination uses only "
                              f"shapes={list(self.shapes)}, colours={list(self.colours)}, motions={list(self.motions)}; "
@@ -299,22 +288,6 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 def _meta(shape: str, colour: str, motion: str) -> dict[str, str]:
     return {"shape": shape, "colour": colour, "motion": motion}
-
-
-def _subset(what: str, chosen: Sequence[str] | None, default: tuple[str, ...],
-            allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    allowed = default if allowed is None else allowed
-    if chosen is None:
-        return default
-    if isinstance(chosen, str):
-        raise TypeError(f"ShapesDataset: {what} must be a list of names, got the string {chosen!r}")
-    values = tuple(chosen)
-    bad = [v for v in values if v not in allowed]
-    if bad or not values or len(set(values)) != len(values):
-        unknown = f" (unknown: {bad})" if bad else ""
-        raise ValueError(f"ShapesDataset: {what} must be distinct names from the valid ones: {', '.join(allowed)}; "
-                         f"got {list(values)}{unknown}")
-    return values
 
 
 def describe_video(frames: Tensor) -> dict[str, str | None]:

@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from itertools import product
 
 import torch
 from torch import Tensor
 
+from mmgrow.data.synthetic.combinations import choose_names, split_combinations
 from mmgrow.protocols import Sample
 
 PITCHES: dict[str, float] = {"low": 220.0, "mid": 440.0, "high": 880.0}
@@ -159,31 +159,17 @@ class ToneDataset(torch.utils.data.Dataset):
         if self.length < 4 * max(BEEP_COUNTS):
             raise ValueError(f"ToneDataset: seconds * sample_rate = {self.length} samples is too short; "
                              f"expected at least {4 * max(BEEP_COUNTS)}")
-        self.pitches = _subset("pitches", pitches, tuple(PITCHES))
-        self.waveforms = _subset("waveforms", waveforms, WAVEFORMS)
-        self.patterns = _subset("patterns", patterns, PATTERNS)
+        self.pitches = choose_names("ToneDataset", "pitches", pitches, tuple(PITCHES))
+        self.waveforms = choose_names("ToneDataset", "waveforms", waveforms, WAVEFORMS)
+        self.patterns = choose_names("ToneDataset", "patterns", patterns, PATTERNS)
         top = max(PITCHES[p] for p in self.pitches) * 2 ** (DETUNE_SEMITONES / 12 + GLIDE_OCTAVES / 2)
         if top >= sample_rate / 2:
             raise ValueError(f"ToneDataset: the highest tone reaches {top:.0f} Hz, above the Nyquist frequency "
                              f"{sample_rate / 2:.0f} Hz of sample_rate={sample_rate}; use sample_rate > {2 * top:.0f}")
 
-        everything = list(product(self.pitches, self.waveforms, self.patterns))
-        if heldout is None:
-            held = [c for c in HELDOUT_COMBOS if c in everything]
-        else:
-            held = [tuple(c) for c in heldout]
-            for c in held:
-                if c not in everything:
-                    raise ValueError(f"ToneDataset: held-out combination {c} uses a pitch, waveform or pattern "
-                                     f"outside pitches={self.pitches}, waveforms={self.waveforms}, "
-                                     f"patterns={self.patterns}")
-        self.heldout = tuple(held)
-        self.seen = tuple(c for c in everything if c not in self.heldout)
-        for axis, values in enumerate((self.pitches, self.waveforms, self.patterns)):
-            missing = [v for v in values if not any(c[axis] == v for c in self.seen)]
-            if missing:
-                raise ValueError(f"ToneDataset: {missing} would never appear in training; every part of a "
-                                 "held-out combination must also occur in a seen combination")
+        self.seen, self.heldout = split_combinations(
+            "ToneDataset", {"pitches": self.pitches, "waveforms": self.waveforms, "patterns": self.patterns},
+            HELDOUT_COMBOS, heldout)
         if split == "heldout" and not self.heldout:
             raise ValueError("ToneDataset: split='heldout' but no held-out combination uses only the chosen "
                              "pitches, waveforms and patterns; pass heldout=[[pitch, waveform, pattern], ...]")
@@ -223,17 +209,3 @@ class ToneDataset(torch.utils.data.Dataset):
         phase = (start_phase + torch.cumsum(freq, 0) / self.sample_rate) % 1.0
         wave = amplitude * envelope(self.length, self.sample_rate, beeps) * oscillator(waveform, phase)
         return wave.to(torch.float32)
-
-
-def _subset(what: str, chosen: Sequence[str] | None, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    if chosen is None:
-        return allowed
-    if isinstance(chosen, str):
-        raise TypeError(f"ToneDataset: {what} must be a list of names, got the string {chosen!r}")
-    values = tuple(chosen)
-    bad = [v for v in values if v not in allowed]
-    if bad or not values or len(set(values)) != len(values):
-        unknown = f" (unknown: {bad})" if bad else ""
-        raise ValueError(f"ToneDataset: {what} must be distinct names from the valid ones: {', '.join(allowed)}; "
-                         f"got {list(values)}{unknown}")
-    return values
