@@ -373,6 +373,13 @@ class Tokenizer(Plugin, nn.Module):
         raise NotImplementedError(f"{type(self).__name__} is not a learned codec")
 
 
+def length_through_first(tokens: Tensor, end_id: int) -> int:
+    """Length of ``tokens [N]`` up to and including the first ``end_id`` (``N`` when there is none):
+    the usual :meth:`Tokenizer.generation_length` of a codec with an end token."""
+    ends = (tokens == end_id).nonzero()
+    return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+
+
 # --------------------------------------------------------------------------------------------------
 # 3.5 Growth
 # --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmgrow.protocols import length_through_first
 from mmgrow.tokenizers.learned import LearnedCodec
 from mmgrow.tokenizers.vector_quantizer import VectorQuantizer
 
@@ -318,8 +319,7 @@ class VQAudioTokenizer(LearnedCodec):
 
     def generation_length(self, tokens: Tensor) -> int:
         """Sampled audio ends at (and includes) the first ``eoa``."""
-        ends = (tokens == self.special_tokens["eoa"]).nonzero()
-        return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+        return length_through_first(tokens, self.special_tokens["eoa"])
 
     def generation_constraint(self, num_samples: int) -> Callable[[int], Tensor]:
         """Allowed next ids while generating ``num_samples`` samples after ``boa``: ``allowed(k) -> bool

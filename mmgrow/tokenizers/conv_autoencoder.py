@@ -100,6 +100,16 @@ class ConvVideoAutoencoder(nn.Module):
     def frames_per_latent(self) -> int:
         return 2 if self.temporal_downsample else 1
 
+    def latent_frames(self, num_frames: int, where: str) -> int:
+        """``F' = F / frames_per_latent`` for ``F = num_frames`` raw frames; a ``ValueError`` naming
+        ``where`` when ``F`` is not a positive int or, with temporal downsampling, not even."""
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"{where}: num_frames must be a positive int, got {num_frames!r}")
+        if num_frames % self.frames_per_latent:
+            raise ValueError(f"{where}: {num_frames} frames, but temporal_downsample merges frame pairs; "
+                             "expected an even frame count")
+        return num_frames // self.frames_per_latent
+
     def encode(self, x: Tensor) -> Tensor:
         """``[B, F, 3, H, W]`` in ``[-1, 1]`` -> ``[B, F', C, H / 2^L, W / 2^L]``."""
         b, f = x.shape[:2]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmgrow.protocols import NO_BLOCK
+from mmgrow.protocols import NO_BLOCK, length_through_first
 
 SPECIALS: tuple[str, ...] = ("bov", "eof", "eov")
 """Special tokens of the layout, in the id order the codecs give them after their codes."""
@@ -110,8 +110,7 @@ class FrameLayout:
     def generation_length(self, tokens: Tensor) -> int:
         """``[N]`` sampled tokens -> their video's length: up to and including the first ``eov``
         (all ``N`` when there is none)."""
-        ends = (tokens == self.eov).nonzero()
-        return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+        return length_through_first(tokens, self.eov)
 
     def generation_constraint(self, frames: int, vocab_size: int, what: str | None = None) -> Callable[[int], Tensor]:
         """Allowed next ids while generating ``frames`` frames after ``bov``.

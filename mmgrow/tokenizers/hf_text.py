@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mmgrow.protocols import Tokenizer
+from mmgrow.protocols import Tokenizer, length_through_first
 from mmgrow.tokenizers.text import _as_id_list
 from mmgrow.tokenizers.text_encoder import default_model_dir, disable_hub_downloads
 
@@ -100,8 +100,7 @@ class HFTextTokenizer(Tokenizer):
 
     def generation_length(self, tokens: Tensor) -> int:
         """Sampled text ends at (and includes) the first ``eos``; all of ``tokens`` if none was sampled."""
-        ends = (tokens == self.eos_id).nonzero()
-        return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+        return length_through_first(tokens, self.eos_id)
 
     def decode(self, ids: Tensor | Sequence[int]) -> str:
         """``[N]`` ids -> str: a leading ``bos`` is dropped, the text stops before the first ``eos``, and

@@ -98,7 +98,7 @@ class LatentVideoCodec(LearnedCodec):
     @property
     def latent_size(self) -> int:
         """Side of the latent grid, ``frame_size / 2**levels``."""
-        return self.frame_size // 2 ** self.levels
+        return self.frame_size // self.autoencoder.downsample
 
     @property
     def latents_per_frame(self) -> int:
@@ -117,12 +117,7 @@ class LatentVideoCodec(LearnedCodec):
 
     def num_latents(self, num_frames: int) -> int:
         """Latent vectors of a ``num_frames`` video: ``F' * latents_per_frame``."""
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"LatentVideoCodec: num_frames must be a positive int, got {num_frames!r}")
-        if num_frames % self.frames_per_latent:
-            raise ValueError(f"LatentVideoCodec: {num_frames} frames, but temporal_downsample merges frame pairs; "
-                             "expected an even frame count")
-        return num_frames // self.frames_per_latent * self.latents_per_frame
+        return self.autoencoder.latent_frames(num_frames, "LatentVideoCodec") * self.latents_per_frame
 
     # ---------------------------------------------------------------------------------------------
     # training

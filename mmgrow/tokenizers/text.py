@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mmgrow.protocols import Tokenizer
+from mmgrow.protocols import Tokenizer, length_through_first
 
 NUM_BYTES = 256
 SPECIALS: tuple[str, ...] = ("bos", "eos", "pad")
@@ -64,8 +64,7 @@ class ByteTokenizer(Tokenizer):
 
     def generation_length(self, tokens: Tensor) -> int:
         """Sampled text ends at (and includes) the first ``eos``."""
-        ends = (tokens == self.eos_id).nonzero()
-        return int(ends[0, 0]) + 1 if len(ends) else int(tokens.shape[0])
+        return length_through_first(tokens, self.eos_id)
 
     def decode(self, ids: Tensor | Sequence[int]) -> str:
         """``[N]`` ids -> str. Specials are dropped; invalid UTF-8 becomes U+FFFD."""

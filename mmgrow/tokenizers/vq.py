@@ -88,7 +88,7 @@ class VQVideoTokenizer(LearnedCodec):
     @property
     def latent_size(self) -> int:
         """``h = w = frame_size / 2**levels``."""
-        return self.frame_size // 2 ** self.levels
+        return self.frame_size // self.autoencoder.downsample
 
     @property
     def codes_per_frame(self) -> int:
@@ -107,12 +107,7 @@ class VQVideoTokenizer(LearnedCodec):
 
     def latent_frames(self, num_frames: int) -> int:
         """``F' = F / frames_per_latent``; an error when ``F`` does not divide."""
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"VQVideoTokenizer: num_frames must be a positive int, got {num_frames!r}")
-        if num_frames % self.frames_per_latent:
-            raise ValueError(f"VQVideoTokenizer: {num_frames} frames, but temporal_downsample merges frame pairs; "
-                             "expected an even frame count")
-        return num_frames // self.frames_per_latent
+        return self.autoencoder.latent_frames(num_frames, "VQVideoTokenizer")
 
     def num_tokens(self, num_frames: int) -> int:
         """Length of an encoded video of ``num_frames`` raw frames: ``1 + F' * (h*w + 1)``."""
