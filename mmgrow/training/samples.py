@@ -141,8 +141,8 @@ class GenerateSamples(_HeldOutSampler):
         describe = getattr(dm.train_set, "describe", None)
         out = Path(trainer.default_root_dir) / "samples"
         videos, captions, records = [], [], []
-        for i in range(min(self.num_samples, len(dm.test_set))):
-            real = dm.test_set[i]
+        examples = [dm.test_set[i] for i in range(min(self.num_samples, len(dm.test_set)))]
+        for i, real in enumerate(examples):
             video = generate_video(pl_module.model, pl_module.objective, dm.builder, task, real, self.modality,
                                    getattr(dm, "condition_encoder", None), self.settings())
             files = write_video_files(video, out / f"{i:02d}_{_slug(real.text)}")
@@ -159,7 +159,7 @@ class GenerateSamples(_HeldOutSampler):
             rates = match_rates([r for r in records if "match" in r]) if any("match" in r for r in records) else {}
             summary = {"samples": records, "match_rate": rates}
             if self.probe is not None:
-                summary["probe"] = probe_scores(self.probe, videos, [dm.test_set[i] for i in range(len(videos))],
+                summary["probe"] = probe_scores(self.probe, videos, examples,
                                                 records)
             atomic_write_bytes(out / "heldout.json", json.dumps(summary, indent=2).encode())
             log.info("samples written to %s", out)
