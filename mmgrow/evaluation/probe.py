@@ -124,7 +124,7 @@ class AttributeProbe(nn.Module):
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``model.safetensors`` + ``model.yaml`` (``{"probe": {"class_path", "init_args"}}``)."""
-        from mmgrow.training.export import save_model
+        from mmgrow.rundir import save_model
 
         spec = {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": self.config()}
         return save_model(self, {"probe": spec}, out_dir)
@@ -134,7 +134,7 @@ def load_probe(path: str | Path | None = None) -> AttributeProbe:
     """The probe saved in ``path`` (default :data:`DEFAULT_PROBE_DIR`), in eval mode with frozen weights."""
     import yaml
 
-    from mmgrow.training.export import CONFIG_NAME, CheckpointError, load_weights_into
+    from mmgrow.rundir import CONFIG_NAME, CheckpointError, load_weights_into
 
     path = Path(DEFAULT_PROBE_DIR if path is None else path)
     config = path / CONFIG_NAME

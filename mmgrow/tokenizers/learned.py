@@ -2,7 +2,7 @@
 
 A learned codec is a :class:`~mmgrow.protocols.Tokenizer` with trainable weights. The same training
 loop fits it through :meth:`LearnedCodec.loss`; afterwards a run directory holds its weights and the
-arguments that rebuild it, written by :func:`mmgrow.training.export.save_model`::
+arguments that rebuild it, written by :func:`mmgrow.rundir.save_model`::
 
     model.safetensors                      the codec's state_dict
     model.yaml                             {"codec": {"class_path": "<module>.<Class>", "init_args": {...}}}
@@ -12,7 +12,7 @@ A data pipeline then builds the codec with ``checkpoint=<run dir>``: the constru
 :meth:`LearnedCodec.codec_config`, loads the weights strictly and freezes the codec (``eval()``,
 no gradients), so tokens do not change while a model trains on them.
 
-This module imports only torch, yaml and :mod:`mmgrow.training.export` (no Lightning).
+This module imports only torch, yaml and :mod:`mmgrow.rundir` (no Lightning).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import yaml
 from torch import Tensor
 
 from mmgrow.protocols import Tokenizer
-from mmgrow.training.export import CONFIG_NAME, CheckpointError, load_weights_into
+from mmgrow.rundir import CONFIG_NAME, CheckpointError, load_weights_into
 
 CODEC_CONFIG_KEY = "codec"
 """Key of ``model.yaml`` that holds ``{"class_path", "init_args"}`` of a codec run."""

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.protocols import SequenceMixer
-from mmgrow.training.export import atomic_write_bytes, save_model
+from mmgrow.rundir import atomic_write_bytes, save_model
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from mmgrow.tokenizers.learned import LearnedCodec
-from mmgrow.training.export import CHECKPOINT_CONFIG_KEY
+from mmgrow.rundir import CHECKPOINT_CONFIG_KEY
 from mmgrow.training.module import adamw_warmup_cosine
 
 log = logging.getLogger(__name__)

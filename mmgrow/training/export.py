@@ -1,149 +1,28 @@
-"""Weights out and in: ``model.safetensors`` + ``model.yaml``, written atomically.
+"""Rebuild a trained model from a run directory: :func:`load_model`.
 
-``model.yaml`` holds everything needed to rebuild the :class:`~mmgrow.models.unified.UnifiedModel`
-(token space, sizes, mixer ``class_path`` + ``init_args``, and for a grown model the growth
-history); ``model.safetensors`` holds the tensors.
-Both are written to a temporary file in the same directory and moved into place with
-``os.replace``, so a crash never leaves a half-written file under the final name.
+File I/O (weights, ``model.yaml``, checkpoints) lives in :mod:`mmgrow.rundir`; this module only adds
+what needs the model and growth layers above it. The names below are re-exported for code written
+against earlier versions.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
-import torch
-import yaml
 from torch import nn
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "model.yaml"
-
-
-class CheckpointError(ValueError):
-    """A weights file or model config is missing, truncated, corrupted or does not fit the model."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_model(model: nn.Module, config: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/model.yaml``; return the weights path."""
-    from safetensors.torch import save
-
-    out_dir = Path(out_dir)
-    # safetensors refuses shared storage; clone so tied or viewed tensors serialise independently.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out_dir / WEIGHTS_NAME, save(tensors, metadata={"format": "pt", "library": "mmgrow"}))
-    atomic_write_bytes(out_dir / CONFIG_NAME, yaml.safe_dump(config, sort_keys=False).encode())
-    return out_dir / WEIGHTS_NAME
-
-
-def _resolve(path: str | Path) -> tuple[Path, Path]:
-    path = Path(path)
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
-    if not weights.exists():
-        raise CheckpointError(f"weights file not found: {weights} (expected a {WEIGHTS_NAME} file or a run "
-                              "directory containing one)")
-    return weights, weights.with_name(CONFIG_NAME)
-
-
-LIGHTNING_SUFFIX = ".ckpt"
-CHECKPOINT_CONFIG_KEY = "mmgrow_model_config"
-"""Key under which the training module stores ``model.yaml``'s content in a Lightning checkpoint."""
-
-
-def _lightning_checkpoint(path: Path) -> dict[str, Any]:
-    try:  # tensors and plain containers only: no code from the file runs
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable Lightning checkpoint (truncated or corrupted?): {exc}") from exc
-
-
-def is_lightning_checkpoint(path: str | Path) -> bool:
-    return Path(path).suffix == LIGHTNING_SUFFIX and Path(path).is_file()
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of the model: from ``model.safetensors`` (a file or a run directory), or the
-    ``model.*`` entries of a Lightning ``.ckpt``; format errors become :class:`CheckpointError`."""
-    from safetensors.torch import load
-
-    if is_lightning_checkpoint(path):
-        state = _lightning_checkpoint(Path(path)).get("state_dict", {})
-        tensors = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        if not tensors:
-            raise CheckpointError(f"{path} holds no model weights (no 'state_dict' entries under 'model.')")
-        return tensors
-    weights, _ = _resolve(path)
-    data = weights.read_bytes()
-    try:
-        return load(data)
-    except Exception as exc:
-        raise CheckpointError(f"{weights} is not a valid safetensors file (truncated or corrupted?): {exc}") from exc
-
-
-def load_weights_into(model: nn.Module, path: str | Path) -> None:
-    """Copy weights into ``model``; every key must exist with the same shape, in both directions."""
-    tensors = read_weights(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(
-                f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5]))
-        raise CheckpointError(f"weights in {path} do not fit the model: " + "; ".join(parts))
-    model.load_state_dict(tensors)
-
-
-def has_model_config(path: str | Path) -> bool:
-    """Whether ``path`` comes with a model config (``model.yaml``, or the key in a Lightning checkpoint)."""
-    if is_lightning_checkpoint(path):
-        return CHECKPOINT_CONFIG_KEY in _lightning_checkpoint(Path(path))
-    path = Path(path)
-    return ((path if path.is_dir() else path.parent) / CONFIG_NAME).exists()
-
-
-def read_model_config(path: str | Path) -> dict[str, Any]:
-    """The model config next to the weights (``model.yaml``) or inside a Lightning checkpoint."""
-    if is_lightning_checkpoint(path):
-        cfg = _lightning_checkpoint(Path(path)).get(CHECKPOINT_CONFIG_KEY)
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{path} has no {CHECKPOINT_CONFIG_KEY!r} entry (written by an older mmgrow?); "
-                                  f"use the run's {WEIGHTS_NAME} instead")
-        return cfg
-    _, cfg_path = _resolve(path)
-    if not cfg_path.exists():
-        raise CheckpointError(f"model config not found: {cfg_path} (written next to {WEIGHTS_NAME} by mmgrow)")
-    try:
-        cfg = yaml.safe_load(cfg_path.read_text())
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"{cfg_path} is not valid YAML: {exc}") from exc
-    if not isinstance(cfg, dict) or "token_space" not in cfg:
-        raise CheckpointError(f"{cfg_path} does not describe an mmgrow model (no 'token_space' key)")
-    return cfg
+from mmgrow.rundir import (  # noqa: F401 - re-exported
+    CHECKPOINT_CONFIG_KEY,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    atomic_write_bytes,
+    has_model_config,
+    load_weights_into,
+    read_model_config,
+    read_weights,
+    save_model,
+)
 
 
 def load_model(path: str | Path) -> nn.Module:

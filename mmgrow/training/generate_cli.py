@@ -98,7 +98,7 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     import torch
 
     from mmgrow.protocols import Sample
-    from mmgrow.training.export import atomic_write_bytes
+    from mmgrow.rundir import atomic_write_bytes
     from mmgrow.training.generation import SamplerSettings, sample_discrete, write_video_files
     from mmgrow.training.samples import generate_video
 

@@ -53,7 +53,8 @@ def grow_main(argv: list[str]) -> int:
 
     from mmgrow.growth.base import apply_growth, spec_of, strategy_from_spec
     from mmgrow.growth.check import output_change
-    from mmgrow.training.export import CheckpointError, load_model, read_model_config, save_model
+    from mmgrow.rundir import CheckpointError, read_model_config, save_model
+    from mmgrow.training.export import load_model
 
     try:
         source = Path(args.source)

@@ -25,7 +25,7 @@ from torch import nn
 from mmgrow.growth.base import apply_growth, spec_of, strategy_from_spec
 from mmgrow.growth.freezing import apply_freezing
 from mmgrow.protocols import GrowthReport
-from mmgrow.training.export import CheckpointError, has_model_config, load_weights_into, read_model_config
+from mmgrow.rundir import CheckpointError, has_model_config, load_weights_into, read_model_config
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from mmgrow.models.factories import factory_from_spec, spec_from_factory
 from mmgrow.models.gated_memory import MemoryPlacement
 from mmgrow.models.modulation import ModulationConfig
 from mmgrow.protocols import ContextParallel, GrowthStrategy, Objective, SequenceMixer
-from mmgrow.training.export import CHECKPOINT_CONFIG_KEY, CheckpointError
+from mmgrow.rundir import CHECKPOINT_CONFIG_KEY, CheckpointError
 from mmgrow.training.growth_stage import GrowthStage, prepare_stage
 
 MixerFactoryArg = Callable[[int, int], SequenceMixer]

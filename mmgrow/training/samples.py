@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.protocols import Sample, Segment
-from mmgrow.training.export import atomic_write_bytes
+from mmgrow.rundir import atomic_write_bytes
 from mmgrow.training.generation import SamplerSettings, sample_continuous, sample_discrete, write_video_files
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from mmgrow.layers.attention import FullAttention
 from mmgrow.models.factories import factory_from_spec, spec_from_factory
 from mmgrow.models.unified import UnifiedModel
 from mmgrow.protocols import SeqContext
-from mmgrow.training.export import CheckpointError, load_model, load_weights_into, save_model
+from mmgrow.rundir import CheckpointError, load_weights_into, save_model
+from mmgrow.training.export import load_model
 
 VOCAB = {"text": 11, "video": 7}
 
@@ -74,12 +75,12 @@ def test_missing_file_and_shape_mismatch(tmp_path):
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    from mmgrow.training import export
+    from mmgrow import rundir
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export.os, "replace", boom)
+    monkeypatch.setattr(rundir.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         save_model(_model(), {"token_space": VOCAB}, tmp_path)
     assert os.listdir(tmp_path) == []

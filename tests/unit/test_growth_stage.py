@@ -14,7 +14,8 @@ import yaml
 from mmgrow.__main__ import main
 from mmgrow.growth.check import output_change
 from mmgrow.training.cli import build_cli
-from mmgrow.training.export import CheckpointError, load_model, read_weights
+from mmgrow.rundir import CheckpointError, read_weights
+from mmgrow.training.export import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model.dim", "32", "--model.depth", "1", "--data.num_train", "32", "--data.num_val", "8",
@@ -113,7 +114,7 @@ def test_grow_cli_errors_exit_2_and_write_nothing(stage1, tmp_path, capsys):
 
 
 def test_a_lightning_checkpoint_works_as_init_from(stage1, tmp_path):
-    from mmgrow.training.export import has_model_config
+    from mmgrow.rundir import has_model_config
     from mmgrow.training.growth_stage import prepare_stage
 
     ckpt = stage1 / "checkpoints" / "last.ckpt"

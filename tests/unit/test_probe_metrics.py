@@ -10,7 +10,7 @@ from mmgrow.data.synthetic.shapes import ShapesDataset
 from mmgrow.data.synthetic.storyboard import StoryboardDataset
 from mmgrow.evaluation.probe import ALL_COLOURS, AttributeProbe, load_probe
 from mmgrow.evaluation.video_metrics import ProbeFeatures, frechet_distance, scene_consistency, text_alignment
-from mmgrow.training.export import CheckpointError
+from mmgrow.rundir import CheckpointError
 
 FRESH_SEED = 777  # neither the training seed (0) nor the evaluation seed of benchmarks/train_probe.py (12345)
 
