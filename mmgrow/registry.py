@@ -12,6 +12,14 @@ Two phases, as flake8 and npe2 do it:
 The same name from two distributions is a :class:`PluginConflictError` naming both, raised when the
 name is used (listing shows it as a status and never fails). ``MMGROW_DISABLE_PLUGIN_AUTOLOAD=1``
 keeps only mmgrow's own entries; :func:`register` adds unpackaged ("local") plugins explicitly.
+
+**Built-ins cannot be shadowed.** The host distribution is identified by what it installed, not by
+its metadata name: it is the distribution that owns the running ``mmgrow`` package (its file list
+holds this package's ``__init__.py``, or it is an editable install of a project holding an
+``mmgrow`` package; see :func:`owns_mmgrow`). The names it declares are the built-ins. Another
+distribution declaring a built-in name — whatever it calls itself, ``mmgrow`` included — is ignored
+with a :class:`PluginShadowWarning` (the built-in wins; a conflict error would let any installed
+package disable a built-in). The kill switch keeps the host's entries only, by the same test.
 """
 
 from __future__ import annotations
@@ -19,15 +27,21 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from mmgrow.protocols import KINDS, PLUGIN_API
 
 HOST_DISTRIBUTION = "mmgrow"
+"""Metadata name of mmgrow's own distribution, for messages only: built-ins are recognised by
+:func:`owns_mmgrow`, never by this name (any distribution can call itself ``mmgrow``)."""
 AUTOLOAD_ENV = "MMGROW_DISABLE_PLUGIN_AUTOLOAD"
 
 
@@ -46,6 +60,10 @@ class UnknownPluginError(PluginError, KeyError):
 
 class PluginConflictError(PluginError):
     pass
+
+
+class PluginShadowWarning(UserWarning):
+    """A distribution other than mmgrow's own declares a built-in name; its entry is ignored."""
 
 
 class PluginLoadError(PluginError, ImportError):
@@ -70,10 +88,11 @@ class EntryInfo:
     value: str  # "package.module:Class"
     dist: str
     version: str
+    builtin: bool = False  # declared by the distribution that owns the running mmgrow package
 
     @property
     def is_builtin(self) -> bool:
-        return self.dist == HOST_DISTRIBUTION
+        return self.builtin
 
 
 _discovered: dict[str, dict[str, list[EntryInfo]]] | None = None
@@ -93,34 +112,72 @@ def autoload_enabled() -> bool:
     return os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
 
 
+_PACKAGE_INIT = Path(__file__).resolve().with_name("__init__.py")
+
+
+def owns_mmgrow(dist: metadata.Distribution) -> bool:
+    """Whether ``dist`` installed the running ``mmgrow`` package (the host of the built-ins).
+
+    True when its file list holds this package's ``__init__.py`` (a regular install), or when it is
+    an editable install (``direct_url.json``) of a project directory holding an ``mmgrow`` package
+    (a development checkout; tests may import a sibling checkout of the same project through
+    ``PYTHONPATH``). Metadata alone, such as a ``Name: mmgrow`` line, never qualifies."""
+    for f in dist.files or []:
+        if f.name == "__init__.py" and f.parts[-2:-1] == ("mmgrow",):
+            try:
+                if Path(str(dist.locate_file(f))).resolve() == _PACKAGE_INIT:
+                    return True
+            except OSError:
+                continue
+    try:
+        direct = json.loads(dist.read_text("direct_url.json") or "null")
+    except (OSError, ValueError):
+        return False
+    if not (isinstance(direct, dict) and (direct.get("dir_info") or {}).get("editable")):
+        return False
+    url = urlparse(str(direct.get("url", "")))
+    return url.scheme == "file" and (Path(unquote(url.path)) / "mmgrow" / "__init__.py").is_file()
+
+
 def discover(refresh: bool = False) -> dict[str, dict[str, list[EntryInfo]]]:
     """``{kind: {name: [EntryInfo, ...]}}`` from installed metadata (cached; no plugin import).
 
-    A name with more than one entry is a conflict, reported when it is used.
+    A name with more than one entry is a conflict, reported when it is used. Built-in names (those
+    of the distribution that owns the mmgrow package) are never shared: another distribution's
+    entry for one is dropped with a :class:`PluginShadowWarning` (silently when it names the same
+    target, e.g. a second copy of mmgrow's own metadata).
     """
     global _discovered
     if _discovered is not None and not refresh:
         return _discovered
-    found: dict[str, dict[str, list[EntryInfo]]] = {k: {} for k in KINDS}
     only_host = not autoload_enabled()
-    seen: set[tuple[str, str, str]] = set()
+    declared: list[tuple[EntryInfo, Any]] = []  # (entry, entry point) of every mmgrow.* group
     for dist in metadata.distributions():
         dist_name = dist.metadata["Name"] or "?"
-        if only_host and dist_name != HOST_DISTRIBUTION:
+        host = owns_mmgrow(dist)
+        if only_host and not host:
             continue
         for ep in dist.entry_points:
-            if not ep.group.startswith("mmgrow."):
-                continue
-            kind = ep.group.split(".", 1)[1]
-            if kind not in found:
-                continue
-            key = (kind, ep.name, dist_name)
-            if key in seen:  # the same distribution visible twice on sys.path
-                continue
-            seen.add(key)
-            found[kind].setdefault(ep.name, []).append(
-                EntryInfo(kind, ep.name, ep.value, dist_name, dist.version or "?")
-            )
+            kind = ep.group.split(".", 1)[1] if ep.group.startswith("mmgrow.") else None
+            if kind in KINDS:
+                declared.append(EntryInfo(kind, ep.name, ep.value, dist_name, dist.version or "?", host))
+    builtins = {(e.kind, e.name): e for e in declared if e.builtin}
+    found: dict[str, dict[str, list[EntryInfo]]] = {k: {} for k in KINDS}
+    seen: set[tuple[str, str, str]] = set()
+    for e in declared:
+        key = (e.kind, e.name, e.dist)
+        if key in seen:  # the same distribution visible twice on sys.path
+            continue
+        own = builtins.get((e.kind, e.name))
+        if own is not None and not e.builtin:
+            if e.value != own.value:
+                warnings.warn(
+                    f"ignoring {e.kind} plugin {e.name!r} ({e.value}) from distribution {e.dist} {e.version}: "
+                    f"{e.name!r} is a built-in of mmgrow ({own.value}) and cannot be replaced; give the plugin "
+                    "another name", PluginShadowWarning, stacklevel=2)
+            continue
+        seen.add(key)
+        found[e.kind].setdefault(e.name, []).append(e)
     _discovered = found
     _loaded.clear()
     _loaded.update(_local_classes)
@@ -200,7 +257,16 @@ def load_plugin(kind: str, name: str) -> type:
     info = entry(kind, name)
     if (kind, name) in _loaded:
         return _loaded[(kind, name)]
-    hint = (f"run `mmgrow plugins check {name}` for details; reinstall or uninstall {info.dist}, "
+    obj = load_entry(info)
+    _loaded[(kind, name)] = obj
+    return obj
+
+
+def load_entry(info: EntryInfo) -> type:
+    """Import ``info``'s target and check it: a subclass of the kind's base whose ``mmgrow_api``
+    admits :data:`PLUGIN_API`. Every way of naming a plugin (name, ``kind:name``, import path)
+    ends here, so the checks cannot be bypassed. Failures are :class:`PluginLoadError`."""
+    hint = (f"run `mmgrow plugins check {info.name}` for details; reinstall or uninstall {info.dist}, "
             f"or set {AUTOLOAD_ENV}=1 to use mmgrow's own plugins only")
     module_name, _, attr = info.value.partition(":")
     try:
@@ -209,7 +275,7 @@ def load_plugin(kind: str, name: str) -> type:
             obj = getattr(obj, part)
     except Exception as exc:
         raise PluginLoadError(info, f"{type(exc).__name__}: {exc}", hint) from exc
-    base = base_class(kind)
+    base = base_class(info.kind)
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise PluginLoadError(info, f"{info.value} is not a subclass of {base.__module__}.{base.__name__}", hint)
     spec = getattr(obj, "mmgrow_api", None)
@@ -222,8 +288,34 @@ def load_plugin(kind: str, name: str) -> type:
             info, f"plugin targets mmgrow plugin API {spec!r} but this mmgrow implements {PLUGIN_API}",
             f"install a version of {info.dist} built for mmgrow plugin API {PLUGIN_API}",
         )
-    _loaded[(kind, name)] = obj
     return obj
+
+
+def entries_for_import_path(path: str) -> list[EntryInfo]:
+    """Registered entries (any kind, any name) whose class is ``"package.module.Class"``; nothing imported."""
+    out = []
+    for kind in KINDS:
+        for entries in [*discover()[kind].values(), [_local[kind][n] for n in _local[kind]]]:
+            out += [e for e in entries if _dotted(e.value) == path]
+    return out
+
+
+def load_import_path(path: str) -> type | None:
+    """The class at ``path`` through the registry's checks when it is a registered plugin's class
+    (a :class:`PluginLoadError` when it fails them), else None (not a plugin; nothing imported)."""
+    entries = entries_for_import_path(path)
+    if not entries:
+        return None
+    info = entries[0]
+    try:
+        return load_plugin(info.kind, info.name)
+    except PluginConflictError:  # the name is contested, but the class was named exactly
+        return load_entry(info)
+
+
+def _dotted(value: str) -> str:
+    module_name, _, attr = value.partition(":")
+    return f"{module_name}.{attr}" if attr else module_name
 
 
 def create(kind: str, name: str, **kwargs: Any) -> Any:
@@ -245,8 +337,7 @@ def base_class(kind: str) -> type:
 
 def import_path(kind: str, name: str) -> str:
     """``"package.module.Class"`` of a registered plugin, without importing it (for class_path)."""
-    module_name, _, attr = entry(kind, name).value.partition(":")
-    return f"{module_name}.{attr}" if attr else module_name
+    return _dotted(entry(kind, name).value)
 
 
 def status(kind: str, name: str) -> str:

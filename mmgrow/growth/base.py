@@ -110,27 +110,30 @@ def spec_of(strategy: GrowthStrategy) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": strategy.init_args()}
 
 
-def strategy_from_spec(spec: Any) -> GrowthStrategy:
-    """A strategy from a spec (``class_path`` = import path or registered ``growth`` name), or as is."""
+def strategy_from_spec(spec: Any, key: str = "growth") -> GrowthStrategy:
+    """A strategy from a spec (``class_path`` = import path or registered ``growth`` name), or as is.
+    The class is checked before import (:mod:`mmgrow.trust`); ``key`` names the entry in errors."""
     if isinstance(spec, GrowthStrategy):
         return spec
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise GrowthError(f"a growth entry must be a GrowthStrategy or {{class_path, init_args}}, got {spec!r}")
     try:
-        cls = import_class(str(spec["class_path"]), ("growth",), GrowthStrategy)
+        cls = import_class(str(spec["class_path"]), ("growth",), GrowthStrategy, f"{key}.class_path")
     except (ValueError, TypeError) as exc:
-        raise GrowthError(f"growth: {exc}") from exc
+        raise GrowthError(str(exc)) from exc
     try:
         return cls(**dict(spec.get("init_args") or {}))
+    except GrowthError as exc:  # e.g. AddMemoryGrowth's own memory spec: say where it sits
+        raise GrowthError(f"{key}.init_args: {exc}") from exc
     except TypeError as exc:
         raise GrowthError(f"bad init_args for growth {spec['class_path']!r}: {exc}") from exc
 
 
-def apply_growth(model: nn.Module, strategies: Sequence[Any]) -> list[GrowthReport]:
-    """Apply strategies (instances or specs) in order; one report each."""
+def apply_growth(model: nn.Module, strategies: Sequence[Any], key: str = "growth") -> list[GrowthReport]:
+    """Apply strategies (instances or specs) in order; one report each. ``key`` names the list in errors."""
     reports = []
-    for spec in strategies:
-        strategy = strategy_from_spec(spec)
+    for i, spec in enumerate(strategies):
+        strategy = strategy_from_spec(spec, f"{key}[{i}]")
         report = strategy.apply(model)
         if not isinstance(report, GrowthReport):
             raise GrowthError(f"{type(strategy).__name__}.apply returned {type(report).__name__}, expected a "

@@ -3,47 +3,37 @@
 A recipe's ``mixer:`` entry (``class_path`` + ``init_args``) becomes, through jsonargparse, a
 ``functools.partial`` that the backbone calls as ``factory(dim=..., layer_idx=...)``. To export a
 model we need the reverse: the class path and the keyword arguments. This module does both ways
-without a name switchboard: any importable :class:`~mmgrow.protocols.SequenceMixer` subclass works.
+without a name switchboard: any trusted :class:`~mmgrow.protocols.SequenceMixer` subclass works (a
+registered plugin, a class of mmgrow, or a module listed in ``MMGROW_TRUSTED_MODULES``; see
+:mod:`mmgrow.trust`).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Any
 
 from mmgrow.protocols import SequenceMixer
 
 
-def import_class(path: str, kinds: tuple[str, ...], base: type) -> type:
+def import_class(path: str, kinds: tuple[str, ...], base: type, key: str = "class_path") -> type:
     """The class named by ``path``: a dotted import path, or a name registered in one of ``kinds``;
-    it must subclass ``base``. ``ValueError`` / ``TypeError`` name what is wrong."""
-    if "." not in path:
-        from mmgrow import registry
+    it must subclass ``base``. Paths come from files (``model.yaml``), so they are checked before
+    import (:func:`mmgrow.trust.trusted_class`); errors are ``ValueError`` s naming ``key``."""
+    from mmgrow.trust import trusted_class
 
-        found = [k for k in kinds if k in registry.find_kinds(path)]
-        if not found:
-            raise ValueError(f"class_path {path!r} is neither a dotted import path ('package.module.Class') nor a "
-                             f"registered {' or '.join(k.removesuffix('s') for k in kinds)} name (see `mmgrow plugins list`)")
-        path = registry.import_path(found[0], path)
-    module_name, _, attr = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import class_path {path!r}: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise TypeError(f"class_path {path!r} is not a subclass of {base.__module__}.{base.__name__}")
-    return cls
+    return trusted_class(path, base, key, kinds)
 
 
-def factory_from_spec(spec: Any) -> Any:
-    """``{"class_path": ..., "init_args": {...}}`` (or a list of them) -> factory (or list)."""
+def factory_from_spec(spec: Any, key: str = "mixer") -> Any:
+    """``{"class_path": ..., "init_args": {...}}`` (or a list of them) -> factory (or list); ``key``
+    names the spec's place (``"model.yaml: mixer"``) in errors."""
     if spec is None:
         return None
     if isinstance(spec, (list, tuple)):
-        return [factory_from_spec(s) for s in spec]
+        return [factory_from_spec(s, f"{key}[{i}]") for i, s in enumerate(spec)]
     if isinstance(spec, dict) and "class_path" in spec:
-        cls = import_class(spec["class_path"], ("mixers", "memory"), SequenceMixer)
+        cls = import_class(spec["class_path"], ("mixers", "memory"), SequenceMixer, f"{key}.class_path")
         return functools.partial(cls, **dict(spec.get("init_args") or {}))
     if callable(spec):
         return spec

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from mmgrow import registry
+from mmgrow.trust import check_config
 
 
 def _rewrite_class_paths(node: Any) -> Any:
@@ -48,7 +49,17 @@ def _rewrite_class_paths(node: Any) -> Any:
 
 def resolve_class_path(value: str) -> str:
     """``"full"`` / ``"mixers:full"`` -> ``"mmgrow.layers.attention.FullAttention"``; dotted paths and
-    unknown bare names (jsonargparse resolves imported class names itself) pass through."""
+    unknown bare names (jsonargparse resolves imported class names itself) pass through.
+
+    A registered plugin's class, however named, is loaded here through the registry's checks (kind
+    base, ``mmgrow_api``): jsonargparse would import it without them."""
+    path = _resolve_name(value)
+    if "." in path:
+        registry.load_import_path(path)
+    return path
+
+
+def _resolve_name(value: str) -> str:
     kind, sep, name = value.partition(":")
     if sep:
         return registry.import_path(kind, name)
@@ -114,6 +125,7 @@ def _rewrite_config_file(value: str) -> str:
         raise TypeError(f"{value} must hold a mapping at the top level (fit/trainer/model/data ...), "
                          f"got {type(cfg).__name__}")
     new = _rewrite_class_paths(cfg)
+    check_config(new, value)  # a config file is data: untrusted import paths fail here, before any import
     trainer = new.setdefault("trainer", {}) if isinstance(new.get("trainer", {}), dict) else None
     if trainer is not None and not trainer.get("default_root_dir"):
         trainer["default_root_dir"] = str(Path("runs") / path.stem)
@@ -266,7 +278,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = rewrite_argv(args)
-    except (OSError, ValueError, TypeError, registry.PluginError) as exc:
+    except (OSError, ValueError, TypeError, registry.PluginError) as exc:  # UntrustedClassError is a ValueError
         print(f"mmgrow: error: {exc}", file=sys.stderr)
         return 2
     _build_rewritten(argv, run=True)

@@ -18,6 +18,7 @@ from mmgrow.rundir import (  # noqa: F401 - re-exported
     CheckpointError,
     atomic_write_bytes,
     has_model_config,
+    is_lightning_checkpoint,
     load_weights_into,
     read_model_config,
     read_weights,
@@ -30,16 +31,19 @@ def load_model(path: str | Path) -> nn.Module:
 
     A grown model's ``model.yaml`` holds the base config plus ``growth`` (the strategies applied, in
     order): the base is built, the growth replayed for its structure, then the weights loaded."""
-    from mmgrow.growth.base import apply_growth
+    from mmgrow.growth.base import apply_growth, strategy_from_spec
     from mmgrow.models.factories import factory_from_spec
     from mmgrow.models.unified import UnifiedModel
 
     cfg = dict(read_model_config(path))
-    cfg["mixer"] = factory_from_spec(cfg.get("mixer"))
+    # Class paths come from a file: only trusted classes are imported (mmgrow.trust), before anything is built.
+    source = Path(path).name if is_lightning_checkpoint(path) else CONFIG_NAME
+    cfg["mixer"] = factory_from_spec(cfg.get("mixer"), f"{source}: mixer")
     if cfg.get("memory") is not None:
-        cfg["memory"] = factory_from_spec(cfg["memory"])
+        cfg["memory"] = factory_from_spec(cfg["memory"], f"{source}: memory")
     growth = cfg.pop("growth", None) or []
+    strategies = [strategy_from_spec(s, f"{source}: growth[{i}]") for i, s in enumerate(growth)]
     model = UnifiedModel(**cfg)
-    apply_growth(model, growth)
+    apply_growth(model, strategies)
     load_weights_into(model, path)
     return model

@@ -6,6 +6,8 @@ encoder and the tasks; the model section names the objective, whose sampler is u
 prompt it writes ``NN_<prompt>.gif`` and ``.mp4`` into ``--out`` (default ``RUN/generated``) plus
 ``generate.json`` with the prompts, the settings and the files. Relative paths in the run's config
 (a codec checkpoint, ``pretrained/...``) are read from the current directory, as during training.
+Classes named in ``config.yaml`` are imported only when trusted (:mod:`mmgrow.trust`): a run directory
+from elsewhere cannot make this command import or call arbitrary code.
 
 A prompt is turned into segments by the run's first task that targets video, with a black
 placeholder video of ``--frames`` frames (default: the training clips' length). A storyboard is a JSON
@@ -16,7 +18,6 @@ storyboards (the ``storyboard_to_video`` task; one sequence, sampled jointly).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 import sys
@@ -26,12 +27,18 @@ from typing import Any
 import yaml
 
 
-def instantiate(spec: Any) -> Any:
-    """``{class_path, init_args}`` (nested ones too) -> the object; anything else is returned as is."""
+def instantiate(spec: Any, key: str = "config.yaml", base: type = object) -> Any:
+    """``{class_path, init_args}`` (nested ones too) -> the object; anything else is returned as is.
+
+    Each ``class_path`` must be a trusted class (:func:`mmgrow.trust.trusted_class`, checked before
+    import; ``base`` for the outermost one); otherwise an :class:`~mmgrow.trust.UntrustedClassError`
+    names ``key`` (e.g. ``config.yaml: data.condition_encoder.class_path``) and nothing is imported."""
+    from mmgrow.trust import trusted_class
+
     if isinstance(spec, dict) and "class_path" in spec:
-        module, _, name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
-        return cls(**{k: instantiate(v) for k, v in (spec.get("init_args") or {}).items()})
+        cls = trusted_class(str(spec["class_path"]), base, f"{key}.class_path")
+        args = spec.get("init_args") or {}
+        return cls(**{k: instantiate(v, f"{key}.init_args.{k}") for k, v in args.items()})
     return spec
 
 
@@ -66,13 +73,15 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
     if not config.exists():
         raise FileNotFoundError(f"{config} not found: --checkpoint must be the run directory of `mmgrow fit` "
                                 "(it holds config.yaml, model.safetensors and model.yaml)")
+    from mmgrow.protocols import Objective
+
     cfg = yaml.safe_load(config.read_text())
-    data_cfg = {k: instantiate(v) for k, v in (cfg.get("data") or {}).items()}
+    data_cfg = {k: instantiate(v, f"{config.name}: data.{k}") for k, v in (cfg.get("data") or {}).items()}
     data_cfg.update(num_train=1, num_val=max(1, int(data_cfg.get("num_val") or 1)))
     dm = MMDataModule(**data_cfg)
     model = load_model(run)
     model.eval()
-    objective = instantiate((cfg.get("model") or {}).get("objective")) or None
+    objective = instantiate((cfg.get("model") or {}).get("objective"), f"{config.name}: model.objective", Objective) or None
     if objective is None:
         from mmgrow.objectives.autoregressive import AutoregressiveObjective
 
@@ -84,10 +93,12 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
 
 
 def generate_main(argv: list[str]) -> int:
+    from mmgrow.registry import PluginError
+
     args = build_parser().parse_args(argv)
     try:
         written = run_generate(args)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, PluginError) as exc:
         print(f"mmgrow generate: error: {exc}", file=sys.stderr)
         return 2
     print("\n".join(str(p) for p in written))

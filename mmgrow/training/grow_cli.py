@@ -53,6 +53,7 @@ def grow_main(argv: list[str]) -> int:
 
     from mmgrow.growth.base import apply_growth, spec_of, strategy_from_spec
     from mmgrow.growth.check import output_change
+    from mmgrow.registry import PluginError
     from mmgrow.rundir import CheckpointError, read_model_config, save_model
     from mmgrow.training.export import load_model
 
@@ -61,10 +62,11 @@ def grow_main(argv: list[str]) -> int:
         out = Path(args.out)
         if out.resolve() == (source if source.is_dir() else source.parent).resolve():
             raise ValueError(f"--out {out} is the source's directory; write the grown model elsewhere")
-        strategies = [strategy_from_spec(s) for v in args.growth for s in parse_growth(v)]
+        specs = [s for v in args.growth for s in parse_growth(v)]
+        strategies = [strategy_from_spec(s, f"--growth[{i}]") for i, s in enumerate(specs)]
         config = dict(read_model_config(source))
         model = load_model(source)
-    except (OSError, ValueError, TypeError, CheckpointError) as exc:
+    except (OSError, ValueError, TypeError, CheckpointError, PluginError) as exc:
         print(f"mmgrow grow: error: {exc}", file=sys.stderr)
         return 2
     before = copy.deepcopy(model)

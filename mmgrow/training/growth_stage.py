@@ -81,7 +81,8 @@ def prepare_stage(model: nn.Module, base_config: dict[str, Any], init_from: str 
             checkpoint = read_model_config(init_from)
             check_same_base(base_config, checkpoint, str(init_from))
             stage.history = list(checkpoint.get("growth") or [])
-            apply_growth(model, stage.history)
+            # the checkpoint's files are data: only trusted growth classes are imported (mmgrow.trust)
+            apply_growth(model, stage.history, f"init_from {init_from}: growth")
         load_weights_into(model, init_from)
     strategies = [strategy_from_spec(s) for s in growth]
     if strategies and keep_before:
