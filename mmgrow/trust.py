@@ -80,7 +80,8 @@ def trusted_class(path: str, base: type = object, key: str = "class_path",
                   kinds: tuple[str, ...] | None = None) -> type:
     """The class named by ``path`` if trusted (checked before import) and a subclass of ``base``.
 
-    ``path`` is a dotted import path or a name registered in one of ``kinds`` (default: every kind).
+    ``path`` is a dotted import path, or a name registered in one of ``kinds`` (default: every kind),
+    bare or as ``kind:name``.
     ``key`` names where it was read (``"config.yaml: data.condition_encoder.class_path"``) for the
     errors. A registered plugin's class, however named, goes through the registry's checks (kind
     base, ``mmgrow_api``; a :class:`~mmgrow.registry.PluginLoadError` when it fails them)."""
@@ -106,6 +107,9 @@ def trusted_class(path: str, base: type = object, key: str = "class_path",
 
 
 def _registered(name: str, kinds: tuple[str, ...], key: str, expected: str) -> type:
+    kind, sep, bare = name.partition(":")  # "mixers:full", as in recipes
+    if sep and kind in kinds:
+        return registry.load_plugin(kind, bare)
     found = [k for k in kinds if k in registry.find_kinds(name)]
     if not found:
         listed = " or ".join(k.removesuffix("s") for k in kinds)

@@ -51,7 +51,7 @@ class AddMemoryGrowth(GrowthStrategy):
         self.gate_init = float(gate_init)
         self.bidirectional = bidirectional
         self.modality_gates = modality_gates
-        self._factory = factory_from_spec(self.memory)  # fails early on a bad class_path
+        self._factory = factory_from_spec(self.memory, "memory")  # fails early on a bad class_path
 
     @classmethod
     def conformance_kwargs(cls) -> dict:

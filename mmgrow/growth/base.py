@@ -19,6 +19,7 @@ from mmgrow.models.backbone import Backbone
 from mmgrow.models.block import Block
 from mmgrow.models.factories import import_class
 from mmgrow.protocols import GrowthReport, GrowthStrategy
+from mmgrow.trust import UntrustedClassError
 
 
 class GrowthError(ValueError):
@@ -123,7 +124,7 @@ def strategy_from_spec(spec: Any, key: str = "growth") -> GrowthStrategy:
         raise GrowthError(str(exc)) from exc
     try:
         return cls(**dict(spec.get("init_args") or {}))
-    except GrowthError as exc:  # e.g. AddMemoryGrowth's own memory spec: say where it sits
+    except (GrowthError, UntrustedClassError) as exc:  # e.g. AddMemoryGrowth's memory spec: say where it sits
         raise GrowthError(f"{key}.init_args: {exc}") from exc
     except TypeError as exc:
         raise GrowthError(f"bad init_args for growth {spec['class_path']!r}: {exc}") from exc

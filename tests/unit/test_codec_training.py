@@ -95,6 +95,16 @@ def _codec_recipe(tmp_path: Path, codec: str, init_args: dict, data: dict) -> Pa
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _trust_this_module():
+    """The recipes here name codecs defined in this test module: trust it (docs/training.md, 'Trust model')."""
+    from mmgrow.trust import TRUST_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TRUST_ENV, __name__)
+        yield
+
+
 @pytest.fixture(scope="module")
 def video_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("codec_run")

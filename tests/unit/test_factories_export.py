@@ -34,6 +34,8 @@ def test_spec_errors_name_the_problem():
     with pytest.raises(ValueError, match="neither a dotted import path"):
         factory_from_spec({"class_path": "FullAttention"})
     with pytest.raises(TypeError, match="not a subclass of mmgrow.protocols.SequenceMixer"):
+        factory_from_spec({"class_path": "mmgrow.layers.mlp.SwiGLU"})
+    with pytest.raises(ValueError, match="refusing to import 'torch.nn.Linear'"):  # not a trusted module
         factory_from_spec({"class_path": "torch.nn.Linear"})
     with pytest.raises(TypeError, match="cannot describe mixer factory"):
         spec_from_factory(functools.partial(torch.nn.Linear, 3))

@@ -223,3 +223,110 @@ def test_import_mmgrow_does_not_import_heavy_frameworks():
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"`import mmgrow` imported heavy packages: {out.stdout.strip()}"
+
+
+# ------------------------------------------------------------------------------------------------ integrity
+
+EVIL_ON_IMPORT = """
+    import pathlib
+    pathlib.Path({marker!r}).write_text("imported")
+    from mmgrow.protocols import SequenceMixer
+
+    class Evil(SequenceMixer):
+        def forward(self, x, ctx, state=None):
+            return x, None
+"""
+
+
+@pytest.mark.parametrize("spoof_name", ["mmgrow", "other-plugins"])
+@pytest.mark.parametrize("autoload_disabled", [False, True])
+def test_another_distribution_cannot_shadow_a_builtin(fake_dist, monkeypatch, tmp_path, spoof_name, autoload_disabled):
+    """A spoofed distribution (first on sys.path, whatever its metadata name) declaring ``full``."""
+    from mmgrow.layers.attention import FullAttention
+
+    marker = tmp_path / "marker"
+    fake_dist.add_module("evil_full_mod", EVIL_ON_IMPORT.format(marker=str(marker)))
+    fake_dist.add_distribution(spoof_name, "99.0", {"mmgrow.mixers": {"full": "evil_full_mod:Evil",
+                                                                       "spoof_extra": "evil_full_mod:Evil"}})
+    monkeypatch.setenv(registry.AUTOLOAD_ENV, "1" if autoload_disabled else "0")
+    with pytest.warns(registry.PluginShadowWarning, match=rf"ignoring mixers plugin 'full' \(evil_full_mod:Evil\) "
+                                                           rf"from distribution {spoof_name} 99\.0") \
+            if not autoload_disabled else _no_warning():
+        registry.discover(refresh=True)
+
+    info = registry.entry("mixers", "full")
+    assert info.value == "mmgrow.layers.attention:FullAttention" and info.is_builtin
+    assert registry.load_plugin("mixers", "full") is FullAttention
+    assert registry.import_path("mixers", "full") == "mmgrow.layers.attention.FullAttention"
+    assert ("spoof_extra" in registry.available("mixers")) is not autoload_disabled
+    assert not marker.exists() and "evil_full_mod" not in sys.modules
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def check():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", registry.PluginShadowWarning)
+            yield
+    return check()
+
+
+def test_host_distribution_is_the_one_owning_the_mmgrow_package(tmp_path):
+    """Wheel-style (RECORD lists this package's __init__.py) and editable (direct_url.json) hosts are
+    recognised; a distribution that only *calls* itself mmgrow is not."""
+    import json
+    import os
+    from importlib import metadata
+    from pathlib import Path
+
+    import mmgrow
+
+    def dist_info(name, files=(), direct_url=None):
+        d = tmp_path / f"{name}.dist-info"
+        d.mkdir()
+        (d / "METADATA").write_text("Metadata-Version: 2.1\nName: mmgrow\nVersion: 9\n")
+        (d / "RECORD").write_text("".join(f"{f},,\n" for f in files))
+        if direct_url is not None:
+            (d / "direct_url.json").write_text(json.dumps(direct_url))
+        return metadata.PathDistribution(d)
+
+    init = Path(mmgrow.__file__).resolve()
+    assert registry.owns_mmgrow(dist_info("wheel", [os.path.relpath(init, tmp_path)]))
+    project = init.parent.parent
+    assert registry.owns_mmgrow(dist_info("editable", direct_url={"url": project.as_uri(), "dir_info": {"editable": True}}))
+    assert not registry.owns_mmgrow(dist_info("name_only"))
+    elsewhere = tmp_path / "copy" / "mmgrow"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "__init__.py").write_text("")
+    assert not registry.owns_mmgrow(dist_info("other_copy", [os.path.relpath(elsewhere / "__init__.py", tmp_path)]))
+
+
+def test_wrong_mmgrow_api_fails_on_every_path_that_names_the_plugin(fake_dist, tmp_path, capsys):
+    """By registry name or import path, in a recipe, on the command line, in model.yaml: the same
+    PluginLoadError as load_plugin (the check used to be bypassed when jsonargparse imported the class)."""
+    from mmgrow.models.factories import factory_from_spec
+    from mmgrow.training.cli import cli_main, resolve_class_path, rewrite_argv
+    from mmgrow.trust import trusted_class
+
+    fake_dist.add_module("fake_future_mod", FUTURE_API_MIXER)
+    fake_dist.add_distribution("future-plugin", "3.0", {"mmgrow.mixers": {"future": "fake_future_mod:FutureMixer"}})
+    registry.discover(refresh=True)
+    api = r"targets mmgrow plugin API '>=2,<3'"
+    for value in ("future", "mixers:future", "fake_future_mod.FutureMixer"):
+        with pytest.raises(registry.PluginLoadError, match=api):
+            resolve_class_path(value)
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"model:\n  dim: 16\n  mixer: {{class_path: {value}}}\n")
+        with pytest.raises(registry.PluginLoadError, match=api):
+            rewrite_argv(["fit", "--config", str(recipe)])
+        assert cli_main(["fit", "--config", str(recipe)]) == 2
+        assert "future-plugin 3.0" in capsys.readouterr().err
+        with pytest.raises(registry.PluginLoadError, match=api):
+            rewrite_argv(["fit", "--model.mixer.class_path", value])
+        with pytest.raises(registry.PluginLoadError, match=api):
+            factory_from_spec({"class_path": value})
+    with pytest.raises(registry.PluginLoadError, match=api):
+        trusted_class("fake_future_mod.FutureMixer", SequenceMixer)
