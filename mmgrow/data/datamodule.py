@@ -31,6 +31,7 @@ import mmgrow
 from mmgrow.batch import TokenBatch
 from mmgrow.data.collate import ConditionedSequence, ConditionEncoder, pad_collate, pad_collate_with_condition
 from mmgrow.data.datasets import DATASETS, dataset_class
+from mmgrow.data.resumable_data import ResumableTrainData
 from mmgrow.data.sequence import EncodedSequence, SequenceBuilder
 from mmgrow.protocols import Task
 
@@ -67,7 +68,7 @@ class TaskSequenceDataset(Dataset):
         return ConditionedSequence(sequence, task.condition_text(sample, segments))
 
 
-class MMDataModule(pl.LightningDataModule):
+class MMDataModule(ResumableTrainData, pl.LightningDataModule):
     """Embedded dataset + tasks + codecs -> padded :class:`~mmgrow.batch.TokenBatch` es.
 
     Args:
@@ -84,6 +85,10 @@ class MMDataModule(pl.LightningDataModule):
             pad each batch to its longest example.
         batch_size, num_workers: DataLoader settings.
         seed: seeds the dataset splits and the training shuffle order.
+
+    Resumable: the training order and the training RNG stream are checkpoint state, so a run resumed
+    from any checkpoint sees the batches and draws the noise of the uninterrupted run
+    (:class:`~mmgrow.data.resumable_data.ResumableTrainData`).
         condition_encoder: an object with ``latent_dim`` and ``encode(list[str]) -> (emb [B, S, C],
             mask [B, S])`` (:class:`~mmgrow.data.collate.ConditionEncoder`), e.g. ``class_path:
             mmgrow.tokenizers.text_encoder.FrozenTextEncoder``; None (default) = no conditioning.
@@ -149,7 +154,6 @@ class MMDataModule(pl.LightningDataModule):
         self.test_set = dataset_cls(num_samples=num_val, seed=seed, split="heldout", **args)
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         encoder = self.condition_encoder
         if encoder is None:
             collate = partial(pad_collate, seq_len=self.seq_len)
@@ -158,15 +162,16 @@ class MMDataModule(pl.LightningDataModule):
         return DataLoader(
             TaskSequenceDataset(dataset, self.tasks, self.builder, conditioned=encoder is not None),
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=self.train_sampler() if shuffle else None,
+            generator=self.loader_generator(),
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a generator seeded by ``seed`` (same order for the same seed)."""
+        """Shuffled by the data module's :class:`~mmgrow.data.resumable_sampler.ResumableSampler` (seeded by
+        ``seed``): one permutation per epoch, continuing from the position of a resumed checkpoint."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

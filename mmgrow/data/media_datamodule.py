@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mmgrow.data.datasets import DATASETS, dataset_class
+from mmgrow.data.resumable_data import ResumableTrainData
 
 
 def media_item(sample: Any, modality: str) -> Tensor:
@@ -64,7 +65,7 @@ class MediaItems(Dataset):
         return media_item(self.dataset[index], self.modality)
 
 
-class MediaDataModule(pl.LightningDataModule):
+class MediaDataModule(ResumableTrainData, pl.LightningDataModule):
     """Embedded dataset -> batches of raw items of one modality (for :class:`~mmgrow.training.codec_module.CodecModule`).
 
     Args:
@@ -74,6 +75,9 @@ class MediaDataModule(pl.LightningDataModule):
         num_train, num_val: samples in the ``"train"`` and ``"val"`` splits.
         batch_size, num_workers: DataLoader settings.
         seed: seeds the dataset splits and the training shuffle order (same seed, same batches).
+
+    Resumable like :class:`~mmgrow.data.datamodule.MMDataModule`
+    (:class:`~mmgrow.data.resumable_data.ResumableTrainData`).
     """
 
     def __init__(
@@ -103,13 +107,12 @@ class MediaDataModule(pl.LightningDataModule):
         media_item(self.train_set[0], modality)
 
     def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(MediaItems(dataset, self.modality), batch_size=self.batch_size, shuffle=shuffle,
-                          generator=generator, num_workers=self.num_workers, collate_fn=stack_media,
+        return DataLoader(MediaItems(dataset, self.modality), batch_size=self.batch_size,
+                          sampler=self.train_sampler() if shuffle else None, generator=self.loader_generator(), num_workers=self.num_workers, collate_fn=stack_media,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled with a generator seeded by ``seed`` (same order for the same seed)."""
+        """Shuffled by a resumable sampler seeded by ``seed`` (same order for the same seed)."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

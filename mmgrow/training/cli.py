@@ -227,10 +227,11 @@ def _make_cli_class(links: list[tuple[str, str]]):
 
 
 def default_loggers(root: str) -> list:
-    """CSV metrics in the run root, plus TensorBoard under ``tb/`` when it is installed."""
-    from lightning.pytorch.loggers import CSVLogger
+    """CSV metrics in the run root (earlier runs' rows kept: :mod:`mmgrow.training.metrics_csv`), plus
+    TensorBoard under ``tb/`` when it is installed."""
+    from mmgrow.training.metrics_csv import RunCSVLogger
 
-    loggers = [CSVLogger(save_dir=root, name="", version="")]
+    loggers = [RunCSVLogger(save_dir=root, name="", version="")]
     try:
         import tensorboard  # noqa: F401
     except ImportError:
