@@ -13,7 +13,8 @@ Both are written to a temporary file in the same directory and moved into place 
 ``os.replace``, so a crash never leaves a half-written file under the final name.
 
 **Temporary files** are named ``.<target name>.<pid>.<random>.tmp`` beside their target and removed
-on any exit that runs Python code (an exception, ``KeyboardInterrupt``, Lightning's SIGTERM handling).
+on any exit that runs Python code: an exception, ``KeyboardInterrupt``, a SIGTERM (made a ``SystemExit``
+while the file is open, unless a handler such as Lightning's, which stops training between steps, is set).
 After a ``kill -9`` the next atomic write into the same directory removes the temporary files of
 processes that no longer run; readers never look at them.
 
@@ -81,25 +82,48 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
     return removed
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While a temporary file is open, a SIGTERM with the default action (die at once, no cleanup) becomes
+    ``SystemExit``, so the temporary file is removed; a handler someone installed (Lightning's) is kept."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
     """Open a temporary file beside ``path`` for writing; on success it is flushed, fsynced and renamed to
-    ``path`` (``os.replace``: readers see the old file or the new one, never a part); on any exception the
-    temporary file is removed. Stale temporary files of dead processes in the directory are removed first."""
+    ``path`` (``os.replace``: readers see the old file or the new one, never a part); on any exception (and
+    a SIGTERM, see :func:`_sigterm_as_exit`) the temporary file is removed. Stale temporary files of dead
+    processes in the directory are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _sigterm_as_exit():
+        try:
+            with open(tmp, "xb") as fh:
+                yield fh
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
