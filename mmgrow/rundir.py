@@ -21,8 +21,8 @@ processes that no longer run; readers never look at them.
 **The manifest** (``manifest.json``) makes a run directory consistent. Ordering rule: every save that
 writes a file the manifest lists first removes ``manifest.json`` (:func:`begin_save`), then writes its
 files (each atomically), and the manifest is written last (:func:`seal_run`), with the size and SHA-256
-of each file and the save's status (``complete`` or ``diverged``) and step. So the files named by a
-manifest always belong to one completed save; a directory of a training run (one holding
+of each file and the save's status (``complete`` or ``diverged``) and step; a training run also removes
+it when it starts. So the files named by a manifest always belong to one completed save; a directory of a training run (one holding
 ``config.yaml`` or ``checkpoints/``) without a manifest is a save that did not finish, and readers
 (:func:`check_run`, called by every weights/config reader here) say so instead of loading it.
 A weights folder that is not a run directory (e.g. ``pretrained/...``) needs no manifest.
@@ -229,7 +229,7 @@ def check_run(directory: str | Path, needed: Iterable[str] = (WEIGHTS_NAME, CONF
     if record is None:
         if is_run_directory(directory):
             raise CheckpointError(f"run directory {directory} is incomplete: no {MANIFEST_NAME}, so its last save "
-                                  f"did not finish (stopped or killed before the end of fit?)"
+                                  f"did not finish (a run still in progress, or stopped or killed before the end of fit)"
                                   + _resume_hint(directory))
         return None
     files = record["files"]

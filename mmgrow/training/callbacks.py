@@ -49,13 +49,17 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 class ExportWeights(pl.Callback):
     """At the end of ``fit``: ``model.safetensors`` + ``model.yaml`` (atomic writes), refused when a
-    parameter is not finite; then, after every end-of-fit hook (``teardown``), ``manifest.json``."""
+    parameter is not finite; then, after every end-of-fit hook (``teardown``), ``manifest.json``.
+    At the start of ``fit`` the directory's manifest is removed: until this run's record is sealed the
+    directory reads as incomplete, not as an earlier run's record beside this run's ``config.yaml``."""
 
     def __init__(self) -> None:
         self._exported = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._exported = False
+        if trainer.is_global_zero:  # the directory now holds a run in progress (its config.yaml is new)
+            begin_save(run_dir(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

@@ -295,6 +295,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         _build_rewritten(argv, run=True)
     except DivergenceError as exc:
-        print(f"mmgrow: error: {exc}", file=sys.stderr)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:  # every rank stops at the same step; one line is enough
+            print(f"mmgrow: error: {exc}", file=sys.stderr)
         return DIVERGED_EXIT_CODE
     return 0

@@ -13,7 +13,8 @@ LightningModule under automatic optimisation (the token model and :class:`CodecM
   parameter whose gradient is not finite. The optimizer and the LR scheduler never see that step, so the
   weights, ``checkpoints/last.ckpt`` (written only after completed steps) and everything exported keep
   the last finite state. Under data parallelism gradients are all-reduced before this hook, so every
-  rank sees the same non-finite norm and stops at the same step.
+  rank sees the same non-finite norm and stops at the same step. Under fp16 mixed precision the
+  gradient check is skipped (the GradScaler skips overflowing steps by design); the loss check stays.
 
 ``mmgrow fit`` turns the error into a one-line diagnosis and exit status 3
 (:data:`DIVERGED_EXIT_CODE`); :class:`~mmgrow.training.callbacks.RunSummary` records it in
@@ -96,7 +97,10 @@ class DivergenceGuard(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self.enabled:
             return
-        bad_param = self._first_non_finite_gradient(pl_module) if self.check_gradients else None
+        # fp16 mixed precision: the GradScaler expects overflowing gradients now and then and skips
+        # those steps itself, so only the loss is checked there.
+        scaled = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None
+        bad_param = self._first_non_finite_gradient(pl_module) if self.check_gradients and not scaled else None
         if self._bad_loss is None and bad_param is None:
             return
         name, value = self._bad_loss or ("gradient", None)

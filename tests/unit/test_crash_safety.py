@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -22,6 +23,7 @@ from mmgrow.rundir import (
     read_weights,
     remove_stale_temps,
 )
+from mmgrow.training.callbacks import ExportWeights
 from mmgrow.training.checkpointing import DEFAULT_EVERY_N_TRAIN_STEPS, StepCheckpoint
 from mmgrow.training.cli import build_cli
 from mmgrow.training.export import load_model
@@ -96,7 +98,10 @@ def test_a_completed_run_is_sealed_and_a_changed_file_is_reported(completed_run,
     (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(CheckpointError, match="model.safetensors does not match manifest.json"):
         load_model(copy)
-    (copy / "manifest.json").unlink()  # an interrupted save
+    shutil.copy(run / "model.safetensors", copy / "model.safetensors")
+    load_model(copy)
+    # a new fit in the directory: from its start the old record no longer describes the directory
+    ExportWeights().on_fit_start(SimpleNamespace(is_global_zero=True, default_root_dir=str(copy)), None)
     with pytest.raises(CheckpointError, match=r"incomplete: no manifest.json.*resume with --ckpt_path"):
         load_model(copy)
     shutil.rmtree(copy / "checkpoints")
