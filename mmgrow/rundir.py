@@ -12,11 +12,11 @@ history); ``model.safetensors`` holds the tensors.
 Both are written to a temporary file in the same directory and moved into place with
 ``os.replace``, so a crash never leaves a half-written file under the final name.
 
-**Temporary files** are named ``.<target name>.<pid>.<random>.tmp`` beside their target and removed
+**Temporary files** are named ``.<target name>.<host>.<pid>.<random>.tmp`` beside their target and removed
 on any exit that runs Python code: an exception, ``KeyboardInterrupt``, a SIGTERM (made a ``SystemExit``
 while the file is open, unless a handler such as Lightning's, which stops training between steps, is set).
 After a ``kill -9`` the next atomic write into the same directory removes the temporary files of
-processes that no longer run; readers never look at them.
+processes of this host that no longer run; readers never look at them.
 
 **The manifest** (``manifest.json``) makes a run directory consistent. Ordering rule: every save that
 writes a file the manifest lists first removes ``manifest.json`` (:func:`begin_save`), then writes its
@@ -53,7 +53,14 @@ class CheckpointError(ValueError):
     """A weights file or model config is missing, truncated, corrupted or does not fit the model."""
 
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _host() -> str:
+    """This machine's name as it appears in temporary file names (pids only mean something on one host)."""
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -67,15 +74,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(directory: str | Path) -> list[Path]:
-    """Remove this module's temporary files in ``directory`` whose writing process no longer runs
-    (left by a ``kill -9``); return them. Temporary files of live processes are left alone."""
-    removed = []
+    """Remove this module's temporary files in ``directory`` whose writing process, on this host, no longer
+    runs (left by a ``kill -9``); return them. Those of live processes or other hosts are left alone."""
+    removed: list[Path] = []
     directory = Path(directory)
     if not directory.is_dir():
         return removed
+    host = _host()
     for entry in directory.iterdir():
         m = _TEMP.match(entry.name)
-        if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
             with contextlib.suppress(FileNotFoundError):
                 entry.unlink()
                 removed.append(entry)
@@ -112,7 +120,7 @@ def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     with _sigterm_as_exit():
         try:
             with open(tmp, "xb") as fh:

@@ -3,8 +3,10 @@ temporary files beside their target, and a kill -9 at chosen points of a save le
 loadable run directory (readers say it is incomplete) and nothing in the system temp directory."""
 
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,7 +89,7 @@ def test_every_run_gets_step_checkpoints_every_100_steps_by_default(tmp_path):
 
 
 def test_a_completed_run_is_sealed_and_a_changed_file_is_reported(completed_run, tmp_path):
-    run, cli, _ = completed_run
+    run, _cli, _ = completed_run
     manifest = read_manifest(run)
     assert manifest["status"] == "complete" and manifest["global_step"] == 5
     assert set(manifest["files"]) == {"model.safetensors", "model.yaml", "summary.json"}
@@ -117,14 +119,13 @@ def test_temporary_files_are_beside_the_target_and_removed_on_error_and_sigterm(
     target.write_bytes(b"old")
     for stop, expected in ((RuntimeError("boom"), RuntimeError), (KeyboardInterrupt(), KeyboardInterrupt),
                            (signal.SIGTERM, SystemExit)):
-        with pytest.raises(expected):
-            with atomic_file(target) as fh:
-                fh.write(b"half of the new")
-                assert [p.parent for p in tmp_path.glob(".model.safetensors.*.tmp")] == [tmp_path]
-                if stop is signal.SIGTERM:  # the default action would kill the process and leave the file
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    pytest.fail("SIGTERM did not stop the write")  # Python runs the handler before this line
-                raise stop
+        with pytest.raises(expected), atomic_file(target) as fh:
+            fh.write(b"half of the new")
+            assert [p.parent for p in tmp_path.glob(".model.safetensors.*.tmp")] == [tmp_path]
+            if stop is signal.SIGTERM:  # the default action would kill the process and leave the file
+                os.kill(os.getpid(), signal.SIGTERM)
+                pytest.fail("SIGTERM did not stop the write")  # Python runs the handler before this line
+            raise stop
         assert target.read_bytes() == b"old" and not stray_temps(tmp_path), stop
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     with atomic_file(target) as fh:
@@ -135,13 +136,15 @@ def test_temporary_files_are_beside_the_target_and_removed_on_error_and_sigterm(
 def test_only_temporary_files_of_dead_processes_are_stale(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # reaped: its pid no longer runs
-    stale = tmp_path / f".last.ckpt.{dead.pid}.0123abcd.tmp"
-    live = tmp_path / f".last.ckpt.{os.getppid()}.0123abcd.tmp"
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())
+    stale = tmp_path / f".last.ckpt.{host}.{dead.pid}.0123abcd.tmp"
+    live = tmp_path / f".last.ckpt.{host}.{os.getppid()}.0123abcd.tmp"
+    elsewhere = tmp_path / f".last.ckpt.another-host.{dead.pid}.0123abcd.tmp"  # its pid means nothing here
     other = tmp_path / ".notes.tmp"  # not ours: never touched
-    for p in (stale, live, other):
+    for p in (stale, live, elsewhere, other):
         p.write_bytes(b"x")
     assert remove_stale_temps(tmp_path) == [stale]
-    assert live.exists() and other.exists() and not stale.exists()
+    assert live.exists() and elsewhere.exists() and other.exists() and not stale.exists()
 
 
 # ------------------------------------------------------------------------------------------ kill -9
