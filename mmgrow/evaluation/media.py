@@ -10,7 +10,6 @@ a reader (a report, a crashed run) never sees half a file.
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,19 +49,15 @@ def _check_scale(scale: int) -> None:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], suffix: str) -> Path:
-    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it to ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], suffix: str = "") -> Path:
+    """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it to ``path``
+    (:func:`mmgrow.rundir.atomic_file`: the temporary file is removed on failure). ``suffix`` is
+    unused (kept for callers written against earlier versions): writers pass the format explicitly."""
+    from mmgrow.rundir import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        write(f)
     return path
 
 

@@ -1,11 +1,14 @@
 """Callbacks that make every run leave evidence: weights, a summary, samples and a loss plot.
 
 All of them write into the run directory (``trainer.default_root_dir``) and only on global rank 0.
+The run's record -- ``model.safetensors``, ``model.yaml``, ``summary.json`` -- follows the ordering
+rule of :mod:`mmgrow.rundir`: each writer removes ``manifest.json`` first, and :class:`ExportWeights`
+writes it last, once every end-of-fit hook has run (``status: complete``); a diverged run is sealed
+by :class:`RunSummary` with ``status: diverged`` and no weights.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import sys
@@ -17,7 +20,17 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.protocols import SequenceMixer
-from mmgrow.rundir import atomic_write_bytes, save_model
+from mmgrow.rundir import (
+    CONFIG_NAME,
+    SUMMARY_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    atomic_write_bytes,
+    begin_save,
+    save_model,
+    seal_run,
+    strict_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +48,36 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class ExportWeights(pl.Callback):
-    """At the end of ``fit``: ``model.safetensors`` + ``model.yaml`` (atomic writes)."""
+    """At the end of ``fit``: ``model.safetensors`` + ``model.yaml`` (atomic writes), refused when a
+    parameter is not finite; then, after every end-of-fit hook (``teardown``), ``manifest.json``.
+    At the start of ``fit`` the directory's manifest is removed: until this run's record is sealed the
+    directory reads as incomplete, not as an earlier run's record beside this run's ``config.yaml``."""
+
+    def __init__(self) -> None:
+        self._exported = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._exported = False
+        if trainer.is_global_zero:  # the directory now holds a run in progress (its config.yaml is new)
+            begin_save(run_dir(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
+            bad = [n for n, p in pl_module.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+            if bad:
+                raise CheckpointError(f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                                      "training diverged; enable the DivergenceGuard callback to stop at the first "
+                                      "non-finite loss and keep the last finite checkpoint")
             path = save_model(pl_module.model, pl_module.model_config(), run_dir(trainer))
+            self._exported = True
             log.info("weights written to %s", path)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning calls teardown hooks after all on_fit_end hooks and only when fit ended normally.
+        if stage == "fit" and self._exported and trainer.is_global_zero:
+            seal_run(run_dir(trainer), (WEIGHTS_NAME, CONFIG_NAME, SUMMARY_NAME), status="complete",
+                     step=int(trainer.global_step))
+            self._exported = False
 
 
 class RunSummary(pl.Callback):
@@ -93,19 +130,22 @@ class RunSummary(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._last = None
 
-    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The run's numbers; collective under data parallelism (call it on every rank)."""
-        strategy = trainer.strategy
-        total_tokens = strategy.reduce(torch.tensor(float(pl_module.tokens_seen), device=pl_module.device),
-                                       reduce_op="sum")
-        timed_tokens = strategy.reduce(torch.as_tensor(self.tokens, device=pl_module.device).float(), reduce_op="sum")
-        seconds = strategy.reduce(torch.tensor(self.train_time, device=pl_module.device), reduce_op="mean")
+    def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, collective: bool = True) -> dict[str, Any]:
+        """The run's numbers; collective under data parallelism (call it on every rank) unless ``collective``
+        is False (this rank's numbers: after an exception the ranks may not all be here)."""
+        def reduce(t: torch.Tensor, reduce_op: str) -> torch.Tensor:
+            return trainer.strategy.reduce(t, reduce_op=reduce_op) if collective else t
+
+        total_tokens = reduce(torch.tensor(float(pl_module.tokens_seen), device=pl_module.device), reduce_op="sum")
+        timed_tokens = reduce(torch.as_tensor(self.tokens, device=pl_module.device).float(), reduce_op="sum")
+        seconds = reduce(torch.tensor(self.train_time, device=pl_module.device), reduce_op="mean")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         model = pl_module.model
         # State after the longest training row: what decoding that row would hold per example.
         seq_len = self.max_seq_len
         state = sum(m.state_size(seq_len) for m in model.modules() if isinstance(m, SequenceMixer))
         return {
+            "status": "complete",
             "final_train_loss": metrics.get("train/loss"),
             "final_val_loss": metrics.get("val/loss"),
             "metrics": metrics,
@@ -128,7 +168,28 @@ class RunSummary(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         summary = self.summary(trainer, pl_module)  # every rank: it reduces over them
         if trainer.is_global_zero:
-            atomic_write_bytes(run_dir(trainer) / "summary.json", json.dumps(summary, indent=2).encode())
+            begin_save(run_dir(trainer))
+            atomic_write_bytes(run_dir(trainer) / SUMMARY_NAME, strict_json(summary))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A diverged run: ``summary.json`` with ``"status": "diverged"`` and the diagnosis, and the run
+        sealed with that status (no weights: the last finite state is ``checkpoints/last.ckpt``)."""
+        from mmgrow.training.divergence import DivergenceError
+
+        if not isinstance(exception, DivergenceError) or not trainer.is_global_zero:
+            return
+        summary = self.summary(trainer, pl_module, collective=False)
+        diverged = exception.divergence.record()
+        ckpt = trainer.checkpoint_callback
+        last = getattr(ckpt, "last_model_path", "") if ckpt is not None else ""
+        saved_step = getattr(ckpt, "_last_global_step_saved", None) if last else None
+        last_checkpoint = {"path": last, "step": saved_step} if last and Path(last).is_file() else None
+        summary.update(status="diverged", diverged=diverged, last_checkpoint=last_checkpoint)
+        root = run_dir(trainer)
+        begin_save(root)
+        atomic_write_bytes(root / SUMMARY_NAME, strict_json(summary))
+        seal_run(root, (SUMMARY_NAME,), status="diverged", step=int(trainer.global_step), diverged=diverged,
+                 last_checkpoint=last_checkpoint)
 
 
 class PlotMetrics(pl.Callback):

@@ -15,7 +15,10 @@ What it adds to LightningCLI:
   instantiation (the codecs decide the vocabulary and latent widths), for model classes that take them;
 * a run directory: ``trainer.default_root_dir`` (default ``runs/<recipe name>``) receives
   ``config.yaml``, ``metrics.csv`` (+ TensorBoard under ``tb/`` when installed), ``checkpoints/``
-  (resumable, ``last.ckpt``), and the evidence callbacks' files (weights, summary, samples, plots).
+  (resumable, ``last.ckpt``, every 100 steps: :mod:`~mmgrow.training.checkpointing`), and the evidence
+  callbacks' files (weights, summary, samples, plots), sealed by ``manifest.json`` (:mod:`mmgrow.rundir`);
+* a divergence guard (:mod:`~mmgrow.training.divergence`): a non-finite loss or gradient stops the run
+  with a diagnosis and exit status 3.
 """
 
 from __future__ import annotations
@@ -188,6 +191,8 @@ def _make_cli_class(links: list[tuple[str, str]]):
 
     import mmgrow.parallel.strategy  # noqa: F401 - registers the "context_parallel" strategy name
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
+    from mmgrow.training.checkpointing import StepCheckpoint
+    from mmgrow.training.divergence import DivergenceGuard
     from mmgrow.training.samples import GenerateCaptions, GenerateSamples
 
     class MMGrowCLI(LightningCLI):
@@ -212,18 +217,33 @@ def _make_cli_class(links: list[tuple[str, str]]):
             have = [type(c) for c in list(config.get("callbacks") or []) + list(callbacks)]
             wanted: list[tuple[type, Callable[[], Callback]]] = [
                 (c, c) for c in (RunSummary, ExportWeights, PlotMetrics, GenerateSamples, GenerateCaptions)]
+            wanted.append((DivergenceGuard, DivergenceGuard))
             if config.get("enable_checkpointing", True) is not False:
-                # Saved at every epoch end, including the one max_steps cuts short: last.ckpt is the
-                # final state whatever the validation schedule (resumable, equal to model.safetensors).
-                wanted.append((ModelCheckpoint, lambda: ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)))
+                # last.ckpt every 100 steps and at every epoch end, including the one max_steps cuts short:
+                # the final state whatever the validation schedule (resumable, equal to model.safetensors).
+                wanted.append((ModelCheckpoint, StepCheckpoint))
             if config.get("enable_progress_bar", True) is not False:
                 wanted.append((ProgressBar, RichProgressBar))
             for kind, make in wanted:
                 if not any(issubclass(t, kind) for t in have):
                     callbacks.append(make())
-            return super()._instantiate_trainer(config, callbacks)
+            return super()._instantiate_trainer(with_atomic_checkpoints(config), callbacks)
 
     return MMGrowCLI
+
+
+def with_atomic_checkpoints(config: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments with :class:`~mmgrow.training.checkpointing.AtomicCheckpointIO` among the
+    plugins, unless the recipe gives a checkpoint writer of its own."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    from mmgrow.training.checkpointing import AtomicCheckpointIO
+
+    plugins = config.get("plugins")
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if any(isinstance(p, CheckpointIO) for p in plugins):
+        return config
+    return {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
 
 
 def default_loggers(root: str) -> list:
@@ -275,12 +295,22 @@ def _build_rewritten(argv: list[str], run: bool):
 
 def cli_main(argv: list[str] | None = None) -> int:
     """Console entry: recipe errors found before parsing (missing file, unknown plugin name, not a
-    mapping) print one line and exit 2, like jsonargparse's own errors; the rest propagate."""
+    mapping) print one line and exit 2, like jsonargparse's own errors; a diverged run prints its
+    diagnosis in one line and exits 3; the rest propagate."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         argv = rewrite_argv(args)
     except (OSError, ValueError, TypeError, registry.PluginError) as exc:  # UntrustedClassError is a ValueError
         print(f"mmgrow: error: {exc}", file=sys.stderr)
         return 2
-    _build_rewritten(argv, run=True)
+    from mmgrow.training.divergence import DIVERGED_EXIT_CODE, DivergenceError
+
+    try:
+        _build_rewritten(argv, run=True)
+    except DivergenceError as exc:
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:  # every rank stops at the same step; one line is enough
+            print(f"mmgrow: error: {exc}", file=sys.stderr)
+        return DIVERGED_EXIT_CODE
     return 0
