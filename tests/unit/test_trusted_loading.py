@@ -20,7 +20,7 @@ from mmgrow.growth.base import GrowthError
 from mmgrow.layers.attention import FullAttention
 from mmgrow.models.unified import UnifiedModel
 from mmgrow.protocols import SequenceMixer
-from mmgrow.rundir import save_model
+from mmgrow.rundir import save_model, seal_run
 from mmgrow.training.export import load_model
 from mmgrow.trust import TRUST_ENV, UntrustedClassError, trusted_class
 
@@ -83,6 +83,7 @@ def test_generate_imports_nothing_a_config_yaml_names(evil, tmp_path, capsys, se
     config = {"data": {"tasks": ["text_to_video"]}, "model": {}}
     config[section][key] = {"class_path": f"{module}.Evil", "init_args": {}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
+    seal_run(run, ["model.safetensors", "model.yaml"])  # a complete run: only the class path is hostile
 
     assert generate_main(["--checkpoint", str(run), "--prompt", "a red square"]) == 2
     err = capsys.readouterr().err.strip()
@@ -100,6 +101,7 @@ def test_generate_calls_no_function_even_a_trusted_one(tmp_path, capsys):
     for spec in ({"class_path": "subprocess.check_call", "init_args": {"args": ["touch", str(marker)]}},
                  {"class_path": "mmgrow.rundir.atomic_write_bytes", "init_args": {"path": str(marker), "data": b"x"}}):
         (run / "config.yaml").write_text(yaml.safe_dump({"data": {"condition_encoder": spec}}))
+        seal_run(run, ["model.safetensors", "model.yaml"])
         assert generate_main(["--checkpoint", str(run), "--prompt", "a red square"]) == 2
         assert "config.yaml: data.condition_encoder.class_path" in capsys.readouterr().err
         assert not marker.exists()
