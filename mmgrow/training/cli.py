@@ -15,7 +15,9 @@ What it adds to LightningCLI:
   instantiation (the codecs decide the vocabulary and latent widths), for model classes that take them;
 * a run directory: ``trainer.default_root_dir`` (default ``runs/<recipe name>``) receives
   ``config.yaml``, ``metrics.csv`` (+ TensorBoard under ``tb/`` when installed), ``checkpoints/``
-  (resumable, ``last.ckpt``), and the evidence callbacks' files (weights, summary, samples, plots).
+  (resumable, ``last.ckpt``), and the evidence callbacks' files (weights, summary, samples, plots);
+  ``validate``/``test``/``predict`` write their own ``config.yaml`` and metrics into a new
+  ``<run>/eval/<subcommand>-<n>/`` and leave the training records alone (:func:`evaluation_dir`).
 """
 
 from __future__ import annotations
@@ -95,9 +97,23 @@ def rewrite_argv(argv: list[str]) -> list[str]:
                     i += 1
             i += 1
             continue
-        out.append(arg)
+        out.append(f"{key}={_rewrite_inline_spec(inline)}" if eq and key.startswith("--") else _rewrite_inline_spec(arg))
         i += 1
     return out
+
+
+def _rewrite_inline_spec(value: str) -> str:
+    """Registry names in a YAML flow value given on the command line (``--model.mixer '{class_path:
+    gated_deltanet}'`` or a list of such specs) -> import paths; any other value passes through unchanged."""
+    if "class_path" not in value or not value.lstrip().startswith(("{", "[")):
+        return value
+    try:
+        spec = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value  # jsonargparse reports the bad value itself
+    if not isinstance(spec, (dict, list)):
+        return value
+    return yaml.safe_dump(_rewrite_class_paths(spec), default_flow_style=True, sort_keys=False).strip()
 
 
 def _rewrite_config_file(value: str) -> str:
@@ -188,7 +204,7 @@ def _make_cli_class(links: list[tuple[str, str]]):
 
         def instantiate_trainer(self, **kwargs: Any):
             cfg = self._get(self.config_init, "trainer", default={})
-            root = cfg.get("default_root_dir") or str(Path("runs") / "default")
+            root = evaluation_dir(cfg.get("default_root_dir") or str(Path("runs") / "default"), self.subcommand)
             kwargs.setdefault("default_root_dir", root)
             if cfg.get("logger") in (None, True):
                 kwargs["logger"] = default_loggers(root)
@@ -212,6 +228,21 @@ def _make_cli_class(links: list[tuple[str, str]]):
             return super()._instantiate_trainer(config, callbacks)
 
     return MMGrowCLI
+
+
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+
+
+def evaluation_dir(root: str, subcommand: str | None) -> str:
+    """Where a subcommand writes its config and metrics: ``fit`` the run directory ``root`` itself; an
+    evaluation (validate/test/predict) a new ``<root>/eval/<subcommand>-<n>`` (the first free ``n``), so it
+    never overwrites the training records (``config.yaml``, ``metrics.csv``) that ``fit`` left in ``root``."""
+    if subcommand not in EVALUATION_SUBCOMMANDS:
+        return root
+    n = 0
+    while (Path(root) / "eval" / f"{subcommand}-{n}").exists():
+        n += 1
+    return str(Path(root) / "eval" / f"{subcommand}-{n}")
 
 
 def default_loggers(root: str) -> list:
