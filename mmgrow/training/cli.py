@@ -187,11 +187,12 @@ def _model_arguments(class_path: str | None) -> set[str]:
 
 
 def _make_cli_class(links: list[tuple[str, str]]):
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     import mmgrow.parallel.strategy  # noqa: F401 - registers the "context_parallel" strategy name
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
+    from mmgrow.training.progress import StepProgressBar
     from mmgrow.training.samples import GenerateCaptions, GenerateSamples
 
     class MMGrowCLI(LightningCLI):
@@ -204,7 +205,11 @@ def _make_cli_class(links: list[tuple[str, str]]):
 
         def instantiate_trainer(self, **kwargs: Any):
             cfg = self._get(self.config_init, "trainer", default={})
-            root = evaluation_dir(cfg.get("default_root_dir") or str(Path("runs") / "default"), self.subcommand)
+            run = cfg.get("default_root_dir") or str(Path("runs") / "default")
+            root = evaluation_dir(run, self.subcommand)
+            # An evaluation's checkpoint callback keeps pointing at the run's checkpoints (it saves nothing),
+            # so the state restored from --ckpt_path matches it.
+            self._checkpoint_dir = str(Path(run) / "checkpoints") if root != run else None
             kwargs.setdefault("default_root_dir", root)
             if cfg.get("logger") in (None, True):
                 kwargs["logger"] = default_loggers(root)
@@ -219,9 +224,10 @@ def _make_cli_class(links: list[tuple[str, str]]):
             if config.get("enable_checkpointing", True) is not False:
                 # Saved at every epoch end, including the one max_steps cuts short: last.ckpt is the
                 # final state whatever the validation schedule (resumable, equal to model.safetensors).
-                wanted.append((ModelCheckpoint, lambda: ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)))
+                wanted.append((ModelCheckpoint, lambda: ModelCheckpoint(
+                    save_last=True, save_on_train_epoch_end=True, dirpath=getattr(self, "_checkpoint_dir", None))))
             if config.get("enable_progress_bar", True) is not False:
-                wanted.append((ProgressBar, RichProgressBar))
+                wanted.append((ProgressBar, StepProgressBar))
             for kind, make in wanted:
                 if not any(issubclass(t, kind) for t in have):
                     callbacks.append(make())
@@ -269,6 +275,9 @@ def _build_rewritten(argv: list[str], run: bool):
     """The CLI over arguments whose registry names are already resolved (see :func:`rewrite_argv`)."""
     from mmgrow.data.datamodule import MMDataModule
     from mmgrow.training.module import MMGrowModule
+    from mmgrow.training.quiet import silence_dependency_noise
+
+    silence_dependency_noise()
 
     class_path = model_class_path(argv)
     arguments = _model_arguments(class_path)
