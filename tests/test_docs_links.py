@@ -25,9 +25,8 @@ def test_relative_links_resolve(page):
             continue
         path, _, anchor = link.partition("#")
         target = (page.parent / path).resolve() if path else page
-        if not target.exists() or ROOT not in target.parents:
-            broken.append(link)
-        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+        missing = not target.exists() or ROOT not in target.parents
+        if missing or (anchor and target.suffix == ".md" and anchor not in _anchors(target)):
             broken.append(link)
     assert not broken, f"{page.relative_to(ROOT)} links to what the repository does not hold: {broken}"
 
