@@ -56,12 +56,16 @@ def test_quick_usage_commands_run(command):
         assert "mmgrow.layers.attention.FullAttention" in out.stdout
 
 
-def test_python_snippet_runs():
-    snippet = _code_blocks(_section("Use"), "python")[0]
+def test_python_snippets_run_as_written():
+    """Every ```python block of the README, executed in order in one namespace, as a reader would paste them."""
+    blocks = _code_blocks(README, "python")
+    assert blocks, "the README shows no Python"
     namespace: dict = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the README's own snippet
+    for i, snippet in enumerate(blocks):
+        exec(compile(snippet, f"README.md python block {i}", "exec"), namespace)  # noqa: S102 - the README's own code
     assert "full" in namespace["mmgrow"].available("mixers")
     assert namespace["attn"].dim == 64
+    assert namespace["y"].shape == namespace["x"].shape
 
 
 @pytest.mark.slow

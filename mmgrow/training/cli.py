@@ -17,6 +17,8 @@ What it adds to LightningCLI:
   ``config.yaml``, ``metrics.csv`` (+ TensorBoard under ``tb/`` when installed), ``checkpoints/``
   (resumable, ``last.ckpt``, every 100 steps: :mod:`~mmgrow.training.checkpointing`), and the evidence
   callbacks' files (weights, summary, samples, plots), sealed by ``manifest.json`` (:mod:`mmgrow.rundir`);
+  ``validate``/``test``/``predict`` write their own ``config.yaml`` and metrics into a new
+  ``<run>/eval/<subcommand>-<n>/`` and leave the training records alone (:func:`evaluation_dir`);
 * a divergence guard (:mod:`~mmgrow.training.divergence`): a non-finite loss or gradient stops the run
   with a diagnosis and exit status 3.
 """
@@ -109,9 +111,23 @@ def rewrite_argv(argv: list[str]) -> list[str]:
                     i += 1
             i += 1
             continue
-        out.append(arg)
+        out.append(f"{key}={_rewrite_inline_spec(inline)}" if eq and key.startswith("--") else _rewrite_inline_spec(arg))
         i += 1
     return out
+
+
+def _rewrite_inline_spec(value: str) -> str:
+    """Registry names in a YAML flow value given on the command line (``--model.mixer '{class_path:
+    gated_deltanet}'`` or a list of such specs) -> import paths; any other value passes through unchanged."""
+    if "class_path" not in value or not value.lstrip().startswith(("{", "[")):
+        return value
+    try:
+        spec = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value  # jsonargparse reports the bad value itself
+    if not isinstance(spec, (dict, list)):
+        return value
+    return yaml.safe_dump(_rewrite_class_paths(spec), default_flow_style=True, sort_keys=False).strip()
 
 
 def _rewrite_config_file(value: str) -> str:
@@ -186,13 +202,14 @@ def _model_arguments(class_path: str | None) -> set[str]:
 
 
 def _make_cli_class(links: list[tuple[str, str]]):
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     import mmgrow.parallel.strategy  # noqa: F401 - registers the "context_parallel" strategy name
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
     from mmgrow.training.checkpointing import StepCheckpoint
     from mmgrow.training.divergence import DivergenceGuard
+    from mmgrow.training.progress import StepProgressBar
     from mmgrow.training.samples import GenerateCaptions, GenerateSamples
 
     class MMGrowCLI(LightningCLI):
@@ -205,7 +222,11 @@ def _make_cli_class(links: list[tuple[str, str]]):
 
         def instantiate_trainer(self, **kwargs: Any):
             cfg = self._get(self.config_init, "trainer", default={})
-            root = cfg.get("default_root_dir") or str(Path("runs") / "default")
+            run = cfg.get("default_root_dir") or str(Path("runs") / "default")
+            root = evaluation_dir(run, self.subcommand)
+            # An evaluation's checkpoint callback keeps pointing at the run's checkpoints (it saves nothing),
+            # so the state restored from --ckpt_path matches it.
+            self._checkpoint_dir = str(Path(run) / "checkpoints") if root != run else None
             kwargs.setdefault("default_root_dir", root)
             if cfg.get("logger") in (None, True):
                 kwargs["logger"] = default_loggers(root)
@@ -221,15 +242,30 @@ def _make_cli_class(links: list[tuple[str, str]]):
             if config.get("enable_checkpointing", True) is not False:
                 # last.ckpt every 100 steps and at every epoch end, including the one max_steps cuts short:
                 # the final state whatever the validation schedule (resumable, equal to model.safetensors).
-                wanted.append((ModelCheckpoint, StepCheckpoint))
+                wanted.append((ModelCheckpoint, lambda: StepCheckpoint(dirpath=getattr(self, "_checkpoint_dir", None))))
             if config.get("enable_progress_bar", True) is not False:
-                wanted.append((ProgressBar, RichProgressBar))
+                wanted.append((ProgressBar, StepProgressBar))
             for kind, make in wanted:
                 if not any(issubclass(t, kind) for t in have):
                     callbacks.append(make())
             return super()._instantiate_trainer(with_atomic_checkpoints(config), callbacks)
 
     return MMGrowCLI
+
+
+EVALUATION_SUBCOMMANDS = ("validate", "test", "predict")
+
+
+def evaluation_dir(root: str, subcommand: str | None) -> str:
+    """Where a subcommand writes its config and metrics: ``fit`` the run directory ``root`` itself; an
+    evaluation (validate/test/predict) a new ``<root>/eval/<subcommand>-<n>`` (the first free ``n``), so it
+    never overwrites the training records (``config.yaml``, ``metrics.csv``) that ``fit`` left in ``root``."""
+    if subcommand not in EVALUATION_SUBCOMMANDS:
+        return root
+    n = 0
+    while (Path(root) / "eval" / f"{subcommand}-{n}").exists():
+        n += 1
+    return str(Path(root) / "eval" / f"{subcommand}-{n}")
 
 
 def with_atomic_checkpoints(config: dict[str, Any]) -> dict[str, Any]:
@@ -271,6 +307,9 @@ def _build_rewritten(argv: list[str], run: bool):
     """The CLI over arguments whose registry names are already resolved (see :func:`rewrite_argv`)."""
     from mmgrow.data.datamodule import MMDataModule
     from mmgrow.training.module import MMGrowModule
+    from mmgrow.training.quiet import silence_dependency_noise
+
+    silence_dependency_noise()
 
     class_path = model_class_path(argv)
     arguments = _model_arguments(class_path)

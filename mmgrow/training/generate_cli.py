@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from mmgrow.cli_text import plain_text
+
 
 def instantiate(spec: Any, key: str = "config.yaml", base: type = object) -> Any:
     """``{class_path, init_args}`` (nested ones too) -> the object; anything else is returned as is.
@@ -47,7 +49,7 @@ def _slug(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmgrow generate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="mmgrow generate", description=plain_text(__doc__.split("\n\n")[0]))
     p.add_argument("--checkpoint", required=True, help="run directory of `mmgrow fit` (model.safetensors, config.yaml)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", action="append", help="a caption; repeat for several videos")

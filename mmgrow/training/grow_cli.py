@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from mmgrow.cli_text import plain_text
+
 
 def parse_growth(value: str) -> list[dict[str, Any]]:
     """One ``--growth`` value -> a list of ``{class_path, init_args}`` specs."""
@@ -42,7 +44,7 @@ def parse_growth(value: str) -> list[dict[str, Any]]:
 
 
 def grow_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mmgrow grow", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mmgrow grow", description=plain_text(__doc__.split("\n\n")[0]))
     parser.add_argument("--from", dest="source", required=True, help="model.safetensors or a run directory")
     parser.add_argument("--growth", action="append", required=True, help="growth spec (YAML) or a YAML file; repeat")
     parser.add_argument("--out", required=True, help="output directory for the grown model")

@@ -34,6 +34,10 @@ from mmgrow.rundir import CHECKPOINT_CONFIG_KEY, CheckpointError
 from mmgrow.training.growth_stage import GrowthStage, prepare_stage
 
 MixerFactoryArg = Callable[[int, int], SequenceMixer]
+MixerArg = list[MixerFactoryArg] | MixerFactoryArg | None
+"""A mixer factory or a list of them. The list comes first on purpose: jsonargparse tries a union's
+members in order when it saves ``config.yaml``, and its ``Callable`` serializer never refuses a value
+(a list becomes the string "Unable to serialize instance ..."), so a list must be tried as a list first."""
 
 
 class MMGrowModule(pl.LightningModule):
@@ -82,7 +86,7 @@ class MMGrowModule(pl.LightningModule):
         vocab: dict[str, int] | None = None,
         dim: int = 256,
         depth: int = 4,
-        mixer: MixerFactoryArg | list[MixerFactoryArg] | None = None,
+        mixer: MixerArg = None,
         mlp_ratio: float | None = None,
         mlp_chunk: int | None = None,
         objective: Objective | None = None,
