@@ -1,12 +1,17 @@
-"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow``, ``generate`` or the Lightning CLI."""
+"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow``, ``generate`` or the Lightning CLI.
+
+Every command runs through :func:`mmgrow.cli_errors.run_command`: a user error prints
+``mmgrow: error: <one line>`` and exits 2 (``--debug`` or ``MMGROW_DEBUG=1`` shows the traceback).
+"""
 
 from __future__ import annotations
 
 import sys
 
+from mmgrow.cli_errors import run_command
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "plugins":
         from mmgrow.plugin_cli import plugins_main
 
@@ -22,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from mmgrow.training.cli import cli_main
 
     return cli_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_dispatch, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
