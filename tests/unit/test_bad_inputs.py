@@ -32,6 +32,8 @@ model: {{dim: 32, depth: 1}}
 data: {TINY_DATA}
 """
 FIT = ["fit", "--config", "{d}/tiny.yaml", "--trainer.default_root_dir", "{d}/runs"]
+BOUNDED = ["--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+           "--trainer.enable_checkpointing", "false", "--data.init_args.num_train", "2", "--data.init_args.num_val", "1"]
 GEN = ["generate", "--checkpoint", "{d}/run", "--out", "{d}/generated"]
 GROW = ["grow", "--growth", "stack"]
 
@@ -52,7 +54,7 @@ CLI_CASES = [  # (id, argv, pattern of the one error line)
     ("num_train_zero", [*FIT, "--data.num_train", "0"], r"MMDataModule: num_train must be a positive int, got 0"),
     ("num_val_zero", [*FIT, "--data.num_val", "0"], r"MMDataModule: num_val must be a positive int, got 0"),
     ("num_workers_negative", [*FIT, "--data.num_workers", "-1"], r"MMDataModule: num_workers must be an int >= 0, got -1"),
-    ("codec_warmup_negative", ["fit", "--config", str(ROOT / "recipes/codecs/vq_video.yaml"), "--model.init_args.warmup_steps", "-10"], r"CodecModule: warmup_steps must be an int >= 0, got -10"),
+    ("codec_warmup_negative", ["fit", "--config", str(ROOT / "recipes/codecs/vq_video.yaml"), *BOUNDED, "--model.init_args.warmup_steps", "-10"], r"CodecModule: warmup_steps must be an int >= 0, got -10"),
     ("ckpt_path_empty", [*FIT, "--ckpt_path", "{d}/empty.ckpt"], r"--ckpt_path \S+empty\.ckpt is empty \(0 bytes\)"),
     ("ckpt_path_corrupt", [*FIT, "--ckpt_path", "{d}/corrupt.ckpt"], r"--ckpt_path \S+corrupt\.ckpt is not a readable checkpoint"),
     ("ckpt_path_truncated", [*FIT, "--ckpt_path", "{d}/truncated.ckpt"], r"--ckpt_path \S+truncated\.ckpt is not a readable checkpoint"),
