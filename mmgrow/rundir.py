@@ -94,7 +94,7 @@ def check_checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
     except (zipfile.BadZipFile, OSError, ValueError):
         complete = False
     if not complete:
-        raise CheckpointError(f"{what} {path} is not a readable checkpoint ({size} bytes, not a complete torch.save "
+        raise CheckpointError(f"{what} {path} is not a readable Lightning checkpoint ({size} bytes, not a complete torch.save "
                               "archive): truncated or corrupted?")
     return path
 
