@@ -2,12 +2,17 @@
 
 ``mmgrow`` alone or ``mmgrow --help`` prints :data:`SUBCOMMANDS` without importing Lightning (the
 subcommands' own ``--help`` goes to each of them: ``mmgrow fit --help`` is LightningCLI's).
+
+Every command runs through :func:`mmgrow.cli_errors.run_command`: a user error prints
+``mmgrow: error: <one line>`` and exits 2 (``--debug`` or ``MMGROW_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from mmgrow.cli_errors import run_command
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -39,14 +44,17 @@ def top_level_help() -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(top_level_help(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name = argv[0] if argv[0] in SUBCOMMANDS else "fit"  # anything else (a typo ...): LightningCLI reports it
     module, _, function = SUBCOMMANDS[name][0].partition(":")
     return getattr(importlib.import_module(module), function)(argv if name in LIGHTNING_SUBCOMMANDS else argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(_dispatch, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -291,6 +291,11 @@ def check_mixer_input(mixer: SequenceMixer, x: Tensor, ctx: SeqContext) -> None:
         raise ValueError(f"{name}: expected x of shape [B, T, {mixer.dim}], got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point x, got dtype {x.dtype}")
+    weights = {p.dtype for p in mixer.parameters() if p.is_floating_point()}
+    if weights and x.dtype not in weights and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{name} (layer {mixer.layer_idx}): x has dtype {x.dtype} but the layer's parameters are "
+                        f"{', '.join(sorted(str(d) for d in weights))}; cast the input (x.to(...)) or the model "
+                        "(model.to(dtype)) so they agree")
     if tuple(ctx.positions.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{name}: ctx.positions is {tuple(ctx.positions.shape)} but x is {tuple(x.shape)}; "
                          "expected [B, T] matching x")

@@ -281,11 +281,38 @@ CHECKPOINT_CONFIG_KEY = "mmgrow_model_config"
 """Key under which the training module stores ``model.yaml``'s content in a Lightning checkpoint."""
 
 
+def check_checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
+    """Cheap structural check of a ``torch.save`` file (Lightning ``.ckpt``) before anything loads it:
+    it exists, is not empty and is a complete zip archive with a pickle (a truncated copy loses the
+    archive's directory at its end). Raises :class:`CheckpointError` naming the file."""
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} is not a file (expected a Lightning .ckpt file)")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted save or copy?")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            complete = any(n.endswith("data.pkl") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        complete = False
+    if not complete:
+        raise CheckpointError(f"{what} {path} is not a readable Lightning checkpoint ({size} bytes, not a complete torch.save "
+                              "archive): truncated or corrupted?")
+    return path
+
+
 def _lightning_checkpoint(path: Path) -> dict[str, Any]:
+    check_checkpoint_file(path)
     try:  # tensors and plain containers only: no code from the file runs
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable Lightning checkpoint (truncated or corrupted?): {exc}") from exc
+        raise CheckpointError(f"{path} is not a readable Lightning checkpoint (truncated or corrupted?): "
+                              f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
 
 
 def is_lightning_checkpoint(path: str | Path) -> bool:
@@ -332,7 +359,17 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
             parts.append("shape mismatch " + ", ".join(
                 f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:5]))
         raise CheckpointError(f"weights in {path} do not fit the model: " + "; ".join(parts))
+    check_finite(tensors, path)
     model.load_state_dict(tensors)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming the first tensor holding NaN or inf (a diverged run's weights)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise CheckpointError(f"weights in {source} hold NaN or inf values in tensor {bad[0]!r}{more}: the run that "
+                              "wrote them diverged; start from an earlier checkpoint")
 
 
 def has_model_config(path: str | Path) -> bool:
@@ -355,7 +392,9 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     if not cfg_path.exists():
         raise CheckpointError(f"model config not found: {cfg_path} (written next to {WEIGHTS_NAME} by mmgrow)")
     try:
-        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{cfg_path} is not UTF-8 text: byte at offset {exc.start} ({exc.reason})") from None
     except yaml.YAMLError as exc:
         raise CheckpointError(f"{cfg_path} is not valid YAML: {exc}") from exc
     if not isinstance(cfg, dict) or "token_space" not in cfg:

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import mmgrow
 from mmgrow.batch import TokenBatch
+from mmgrow.checks import int_at_least, positive_int
 from mmgrow.data.collate import ConditionedSequence, ConditionEncoder, pad_collate, pad_collate_with_condition
 from mmgrow.data.datasets import DATASETS, dataset_class
 from mmgrow.data.resumable_data import ResumableTrainData
@@ -122,6 +123,9 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
             raise ValueError(f"MMDataModule: seq_len must be a positive int or None, got {seq_len!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"MMDataModule: batch_size must be a positive int, got {batch_size!r}")
+        positive_int("MMDataModule", "num_train", num_train)
+        positive_int("MMDataModule", "num_val", num_val)  # also sizes the held-out split: an empty one breaks test
+        int_at_least("MMDataModule", "num_workers", num_workers, 0)
         codecs = dict(DEFAULT_CODECS if codecs is None else codecs)
         codec_args = dict(codec_args or {})
         unknown = sorted(set(codec_args) - set(codecs))

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from mmgrow import registry
+from mmgrow.checks import read_utf8
 from mmgrow.trust import check_config
 
 
@@ -135,20 +136,64 @@ def _rewrite_config_file(value: str) -> str:
     if not path.exists():
         raise FileNotFoundError(f"config file not found: {value}")
     try:
-        cfg = yaml.safe_load(path.read_text())
+        cfg = yaml.safe_load(read_utf8(path, f"config {value}"))
     except yaml.YAMLError as exc:
         raise ValueError(f"{value} is not valid YAML: {exc}") from exc
     if cfg is None:
-        cfg = {}
+        raise ValueError(f"config {value} is empty (no settings); a recipe needs at least trainer.max_steps or "
+                         "max_epochs and the model/data sections it changes (see recipes/quickstart.yaml)")
     if not isinstance(cfg, dict):
         raise TypeError(f"{value} must hold a mapping at the top level (fit/trainer/model/data ...), "
                          f"got {type(cfg).__name__}")
+    check_sections(cfg, value)
     new = _rewrite_class_paths(cfg)
     check_config(new, value)  # a config file is data: untrusted import paths fail here, before any import
     trainer = new.setdefault("trainer", {}) if isinstance(new.get("trainer", {}), dict) else None
     if trainer is not None and not trainer.get("default_root_dir"):
         trainer["default_root_dir"] = str(Path("runs") / path.stem)
     return yaml.safe_dump(new, sort_keys=False)
+
+
+SECTIONS = ("trainer", "model", "data", "optimizer", "lr_scheduler")
+"""Top-level recipe keys whose value must be a mapping (or absent / null)."""
+
+
+def check_sections(cfg: dict[str, Any], source: str) -> None:
+    """``model: 5`` and the like fail here with the section's name, not inside jsonargparse."""
+    for key in SECTIONS:
+        section = cfg.get(key)
+        if section is not None and not isinstance(section, dict):
+            raise TypeError(f"{source}: section {key!r} must be a mapping of arguments (e.g. 'dim: 128', or "
+                            f"'class_path' + 'init_args'), got {type(section).__name__} {section!r}")
+
+
+BOUND_KEYS = ("max_steps", "max_epochs", "max_time", "fast_dev_run")
+
+
+def check_fit_is_bounded(trainer: Any) -> None:
+    """``fit`` must be told when to stop: Lightning's default (1000 epochs) is, in practice, a run that never ends."""
+    get = trainer.get if hasattr(trainer, "get") else (lambda k, d=None: d)
+    steps = get("max_steps", -1)
+    if (steps is not None and steps != -1) or any(get(k) not in (None, False) for k in BOUND_KEYS[1:]):
+        return
+    raise ValueError("trainer.max_steps is not set (nor max_epochs, max_time or fast_dev_run): the run would not "
+                     "stop; set e.g. --trainer.max_steps 1000 or trainer: {max_steps: 1000} in the recipe")
+
+
+LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def check_ckpt_path(ckpt_path: Any) -> None:
+    """A ``--ckpt_path`` file must be a readable checkpoint before any model is built (Lightning would fail
+    with a bare ``EOFError`` / ``IndexError`` on an empty or truncated file after setup)."""
+    if not isinstance(ckpt_path, (str, Path)):
+        return
+    text = str(ckpt_path)
+    if text in LIGHTNING_CKPT_KEYWORDS or text.startswith("registry:") or "://" in text:
+        return
+    from mmgrow.rundir import check_checkpoint_file
+
+    check_checkpoint_file(ckpt_path, what="--ckpt_path")
 
 
 DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (("vocab", "vocab"), ("continuous", "continuous"))
@@ -219,6 +264,16 @@ def _make_cli_class(links: list[tuple[str, str]]):
             prefix = "model.init_args." if self.subclass_mode_model else "model."
             for attribute, argument in links:
                 parser.link_arguments(f"data.{attribute}", prefix + argument, apply_on="instantiate")
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            # Right after parsing: Lightning itself reads --ckpt_path next (for its hyperparameters).
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand, self.config) if subcommand else self.config
+            if subcommand == "fit":
+                check_fit_is_bounded(config.get("trainer") or {})
+            if subcommand is not None:
+                check_ckpt_path(config.get("ckpt_path"))
 
         def instantiate_trainer(self, **kwargs: Any):
             cfg = self._get(self.config_init, "trainer", default={})

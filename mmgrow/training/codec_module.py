@@ -37,9 +37,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from mmgrow.tokenizers.learned import LearnedCodec
 from mmgrow.rundir import CHECKPOINT_CONFIG_KEY
-from mmgrow.training.module import adamw_warmup_cosine
+from mmgrow.tokenizers.learned import LearnedCodec
+from mmgrow.training.module import adamw_warmup_cosine, check_optimizer_hparams
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,7 @@ class CodecModule(pl.LightningModule):
                             f"{type(codec).__name__}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"CodecModule: num_samples must be an int >= 0, got {num_samples!r}")
+        check_optimizer_hparams("CodecModule", lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["codec"])
         if codec.frozen:  # load_checkpoint froze it; training it means fine-tuning those weights
             log.info("CodecModule: %s was loaded frozen; unfreezing it for training", type(codec).__name__)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:50] or "sample"
 
 
+MAX_PROMPT_CHARS = 1000
+"""Default bound on a prompt's length. The models are trained on captions of tens of characters; the
+sampler's memory grows with the square of the sequence (a 96,000-character prompt took 17 GB), so a
+longer prompt is refused before anything is allocated. ``--max-prompt-chars`` raises the bound."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmgrow generate", description=plain_text(__doc__.split("\n\n")[0]))
     p.add_argument("--checkpoint", required=True, help="run directory of `mmgrow fit` (model.safetensors, config.yaml)")
@@ -63,7 +68,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=4)
+    p.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
+                   help=f"longest prompt (or storyboard scene text) accepted, in characters (default {MAX_PROMPT_CHARS})")
     return p
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Checks that need no model: every bad value fails before the run is loaded or anything sampled."""
+    from mmgrow.checks import finite_number, int_at_least, positive_int, utf8_argument
+
+    owner = ""  # the option names are the subject: "--frames must be a positive int, got 0"
+    if args.frames is not None:
+        positive_int(owner, "--frames", args.frames)
+    positive_int(owner, "--steps", args.steps)
+    positive_int(owner, "--max-prompt-chars", args.max_prompt_chars)
+    finite_number(owner, "--fps", args.fps, low=0, low_open=True)
+    finite_number(owner, "--temperature", args.temperature, low=0, low_open=True)
+    finite_number(owner, "--guidance", args.guidance)
+    if args.top_k is not None:
+        int_at_least(owner, "--top-k", args.top_k, 1)
+    for prompt in args.prompt or []:
+        utf8_argument("--prompt", prompt)
+        if not prompt.strip():
+            raise ValueError("--prompt is empty; give a caption such as 'a red square moves left'")
+        check_prompt_length("--prompt", prompt, args.max_prompt_chars)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is an existing file; give a directory for the videos")
+
+
+def check_prompt_length(what: str, text: str, limit: int) -> None:
+    if len(text) > limit:
+        raise ValueError(f"{what} has {len(text):,} characters; at most {limit:,} are accepted (--max-prompt-chars): "
+                         "the sampler's memory grows with the square of the sequence")
 
 
 def load_run(run: Path) -> tuple[Any, Any, Any]:
@@ -95,14 +131,10 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
 
 
 def generate_main(argv: list[str]) -> int:
-    from mmgrow.registry import PluginError
-
+    """Bad input raises (reported in one line by :func:`mmgrow.cli_errors.run_command`)."""
     args = build_parser().parse_args(argv)
-    try:
-        written = run_generate(args)
-    except (OSError, ValueError, TypeError, KeyError, PluginError) as exc:
-        print(f"mmgrow generate: error: {exc}", file=sys.stderr)
-        return 2
+    check_arguments(args)
+    written = run_generate(args)
     print("\n".join(str(p) for p in written))
     return 0
 
@@ -125,17 +157,14 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
         raise ValueError(f"the run's tasks {[t.name for t in dm.tasks]} generate no video")
     task, codec = video_tasks[0], dm.codecs["video"]
     example = dm.train_set[0]
-    frames = args.frames or int(example.media["video"].shape[0])
-    if frames < 1:
-        raise ValueError(f"--frames must be >= 1, got {frames}")
+    frames = args.frames if args.frames is not None else int(example.media["video"].shape[0])
     requests: list[tuple[str, Sample]] = []
     if args.storyboard:
-        segment_frames = args.frames or int(example.meta.get("segment_frames", frames))
-        requests.append(("storyboard", storyboard_request(Path(args.storyboard), example, segment_frames)))
+        segment_frames = args.frames if args.frames is not None else int(example.meta.get("segment_frames", frames))
+        requests.append(("storyboard", storyboard_request(Path(args.storyboard), example, segment_frames,
+                                                          args.max_prompt_chars)))
     else:
         for prompt in args.prompt:
-            if not prompt.strip():
-                raise ValueError("--prompt is empty; give a caption such as 'a red square moves left'")
             shape = (frames, *example.media["video"].shape[1:])
             requests.append((prompt, Sample(media={"video": torch.zeros(shape, dtype=torch.uint8)}, text=prompt)))
     records, written = [], []
@@ -161,20 +190,23 @@ def run_generate(args: argparse.Namespace) -> list[Path]:
     return written + [out / "generate.json"]
 
 
-def storyboard_request(path: Path, example: Any, segment_frames: int) -> Any:
+def storyboard_request(path: Path, example: Any, segment_frames: int, max_chars: int = MAX_PROMPT_CHARS) -> Any:
     """A storyboard file -> a placeholder :class:`~mmgrow.protocols.Sample` (black frames, each scene's
     ``segments`` of ``segment_frames`` frames) that the ``storyboard_to_video`` task segments."""
     import torch
 
+    from mmgrow.checks import read_utf8
     from mmgrow.data.synthetic.storyboard import parse_storyboard
     from mmgrow.protocols import Sample
 
     if not path.exists():
         raise FileNotFoundError(f"storyboard file not found: {path}")
     try:
-        scenes = parse_storyboard(json.loads(path.read_text()))
+        scenes = parse_storyboard(json.loads(read_utf8(path, f"storyboard {path}")))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    for i, scene in enumerate(scenes):
+        check_prompt_length(f"storyboard {path} scene {i} text", scene.text, max_chars)
     frames = sum(scene.segments for scene in scenes) * segment_frames
     video = torch.zeros(frames, *example.media["video"].shape[1:], dtype=torch.uint8)
     return Sample(media={"video": video}, text=". ".join(scene.text for scene in scenes),

@@ -14,19 +14,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mmgrow.checks import read_utf8
 from mmgrow.cli_text import plain_text
 
 
 def parse_growth(value: str) -> list[dict[str, Any]]:
     """One ``--growth`` value -> a list of ``{class_path, init_args}`` specs."""
     path = Path(value)
-    text = path.read_text() if path.suffix in (".yaml", ".yml", ".json") and path.exists() else value
+    is_file = path.suffix in (".yaml", ".yml", ".json") and path.exists()
+    text = read_utf8(path, f"--growth file {value}") if is_file else value
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -55,22 +56,20 @@ def grow_main(argv: list[str]) -> int:
 
     from mmgrow.growth.base import apply_growth, spec_of, strategy_from_spec
     from mmgrow.growth.check import output_change
-    from mmgrow.registry import PluginError
-    from mmgrow.rundir import CheckpointError, read_model_config, save_model
+    from mmgrow.rundir import read_model_config, save_model
     from mmgrow.training.export import load_model
 
-    try:
-        source = Path(args.source)
-        out = Path(args.out)
-        if out.resolve() == (source if source.is_dir() else source.parent).resolve():
-            raise ValueError(f"--out {out} is the source's directory; write the grown model elsewhere")
-        specs = [s for v in args.growth for s in parse_growth(v)]
-        strategies = [strategy_from_spec(s, f"--growth[{i}]") for i, s in enumerate(specs)]
-        config = dict(read_model_config(source))
-        model = load_model(source)
-    except (OSError, ValueError, TypeError, CheckpointError, PluginError) as exc:
-        print(f"mmgrow grow: error: {exc}", file=sys.stderr)
-        return 2
+    # Bad input raises before any work (reported in one line by mmgrow.cli_errors.run_command).
+    source = Path(args.source)
+    out = Path(args.out)
+    if out.resolve() == (source if source.is_dir() else source.parent).resolve():
+        raise ValueError(f"--out {out} is the source's directory; write the grown model elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; give a directory for model.safetensors and model.yaml")
+    specs = [s for v in args.growth for s in parse_growth(v)]
+    strategies = [strategy_from_spec(s, f"--growth[{i}]") for i, s in enumerate(specs)]
+    config = dict(read_model_config(source))
+    model = load_model(source)
     before = copy.deepcopy(model)
     torch.manual_seed(args.seed)
     params_before = sum(p.numel() for p in model.parameters())

@@ -24,13 +24,14 @@ import lightning.pytorch as pl
 import torch
 
 from mmgrow.batch import TokenBatch
+from mmgrow.checks import finite_number, int_at_least, positive_int
 from mmgrow.growth.base import strategy_from_spec
 from mmgrow.models.cross_condition import CrossAttentionConfig
 from mmgrow.models.factories import factory_from_spec, spec_from_factory
 from mmgrow.models.gated_memory import MemoryPlacement
 from mmgrow.models.modulation import ModulationConfig
 from mmgrow.protocols import ContextParallel, GrowthStrategy, Objective, SequenceMixer
-from mmgrow.rundir import CHECKPOINT_CONFIG_KEY, CheckpointError
+from mmgrow.rundir import CHECKPOINT_CONFIG_KEY, CheckpointError, check_checkpoint_file, is_lightning_checkpoint
 from mmgrow.training.growth_stage import GrowthStage, prepare_stage
 
 MixerFactoryArg = Callable[[int, int], SequenceMixer]
@@ -112,6 +113,15 @@ class MMGrowModule(pl.LightningModule):
         if init_from is not None and not Path(init_from).exists():
             raise CheckpointError(f"init_from path does not exist: {init_from} (expected a model.safetensors "
                                   "file or a run directory containing one)")
+        if init_from is not None and is_lightning_checkpoint(init_from):
+            check_checkpoint_file(init_from, what="init_from")
+        positive_int("MMGrowModule", "dim", dim)
+        positive_int("MMGrowModule", "depth", depth)
+        if mlp_ratio is not None:
+            finite_number("MMGrowModule", "mlp_ratio", mlp_ratio, low=0, low_open=True)
+        if mlp_chunk is not None:
+            positive_int("MMGrowModule", "mlp_chunk", mlp_chunk)
+        check_optimizer_hparams("MMGrowModule", lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["objective", "growth"])
         self.growth = [strategy_from_spec(s) for s in growth or []]  # bad specs fail here, not mid-setup
         self.vocab = dict(vocab)
@@ -293,6 +303,21 @@ class MMGrowModule(pl.LightningModule):
         self.configure_model()
         self.__dict__.pop("_before_growth", None)  # a resumed run: growth happened before the checkpoint
         self._tokens_seen = torch.tensor(int(checkpoint.get("mmgrow_tokens_seen", 0)))
+
+
+def check_optimizer_hparams(owner: str, lr: Any, weight_decay: Any, betas: Any, warmup_steps: Any,
+                            min_lr_ratio: Any) -> None:
+    """The arguments of :func:`adamw_warmup_cosine`, checked at construction with the field named."""
+    finite_number(owner, "lr", lr, low=0, low_open=True)
+    finite_number(owner, "weight_decay", weight_decay, low=0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{owner}: betas must be two numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        finite_number(owner, f"betas[{i}]", beta, low=0, high=1)
+        if beta == 1:
+            raise ValueError(f"{owner}: betas[{i}] must be < 1 (AdamW divides by 1 - beta), got {beta!r}")
+    int_at_least(owner, "warmup_steps", warmup_steps, 0)
+    finite_number(owner, "min_lr_ratio", min_lr_ratio, low=0, high=1)
 
 
 def adamw_warmup_cosine(module: pl.LightningModule, decay: list, no_decay: list) -> dict[str, Any]:

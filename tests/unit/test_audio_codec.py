@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from mmgrow.data.synthetic.tones import ToneDataset
-from mmgrow.tokenizers.audio import VQAudioTokenizer, multi_resolution_stft_loss, snr_db
 from mmgrow.rundir import CheckpointError, save_model
+from mmgrow.tokenizers.audio import VQAudioTokenizer, multi_resolution_stft_loss, snr_db
 
 SMALL = {"num_codes": 16, "code_dim": 4, "channels": 4, "strides": [2, 4], "fft_sizes": [16, 32]}
 

@@ -13,8 +13,8 @@ import yaml
 
 from mmgrow.__main__ import main
 from mmgrow.growth.check import output_change
-from mmgrow.training.cli import build_cli
 from mmgrow.rundir import CheckpointError, read_weights
+from mmgrow.training.cli import build_cli
 from mmgrow.training.export import load_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from mmgrow.data.synthetic.shapes import ShapesDataset
+from mmgrow.rundir import CheckpointError, save_model
 from mmgrow.tokenizers.latent import STD_FLOOR, LatentVideoCodec
 from mmgrow.tokenizers.patchify import patchify, unpatchify
-from mmgrow.rundir import CheckpointError, save_model
 
 SMALL = {"frame_size": 16, "levels": 1, "hidden": 8, "latent_channels": 3, "patch": 2}
 

@@ -6,9 +6,9 @@ import torch
 
 from mmgrow.data.synthetic.shapes import ShapesDataset
 from mmgrow.protocols import NO_BLOCK
+from mmgrow.rundir import CheckpointError, save_model
 from mmgrow.tokenizers.conv_autoencoder import unit_to_video
 from mmgrow.tokenizers.vq import VQVideoTokenizer
-from mmgrow.rundir import CheckpointError, save_model
 
 SMALL = {"frame_size": 16, "levels": 2, "hidden": 8, "num_codes": 16, "code_dim": 4}
 
