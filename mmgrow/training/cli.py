@@ -154,8 +154,9 @@ def _rewrite_config_file(value: str) -> str:
     return yaml.safe_dump(new, sort_keys=False)
 
 
-SECTIONS = ("trainer", "model", "data", "optimizer", "lr_scheduler")
-"""Top-level recipe keys whose value must be a mapping (or absent / null)."""
+SECTIONS = ("trainer", "model", "data")
+"""Top-level recipe keys whose value must be a mapping (or absent / null). ``optimizer`` and
+``lr_scheduler`` are not among them: jsonargparse takes a class name there too (``optimizer: Adam``)."""
 
 
 def check_sections(cfg: dict[str, Any], source: str) -> None:

@@ -128,7 +128,7 @@ def files(tmp_path_factory) -> Path:
     import yaml
 
     from mmgrow.data.datamodule import MMDataModule
-    from mmgrow.rundir import save_model
+    from mmgrow.rundir import save_model, seal_run
     from mmgrow.training.module import MMGrowModule
 
     d = tmp_path_factory.mktemp("bad_inputs")
@@ -150,6 +150,7 @@ def files(tmp_path_factory) -> Path:
     module.configure_model()
     save_model(module.model, module.model_config(), d / "run")
     (d / "run" / "config.yaml").write_text(yaml.safe_dump({"data": TINY_DATA, "model": {"dim": 32, "depth": 1}}))
+    seal_run(d / "run", ["model.safetensors", "model.yaml"])  # a complete run: only the arguments are bad
     with torch.no_grad():
         next(module.model.parameters()).view(-1)[0] = math.nan
     save_model(module.model, module.model_config(), d / "nanrun")

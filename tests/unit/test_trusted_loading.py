@@ -76,7 +76,7 @@ def _write_model_yaml(run, cfg):
 
 @pytest.mark.parametrize("section, key", [("data", "condition_encoder"), ("model", "objective")])
 def test_generate_imports_nothing_a_config_yaml_names(evil, tmp_path, capsys, section, key):
-    from mmgrow.training.generate_cli import generate_main
+    from mmgrow.__main__ import main
 
     module, _ = evil
     run, _ = _run_dir(tmp_path)
@@ -85,16 +85,16 @@ def test_generate_imports_nothing_a_config_yaml_names(evil, tmp_path, capsys, se
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     seal_run(run, ["model.safetensors", "model.yaml"])  # a complete run: only the class path is hostile
 
-    assert generate_main(["--checkpoint", str(run), "--prompt", "a red square"]) == 2
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "a red square"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"mmgrow generate: error: config.yaml: {section}.{key}.class_path: refusing to import "
+    assert err.startswith(f"mmgrow: error: config.yaml: {section}.{key}.class_path: refusing to import "
                           f"'{module}.Evil'"), err
     assert TRUST_ENV in err and len(err.splitlines()) == 1
 
 
 def test_generate_calls_no_function_even_a_trusted_one(tmp_path, capsys):
     """The issue's reproduction (``subprocess.check_call``) and a function inside mmgrow itself."""
-    from mmgrow.training.generate_cli import generate_main
+    from mmgrow.__main__ import main
 
     run, _ = _run_dir(tmp_path)
     marker = tmp_path / "marker"
@@ -102,7 +102,7 @@ def test_generate_calls_no_function_even_a_trusted_one(tmp_path, capsys):
                  {"class_path": "mmgrow.rundir.atomic_write_bytes", "init_args": {"path": str(marker), "data": b"x"}}):
         (run / "config.yaml").write_text(yaml.safe_dump({"data": {"condition_encoder": spec}}))
         seal_run(run, ["model.safetensors", "model.yaml"])
-        assert generate_main(["--checkpoint", str(run), "--prompt", "a red square"]) == 2
+        assert main(["generate", "--checkpoint", str(run), "--prompt", "a red square"]) == 2
         assert "config.yaml: data.condition_encoder.class_path" in capsys.readouterr().err
         assert not marker.exists()
 
@@ -132,7 +132,7 @@ def test_load_model_imports_no_untrusted_mixer_from_model_yaml(evil, tmp_path, w
     ({"class_path": "add_memory", "init_args": {"memory": {"class_path": "evil_mod.Evil"}}}, "growth[0].init_args"),
 ])
 def test_growth_entries_of_model_yaml_import_nothing_untrusted(evil, tmp_path, capsys, entry, key):
-    from mmgrow.training.grow_cli import grow_main
+    from mmgrow.__main__ import main
     from mmgrow.training.growth_stage import prepare_stage
 
     run, cfg = _run_dir(tmp_path)
@@ -144,10 +144,10 @@ def test_growth_entries_of_model_yaml_import_nothing_untrusted(evil, tmp_path, c
     with pytest.raises(GrowthError, match=rf"init_from {re.escape(str(run))}: {re.escape(key)}"):
         prepare_stage(model, cfg, str(run), [])
     # mmgrow grow --from RUN, and a --growth value naming the module
-    assert grow_main(["--from", str(run), "--growth", "stack", "--out", str(tmp_path / "out")]) == 2
+    assert main(["grow", "--from", str(run), "--growth", "stack", "--out", str(tmp_path / "out")]) == 2
     assert "refusing to import 'evil_mod.Evil'" in capsys.readouterr().err
     _write_model_yaml(run, cfg)
-    assert grow_main(["--from", str(run), "--growth", "{class_path: evil_mod.Evil}", "--out", str(tmp_path / "o2")]) == 2
+    assert main(["grow", "--from", str(run), "--growth", "{class_path: evil_mod.Evil}", "--out", str(tmp_path / "o2")]) == 2
     assert "--growth[0].class_path: refusing to import 'evil_mod.Evil'" in capsys.readouterr().err
 
 
