@@ -79,6 +79,11 @@ def run_command(fn: Callable[[list[str]], int], argv: list[str]) -> int:
     args = [a for a in argv if a != DEBUG_FLAG]
     try:
         return fn(args)
+    except BrokenPipeError:
+        # The reader went away (``mmgrow plugins list | head``): not an error. Point stdout at devnull so
+        # the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         reported = None if debug else user_error(exc)
         if reported is None:

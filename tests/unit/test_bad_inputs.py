@@ -229,3 +229,20 @@ def test_bugs_keep_their_traceback_and_exit_codes_come_from_the_exception(monkey
 
     assert run_command(wrapped, []) == 2
     assert "dim must be a positive int, got -1" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_not_an_error(capsys, monkeypatch):
+    """``mmgrow plugins list | head``: the reader leaving early exits 0 with no error line."""
+    import os
+
+    from mmgrow.cli_errors import run_command
+
+    redirected = []
+    monkeypatch.setattr(os, "dup2", lambda fd, fd2: redirected.append(fd2))
+    monkeypatch.setattr("sys.stdout", type("Out", (), {"fileno": lambda self: 1})())
+
+    def reader_gone(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_command(reader_gone, ["plugins", "list"]) == 0
+    assert redirected == [1] and "error" not in capsys.readouterr().err
