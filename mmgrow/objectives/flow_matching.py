@@ -83,6 +83,7 @@ class FlowMatchingObjective(Objective):
 
     supports_context_parallel = False
     samples_latents = True
+    samples_tokens = False  # no token sampler: the sample writers skip discrete targets (e.g. captions)
     """:meth:`generate` samples the continuous positions of a batch (the ODE sampler)."""
 
     def __init__(self, modality_weights: dict[str, float] | None = None, *, condition_dropout: float = 0.1,

@@ -46,10 +46,20 @@ class _HeldOutSampler(pl.Callback):
         self.greedy, self.temperature, self.top_k, self.seed = greedy, temperature, top_k, seed
 
     def active(self, trainer: pl.Trainer) -> bool:
+        """Rank 0, samples asked for, a task targeting the modality, its codec present, and an objective
+        that can sample it: a discrete codec needs ``objective.samples_tokens`` (default True; flow
+        matching has no token sampler, so its runs write no captions instead of crashing at fit end)."""
         dm = trainer.datamodule
         targets = {m for task in getattr(dm, "tasks", []) for m in getattr(task, "target_modalities", ())}
-        return (trainer.is_global_zero and self.num_samples > 0 and self.modality in targets
-                and self.modality in getattr(dm, "codecs", {}))
+        codec = getattr(dm, "codecs", {}).get(self.modality)
+        if not (trainer.is_global_zero and self.num_samples > 0 and self.modality in targets and codec is not None):
+            return False
+        objective = getattr(trainer.lightning_module, "objective", None)
+        if codec.kind == "discrete" and not getattr(objective, "samples_tokens", True):
+            log.info("%s: skipped, the objective %s samples no %s tokens", type(self).__name__,
+                     type(objective).__name__, self.modality)
+            return False
+        return True
 
     def settings(self) -> SamplerSettings:
         return SamplerSettings(greedy=self.greedy, temperature=self.temperature, top_k=self.top_k, seed=self.seed)

@@ -246,3 +246,25 @@ def test_model_input_errors():
         UnifiedModel(token_space={"text": 5}, dim=8, depth=1, continuous={"video": 4})
     with pytest.raises(ValueError, match="guidance=2.0 needs a condition"):
         FlowMatchingObjective(token_space=b.token_space).generate(model, batch, guidance=2.0)
+
+
+def test_sample_writers_skip_token_targets_the_objective_cannot_sample():
+    """A flow-matching run whose tasks target text writes no captions (it has no token sampler) instead
+    of crashing at fit end; an autoregressive run does sample them, and continuous video still samples."""
+    from types import SimpleNamespace
+
+    from mmgrow.objectives.autoregressive import AutoregressiveObjective
+    from mmgrow.objectives.flow_matching import FlowMatchingObjective
+    from mmgrow.training.samples import GenerateCaptions, GenerateSamples
+
+    def trainer(objective, video_kind):
+        task = SimpleNamespace(target_modalities=("text", "video"))
+        codecs = {"text": SimpleNamespace(kind="discrete"), "video": SimpleNamespace(kind=video_kind)}
+        return SimpleNamespace(is_global_zero=True, datamodule=SimpleNamespace(tasks=[task], codecs=codecs),
+                               lightning_module=SimpleNamespace(objective=objective))
+
+    flow, ar = FlowMatchingObjective(), AutoregressiveObjective()
+    assert not GenerateCaptions().active(trainer(flow, "continuous"))
+    assert GenerateSamples().active(trainer(flow, "continuous"))
+    assert GenerateCaptions().active(trainer(ar, "discrete"))
+    assert GenerateSamples().active(trainer(ar, "discrete"))
