@@ -226,6 +226,11 @@ def _resume_hint(directory: Path) -> str:
     return "; it holds no checkpoint either"
 
 
+def _inconsistent(directory: Path, name: str) -> CheckpointError:
+    return CheckpointError(f"run directory {directory} is inconsistent: {name} does not match {MANIFEST_NAME} "
+                           f"(a save was interrupted or the file was changed)" + _resume_hint(directory))
+
+
 def check_run(directory: str | Path, needed: Iterable[str] = (WEIGHTS_NAME, CONFIG_NAME),
               verify: bool = True) -> dict[str, Any] | None:
     """Check that ``directory`` holds a completed save with the files in ``needed``; return its manifest
@@ -259,8 +264,7 @@ def check_run(directory: str | Path, needed: Iterable[str] = (WEIGHTS_NAME, CONF
                                   f"{MANIFEST_NAME}" + _resume_hint(directory))
         if path.stat().st_size != info.get("bytes") or (verify and name in needed
                                                        and _digest(path)["sha256"] != info.get("sha256")):
-            raise CheckpointError(f"run directory {directory} is inconsistent: {name} does not match {MANIFEST_NAME} "
-                                  f"(a save was interrupted or the file was changed)" + _resume_hint(directory))
+            raise _inconsistent(directory, name)
     return record
 
 
@@ -333,9 +337,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     weights, _, record = _resolve(path)
     data = weights.read_bytes()
     if record is not None and hashlib.sha256(data).hexdigest() != record["files"][WEIGHTS_NAME].get("sha256"):
-        raise CheckpointError(f"run directory {weights.parent} is inconsistent: {WEIGHTS_NAME} does not match "
-                              f"{MANIFEST_NAME} (a save was interrupted or the file was changed)"
-                              + _resume_hint(weights.parent))
+        raise _inconsistent(weights.parent, WEIGHTS_NAME)
     try:
         return load(data)
     except Exception as exc:
@@ -363,9 +365,14 @@ def load_weights_into(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(tensors)
 
 
+def non_finite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v.detach()).all())]
+
+
 def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
     """Raise :class:`CheckpointError` naming the first tensor holding NaN or inf (a diverged run's weights)."""
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = non_finite_names(tensors)
     if bad:
         more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
         raise CheckpointError(f"weights in {source} hold NaN or inf values in tensor {bad[0]!r}{more}: the run that "

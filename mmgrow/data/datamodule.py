@@ -86,14 +86,14 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
             pad each batch to its longest example.
         batch_size, num_workers: DataLoader settings.
         seed: seeds the dataset splits and the training shuffle order.
-
-    Resumable: the training order and the training RNG stream are checkpoint state, so a run resumed
-    from any checkpoint sees the batches and draws the noise of the uninterrupted run
-    (:class:`~mmgrow.data.resumable_data.ResumableTrainData`).
         condition_encoder: an object with ``latent_dim`` and ``encode(list[str]) -> (emb [B, S, C],
             mask [B, S])`` (:class:`~mmgrow.data.collate.ConditionEncoder`), e.g. ``class_path:
             mmgrow.tokenizers.text_encoder.FrozenTextEncoder``; None (default) = no conditioning.
             Its output width is :attr:`condition_dim` (link it to the model's cross-attention).
+
+    Resumable: the training order and the training RNG stream are checkpoint state, so a run resumed
+    from any checkpoint sees the batches and draws the noise of the uninterrupted run
+    (:class:`~mmgrow.data.resumable_data.ResumableTrainData`).
     """
 
     def __init__(
@@ -121,8 +121,7 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
             raise ValueError(f"MMDataModule: unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
             raise ValueError(f"MMDataModule: seq_len must be a positive int or None, got {seq_len!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"MMDataModule: batch_size must be a positive int, got {batch_size!r}")
+        positive_int("MMDataModule", "batch_size", batch_size)
         positive_int("MMDataModule", "num_train", num_train)
         positive_int("MMDataModule", "num_val", num_val)  # also sizes the held-out split: an empty one breaks test
         int_at_least("MMDataModule", "num_workers", num_workers, 0)

@@ -49,10 +49,10 @@ def _check_scale(scale: int) -> None:
         raise ValueError(f"scale must be a positive int, got {scale!r}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], suffix: str = "") -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
     """Call ``write(file_object)`` on a temporary file next to ``path``, then rename it to ``path``
-    (:func:`mmgrow.rundir.atomic_file`: the temporary file is removed on failure). ``suffix`` is
-    unused (kept for callers written against earlier versions): writers pass the format explicitly."""
+    (:func:`mmgrow.rundir.atomic_file`: the temporary file is removed on failure). Writers pass the
+    file format explicitly (the temporary name has no meaningful extension)."""
     from mmgrow.rundir import atomic_file
 
     path = Path(path)
@@ -108,7 +108,7 @@ def write_gif(frames: Any, path: str | os.PathLike, fps: float = 4, scale: int =
         images[0].save(f, format="GIF", save_all=True, append_images=images[1:], duration=duration,
                        loop=0, optimize=False, disposal=1)
 
-    return atomic_write(path, write, ".gif")
+    return atomic_write(path, write)
 
 
 def read_gif(path: str | os.PathLike, *, fps: float | None = None) -> np.ndarray:
@@ -212,7 +212,7 @@ def write_mp4(frames: Any, path: str | os.PathLike, fps: float = 4, scale: int =
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))  # flush frames the encoder still holds (B-frames)
 
-    return atomic_write(path, write, ".mp4")
+    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,5 +294,5 @@ def frames_grid_png(videos: Sequence[Any], captions: Sequence[str], path: str | 
         draw.multiline_text((GRID_PAD, row_tops[row]), text, fill=(0, 0, 0), font=font)
         for col, frame in enumerate(clip):
             canvas.paste(Image.fromarray(frame), layout.cell_origin(row, col))
-    atomic_write(path, lambda f: canvas.save(f, format="PNG"), ".png")
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))
     return layout

@@ -78,5 +78,5 @@ def plot_metrics(csv_path: str | os.PathLike, out_png: str | os.PathLike,
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(out_png, lambda f: fig.savefig(f, format="png"), ".png")
+    atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
     return series

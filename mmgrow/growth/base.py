@@ -17,9 +17,8 @@ from torch import nn
 
 from mmgrow.models.backbone import Backbone
 from mmgrow.models.block import Block
-from mmgrow.models.factories import import_class
 from mmgrow.protocols import GrowthReport, GrowthStrategy
-from mmgrow.trust import UntrustedClassError
+from mmgrow.trust import UntrustedClassError, trusted_class
 
 
 class GrowthError(ValueError):
@@ -119,7 +118,7 @@ def strategy_from_spec(spec: Any, key: str = "growth") -> GrowthStrategy:
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise GrowthError(f"a growth entry must be a GrowthStrategy or {{class_path, init_args}}, got {spec!r}")
     try:
-        cls = import_class(str(spec["class_path"]), ("growth",), GrowthStrategy, f"{key}.class_path")
+        cls = trusted_class(str(spec["class_path"]), GrowthStrategy, f"{key}.class_path", ("growth",))
     except (ValueError, TypeError) as exc:
         raise GrowthError(str(exc)) from exc
     try:

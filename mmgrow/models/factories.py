@@ -14,15 +14,7 @@ import functools
 from typing import Any
 
 from mmgrow.protocols import SequenceMixer
-
-
-def import_class(path: str, kinds: tuple[str, ...], base: type, key: str = "class_path") -> type:
-    """The class named by ``path``: a dotted import path, or a name registered in one of ``kinds``;
-    it must subclass ``base``. Paths come from files (``model.yaml``), so they are checked before
-    import (:func:`mmgrow.trust.trusted_class`); errors are ``ValueError`` s naming ``key``."""
-    from mmgrow.trust import trusted_class
-
-    return trusted_class(path, base, key, kinds)
+from mmgrow.trust import trusted_class
 
 
 def factory_from_spec(spec: Any, key: str = "mixer") -> Any:
@@ -33,7 +25,7 @@ def factory_from_spec(spec: Any, key: str = "mixer") -> Any:
     if isinstance(spec, (list, tuple)):
         return [factory_from_spec(s, f"{key}[{i}]") for i, s in enumerate(spec)]
     if isinstance(spec, dict) and "class_path" in spec:
-        cls = import_class(spec["class_path"], ("mixers", "memory"), SequenceMixer, f"{key}.class_path")
+        cls = trusted_class(spec["class_path"], SequenceMixer, f"{key}.class_path", ("mixers", "memory"))
         return functools.partial(cls, **dict(spec.get("init_args") or {}))
     if callable(spec):
         return spec

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mmgrow.checks import positive_int
 from mmgrow.ops.ttt_inner import InnerCarry, InnerParams
 
 Step = Callable[..., tuple[Tensor, list[Tensor], list[Tensor]]]
@@ -87,8 +88,7 @@ def build_grid(positions: Tensor, mini_batch_size: int, reset: Tensor, valid: Te
     """
     B, T = positions.shape
     device = positions.device
-    if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-        raise ValueError(f"TTT: mini_batch_size must be a positive int, got {mini_batch_size!r}")
+    positive_int("TTT", "mini_batch_size", mini_batch_size)
     b = mini_batch_size
     if bool(((positions < 0) & valid).any()):
         raise ValueError("TTT: positions must be >= 0 (slot = position % mini_batch_size)")

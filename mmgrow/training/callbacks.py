@@ -27,6 +27,7 @@ from mmgrow.rundir import (
     CheckpointError,
     atomic_write_bytes,
     begin_save,
+    non_finite_names,
     save_model,
     seal_run,
     strict_json,
@@ -63,7 +64,7 @@ class ExportWeights(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            bad = [n for n, p in pl_module.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+            bad = non_finite_names(dict(pl_module.model.named_parameters()))
             if bad:
                 raise CheckpointError(f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
                                       "training diverged; enable the DivergenceGuard callback to stop at the first "

@@ -37,6 +37,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from mmgrow.checks import int_at_least
 from mmgrow.rundir import CHECKPOINT_CONFIG_KEY
 from mmgrow.tokenizers.learned import LearnedCodec
 from mmgrow.training.module import adamw_warmup_cosine, check_optimizer_hparams
@@ -145,7 +146,7 @@ def waveform_picture(original: Tensor, reconstruction: Tensor, path: Path, sampl
             ax.set_ylabel("Hz" if sample_rate else "cycles/sample", fontsize=7)
             ax.set_xlabel(unit, fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), ".png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
     return path
 
@@ -213,8 +214,7 @@ class CodecModule(pl.LightningModule):
         if not isinstance(codec, LearnedCodec):
             raise TypeError(f"CodecModule needs a LearnedCodec (a codec with loss and reconstruct), got "
                             f"{type(codec).__name__}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
-            raise ValueError(f"CodecModule: num_samples must be an int >= 0, got {num_samples!r}")
+        int_at_least("CodecModule", "num_samples", num_samples, 0)
         check_optimizer_hparams("CodecModule", lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["codec"])
         if codec.frozen:  # load_checkpoint froze it; training it means fine-tuning those weights

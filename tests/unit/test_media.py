@@ -64,7 +64,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, crash_midway, ".gif")
+        atomic_write(path, crash_midway)
     assert np.array_equal(read_gif(path), random_video(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif"]
 
