@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plugins": ("mmgrow.plugin_cli:plugins_main", "list registered plugins; check one against its kind's contract"),
     "grow": ("mmgrow.training.grow_cli:grow_main", "grow a trained model offline into a new model directory"),
     "generate": ("mmgrow.training.generate_cli:generate_main", "videos (GIF + MP4) from a trained run and prompts"),
+    "data": ("mmgrow.data_cli:data_main", "inspect a recipe's data: task shares, tokens, rows, padding, skipped files"),
 }
 """``name -> ("module:function", one-line help)``; the function takes the arguments after the name
 (the Lightning subcommands take them including the name)."""
