@@ -113,14 +113,21 @@ def load_recipe_data(recipe: str, overrides: list[str]) -> tuple[Any, int]:
     return dm, int(trainer.get("accumulate_grad_batches") or 1)
 
 
+def _description() -> str:
+    from mmgrow.cli_text import plain_text
+
+    return plain_text(__doc__.split("\n\n", 2)[2])  # the docstring after the title and the usage line
+
+
 def data_main(argv: list[str]) -> int:
     """``mmgrow data SUBCOMMAND ...`` (only ``inspect`` today)."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {USAGE}\n\n{__doc__.split(chr(10) + chr(10), 1)[1]}", file=sys.stdout if argv else sys.stderr)
+        print(f"usage: {USAGE}\n\n{_description()}", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] != "inspect":
         raise ValueError(f"unknown data subcommand {argv[0]!r}; expected: inspect (usage: {USAGE})")
-    parser = argparse.ArgumentParser(prog="mmgrow data inspect", usage=USAGE, add_help=True)
+    parser = argparse.ArgumentParser(prog="mmgrow data inspect", usage=USAGE, description=_description(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the recipe (YAML) whose data section is inspected")
     parser.add_argument("--batches", type=int, default=8, help="training batches to draw (default 8)")
     parser.add_argument("--step", type=int, default=0, help="optimizer step to start at (default 0)")

@@ -56,7 +56,7 @@ def test_inspect_json_gives_known_numbers(tmp_path, capsys):
 
 def test_inspect_follows_the_curriculum_at_a_step(tmp_path, capsys):
     # stage 1 from step 2 = batch 4 (accumulate 2): batch size 3, length N + 30
-    stages = "  curriculum:\n    - {until: {step: 2}}\n    - {batch_size: 3, length: %d}\n" % (N + 30)
+    stages = f"  curriculum:\n    - {{until: {{step: 2}}}}\n    - {{batch_size: 3, length: {N + 30}}}\n"
     path = recipe(tmp_path, stages)
     out = json.loads(inspect(capsys, "--config", path, "--batches", "2", "--step", "2", "--json"))
     assert out["rows"] == 6 and out["padding_fraction"] == pytest.approx(30 / (N + 30))
@@ -75,3 +75,13 @@ def test_inspect_errors(tmp_path, capsys):
     assert "unknown option --model.dim" in capsys.readouterr().err
     assert main(["data", "frobnicate"]) == 2
     assert "unknown data subcommand 'frobnicate'" in capsys.readouterr().err
+
+
+def test_help_is_plain_text(capsys):
+    assert main(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mmgrow data inspect --config RECIPE") and "examples_per_row" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["data", "inspect", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--batches" in out and "``" not in out and ":func:" not in out
