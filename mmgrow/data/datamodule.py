@@ -51,7 +51,7 @@ from mmgrow.data.collate import ConditionEncoder
 from mmgrow.data.curriculum import CurriculumSchedule
 from mmgrow.data.datasets import dataset_class
 from mmgrow.data.mixture import SourceSpec, check_stage_weights, main_weights, parse_mixture, parse_sources
-from mmgrow.data.mixture_sampler import BatchKey, MixtureSampler
+from mmgrow.data.mixture_sampler import BatchKey, EvalSampler, MixtureSampler
 from mmgrow.data.resumable_data import ResumableTrainData
 from mmgrow.data.sequence import SequenceBuilder
 from mmgrow.protocols import Task
@@ -266,15 +266,21 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         from the position of a resumed checkpoint."""
         return self._loader("train", self.train_sampler())
 
+    def eval_sampler(self, split: str) -> EvalSampler:
+        """:meth:`eval_keys` sharded over the trainer's data-parallel ranks (whole batches per rank)."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = dict(getattr(trainer, "distributed_sampler_kwargs", None) or {})
+        return EvalSampler(self.eval_keys(split), kwargs.get("num_replicas", 1), kwargs.get("rank", 0))
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_keys("val"))
+        return self._loader("val", self.eval_sampler("val"))
 
     def test_dataloader(self) -> DataLoader:
         """The ``"heldout"`` split (``num_val`` samples per source): the loss on compositions never trained on."""
-        return self._loader("heldout", self.eval_keys("heldout"))
+        return self._loader("heldout", self.eval_sampler("heldout"))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("heldout", self.eval_keys("heldout"))
+        return self._loader("heldout", self.eval_sampler("heldout"))
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # TokenBatch.to moves every field in one call and re-runs its shape checks.

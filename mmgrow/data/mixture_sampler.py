@@ -197,3 +197,29 @@ class MixtureSampler(DistributedSampler):
         """Replay the stream from the current position up to batch ``batch`` (``mmgrow data inspect --step``)."""
         while self.position.batch < batch:
             self.advance()
+
+
+class EvalSampler(DistributedSampler):
+    """The evaluation batch keys, in order, shared by data-parallel ranks.
+
+    Rank ``r`` of ``W`` takes ``keys[r::W]`` after padding the list to a multiple of ``W`` by wrapping
+    around, as Lightning's own ``DistributedSampler`` does (every rank runs the same number of batches; a
+    few batches are evaluated twice). A ``DistributedSampler`` so that Lightning keeps it.
+    """
+
+    def __init__(self, keys: Sequence[BatchKey], num_replicas: int = 1, rank: int = 0) -> None:
+        if not keys:
+            raise ValueError("EvalSampler: no evaluation batches (every source's evaluation split is empty)")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"EvalSampler: rank {rank} is not in [0, {num_replicas})")
+        total = -(-len(keys) // num_replicas) * num_replicas
+        self.keys = (list(keys) * num_replicas)[:total][rank::num_replicas]
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.shuffle, self.drop_last = False, False
+        self.num_samples, self.total_size = len(self.keys), total
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[BatchKey]:
+        return iter(self.keys)

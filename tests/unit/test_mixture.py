@@ -204,3 +204,17 @@ def test_tasks_list_is_one_source_per_task_over_one_dataset():
         small_dm(sources=[{"task": "text_to_video", "weight": 1, "every": 2}])
     with pytest.raises(ValueError, match="at least one main source"):
         small_dm(sources=[{"task": "text_to_video", "every": 2}])
+
+
+def test_eval_batches_read_every_source_and_shard_whole_batches_over_ranks():
+    from mmgrow.data.mixture_sampler import EvalSampler
+
+    dm = small_dm(sources=[{"task": "text_to_video"}, {"task": "video_to_text"},
+                           {"name": "qa", "task": "video_to_text", "every": 2, "num_val": 3}], num_val=4)
+    keys = dm.eval_keys("val")
+    items = [item for key in keys for item in key.items]
+    # the two sources sharing the 4-sample dataset take it round-robin, then the 3-sample extra in order
+    assert items == [(0, 0), (1, 1), (0, 2), (1, 3), (2, 0), (2, 1), (2, 2)]
+    assert [len(k.items) for k in keys] == [2, 2, 2, 1] and all(k.stage is None for k in keys)
+    shards = [list(EvalSampler(keys, 3, r)) for r in range(3)]  # 4 batches padded to 6 by wrapping around
+    assert shards == [[keys[0], keys[3]], [keys[1], keys[0]], [keys[2], keys[1]]]
