@@ -218,3 +218,13 @@ def test_eval_batches_read_every_source_and_shard_whole_batches_over_ranks():
     assert [len(k.items) for k in keys] == [2, 2, 2, 1] and all(k.stage is None for k in keys)
     shards = [list(EvalSampler(keys, 3, r)) for r in range(3)]  # 4 batches padded to 6 by wrapping around
     assert shards == [[keys[0], keys[3]], [keys[1], keys[0]], [keys[2], keys[1]]]
+
+
+def test_skipped_files_of_every_distinct_dataset_once():
+    dm = small_dm(sources=[{"task": "text_to_video"}, {"task": "video_to_text"},
+                           {"name": "b", "task": "video_to_text", "num_train": 5}])
+    assert dm.skipped_files() == []
+    dm.source_sets["train"][0].skipped = [{"path": "a.mp4", "reason": "zero-length file"}]  # shared by 2 sources
+    dm.source_sets["train"][2].skipped = [{"path": "b.wav", "reason": "truncated"}]
+    dm.source_sets["val"][2].skipped = [{"path": "c.png", "reason": "unsupported"}]
+    assert [f["path"] for f in dm.skipped_files()] == ["a.mp4", "b.wav", "c.png"]
