@@ -85,3 +85,19 @@ def test_help_is_plain_text(capsys):
         main(["data", "inspect", "--help"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0 and "--batches" in out and "``" not in out and ":func:" not in out
+
+
+def test_inspect_with_packing_gives_known_numbers(tmp_path, capsys):
+    """Rows of 3n + 1 tokens hold 3 whole examples; a batch of 5 examples packs as 3 + 2 (first fit and greedy
+    agree on equal lengths): 2 rows per batch. From step 2 (batch 4) rows are 5n tokens: one row per batch."""
+    pytest.importorskip("mmgrow.data.packing")
+    length = 3 * N + 1
+    extra = (f"  packing: {{length: {length}}}\n  curriculum:\n    - {{until: {{step: 2}}}}\n"
+             f"    - {{length: {5 * N}}}\n")
+    path = recipe(tmp_path, extra)
+    out = json.loads(inspect(capsys, "--config", path, "--batches", "4", "--json"))
+    assert out["rows"] == 8 and out["examples_per_row"] == 2.5
+    assert out["padding_fraction"] == pytest.approx((8 * length - 20 * N) / (8 * length))
+    assert out["tasks"]["main"]["tokens"] == 16 * N and out["tasks"]["extra"]["tokens"] == 4 * N
+    out = json.loads(inspect(capsys, "--config", path, "--batches", "3", "--step", "2", "--json"))
+    assert out["rows"] == 3 and out["examples_per_row"] == 5.0 and out["padding_fraction"] == 0.0
