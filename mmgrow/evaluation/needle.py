@@ -60,12 +60,37 @@ def haystack_size(builder: Any, length: int, kind: str, make: Callable[[int], Ne
     return low
 
 
+def video_frame_args(builder: Any, trained: dict | None = None) -> dict[str, int]:
+    """:class:`NeedleDataset` ``size`` / ``grid`` for video haystacks drawn like a run's training videos:
+    ``size`` and ``grid`` of its ``dataset_args`` (``trained``), the video codec's ``grid`` when it has
+    one (then ``size`` defaults to 4 pixels per cell)."""
+    args = {k: (trained or {})[k] for k in ("size", "grid") if k in (trained or {})}
+    grid = getattr(builder.codecs.get("video"), "grid", None)
+    if isinstance(grid, int) and not isinstance(grid, bool):
+        args["grid"] = grid
+        args.setdefault("size", grid * 4)
+    return args
+
+
+def check_needle_codecs(builder: Any, kind: str) -> None:
+    """A ``kind`` needle needs discrete codecs for text (question, answer) and, for video, video."""
+    needed = ["text"] + (["video"] if kind == "video" else [])
+    missing = [m for m in needed if m not in builder.codecs or builder.codecs[m].kind != "discrete"]
+    if missing:
+        have = {m: type(c).__name__ for m, c in builder.codecs.items()}
+        raise ValueError(f"a {kind} needle needs discrete codecs for {needed}; the run's codecs are {have}"
+                         + (" (try --kind text)" if missing == ["video"] else ""))
+
+
 def evaluate_needle(model: Any, objective: Any, builder: Any, *, lengths: Sequence[int], depths: Sequence[float],
                     samples: int, kind: str = "text", seed: int = 0, dataset_args: dict | None = None,
                     condition_encoder: Any = None, checkpoint: str | None = None) -> dict[str, Any]:
     """Accuracy of needle retrieval for every ``(length, depth)`` (module docstring for the result).
 
-    ``dataset_args`` go to :class:`NeedleDataset` (e.g. ``size`` / ``grid`` of video frames)."""
+    ``dataset_args`` go to :class:`NeedleDataset` (e.g. ``size`` / ``grid`` of video frames). Example
+    ``i`` of every cell comes from the same random stream, so across depths it keeps its code (or
+    colour) and filler and only the needle moves."""
+    check_needle_codecs(builder, kind)
     args = dict(dataset_args or {})
 
     def make(size: int, depth: float = 0.5, n: int = 1) -> NeedleDataset:

@@ -98,24 +98,11 @@ def load_for_evaluation(run: Path) -> tuple[Any, Any, Any, Any, dict]:
 
 def run_needle(args: argparse.Namespace) -> list[Path]:
     """Evaluate and write ``needle.json`` / ``needle.png``; returns their paths."""
-    from mmgrow.evaluation.needle import evaluate_needle, next_eval_dir, write_needle_results
+    from mmgrow.evaluation.needle import evaluate_needle, next_eval_dir, video_frame_args, write_needle_results
 
     run = Path(args.checkpoint)
     model, objective, builder, encoder, data = load_for_evaluation(run)
-    needed = ["text"] + (["video"] if args.kind == "video" else [])
-    missing = [m for m in needed if m not in builder.codecs or builder.codecs[m].kind != "discrete"]
-    if missing:
-        raise ValueError(f"a {args.kind} needle needs discrete codecs for {needed}; the run's codecs are "
-                         f"{ {m: type(c).__name__ for m, c in builder.codecs.items()} }"
-                         + (" (try --kind text)" if missing == ["video"] else ""))
-    dataset_args = {}
-    if args.kind == "video":  # frames drawn like the run's training videos, on the pixel codec's grid
-        trained = data.get("dataset_args") or {}
-        dataset_args = {k: trained[k] for k in ("size", "grid") if k in trained}
-        grid = getattr(builder.codecs["video"], "grid", None)
-        if isinstance(grid, int):
-            dataset_args["grid"] = grid
-            dataset_args.setdefault("size", grid * 4)
+    dataset_args = video_frame_args(builder, data.get("dataset_args")) if args.kind == "video" else {}
     result = evaluate_needle(model, objective, builder, lengths=args.lengths, depths=args.depths, samples=args.samples,
                              kind=args.kind, seed=args.seed, dataset_args=dataset_args, condition_encoder=encoder,
                              checkpoint=str(run))

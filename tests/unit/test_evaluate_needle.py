@@ -133,3 +133,21 @@ def test_video_qa_accuracy_per_kind(monkeypatch):
     assert score["samples"] == 40 and sum(score["counts"].values()) == 40
     assert score["per_kind"]["colour"] == 1.0 and all(v == 0.0 for k, v in score["per_kind"].items() if k != "colour")
     assert score["accuracy"] == score["counts"]["colour"] / 40
+
+
+def test_callback_writes_the_grid_at_fit_end(tmp_path, monkeypatch):
+    from mmgrow.training.needle_callback import NeedleEvaluation
+
+    monkeypatch.setattr(qa, "decode_answer", lambda m, o, b, e, c=None: e.answer if e.meta["depth"] == 0 else "")
+    cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--trainer.default_root_dir",
+                     str(tmp_path)], run=False)
+    cli.trainer.callbacks.append(NeedleEvaluation(lengths=[40, 60], depths=[0, 1], samples=2))
+    cli.trainer.fit(cli.model, cli.datamodule)
+    result = json.loads((tmp_path / "eval" / "needle-0" / "needle.json").read_text())
+    assert result["accuracy"] == [[1.0, 0.0], [1.0, 0.0]]
+    assert result["haystack_sizes"] == [40 - 2 - QUESTION_TOKENS, 60 - 2 - QUESTION_TOKENS]
+    assert (tmp_path / "eval" / "needle-0" / "needle.png").is_file()
+    with pytest.raises(ValueError, match="depths must be a finite number in"):
+        NeedleEvaluation(depths=[2])
+    with pytest.raises(ValueError, match="lengths must be a positive int"):
+        NeedleEvaluation(lengths=[0])
