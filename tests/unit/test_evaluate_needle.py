@@ -151,3 +151,38 @@ def test_callback_writes_the_grid_at_fit_end(tmp_path, monkeypatch):
         NeedleEvaluation(depths=[2])
     with pytest.raises(ValueError, match="lengths must be a positive int"):
         NeedleEvaluation(lengths=[0])
+
+
+@pytest.fixture
+def needle_plugins(monkeypatch):
+    """``needle_text`` and the ``needle`` dataset by name (entry points, registered here until installed)."""
+    from mmgrow import registry
+    from mmgrow.data import datasets
+    from mmgrow.data.needle_task import TextNeedleTask
+
+    if hasattr(datasets, "DATASETS"):  # datasets by table (before the plugin kind)
+        monkeypatch.setitem(datasets.DATASETS, "needle", "mmgrow.data.synthetic.needle:NeedleDataset")
+    added = "needle_text" not in registry.available("tasks")
+    if added:
+        registry.register("tasks", "needle_text", TextNeedleTask)
+    yield
+    if added:
+        registry.unregister("tasks", "needle_text")
+
+
+def test_text_only_needle_run_trains_and_evaluates(needle_plugins, tmp_path, capsys):
+    """A run with only a text codec trains on text needles (the default caption sampler skips it: no video)
+    and `evaluate needle` reads it; a video needle on it is a one-line error."""
+    run = tmp_path / "run"
+    build_cli(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--data.tasks", "[needle_text]",
+               "--data.codecs", "{text: bytes}", "--data.codec_args", "{}", "--data.dataset", "needle",
+               "--data.dataset_args", "{kind: text, length: 64}", "--model.objective.init_args.modality_weights",
+               "{text: 1.0}", "--trainer.default_root_dir", str(run)])
+    assert (run / "manifest.json").is_file() and not (run / "samples" / "captions.json").exists()
+    assert main(["evaluate", "needle", "--checkpoint", str(run), "--lengths", "50", "--depths", "0", "1",
+                 "--samples", "1"]) == 0
+    result = json.loads((run / "eval" / "needle-0" / "needle.json").read_text())
+    assert result["haystack_sizes"] == [50 - 2 - QUESTION_TOKENS] and len(result["accuracy"][0]) == 2
+    capsys.readouterr()
+    assert main(["evaluate", "needle", "--checkpoint", str(run), "--lengths", "50", "--kind", "video"]) == 2
+    assert "(try --kind text)" in capsys.readouterr().err
