@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import torch
 
+from mmgrow.data.synthetic.combinations import choose_names
 from mmgrow.protocols import Sample, Segment, Task
 
 QUESTIONS: dict[str, str] = {
@@ -75,8 +76,6 @@ class VideoQA(Task):
     target_modalities: ClassVar[Sequence[str]] = ("text",)
 
     def __init__(self, kinds: Sequence[str] | None = None) -> None:
-        from mmgrow.data.synthetic.combinations import choose_names
-
         self.kinds = choose_names("VideoQA", "kinds", kinds, tuple(QUESTIONS))
 
     def kind_of(self, sample: Sample) -> str:
@@ -88,7 +87,7 @@ class VideoQA(Task):
         if not isinstance(sample, Sample):
             raise TypeError(f"{self.name}: expected an mmgrow.protocols.Sample, got {type(sample).__name__}")
         video = sample.media.get("video")
-        if video is None or getattr(video, "dim", lambda: 0)() != 4:
+        if video is None or len(getattr(video, "shape", ())) != 4:
             raise KeyError(f"{self.name}: expected a video sample (media 'video' uint8 [F, H, W, 3]); media has "
                            f"{sorted(sample.media)}")
         kind = self.kind_of(sample)
