@@ -111,6 +111,10 @@ class SeqContext:
         mask:         the :class:`MaskSpec`.
         condition:    ``[B, S, C]`` conditioning tokens (e.g. text embeddings) or None.
         condition_mask: ``[B, S]`` bool, True = valid conditioning token, or None.
+        condition_segment_ids: ``[B, S]`` int64 or None: the packed example (segment id) each token of
+                      ``condition`` belongs to (``-1`` = none). When given, a token with
+                      ``segment_ids[b, t] = e`` (0 when ``segment_ids`` is None) attends only to the
+                      condition tokens of example ``e``. None = every token sees the row's whole condition.
         timestep:     ``[B, C]`` timestep embedding for diffusion (adaLN-Zero modulation reads it; an
                       adaLN-single model puts the shared ``[B, 6 D]`` projection here) or None.
         conditions:   further named conditions ``{name: (tokens [B, S, C], mask [B, S] or None)}``
@@ -125,6 +129,7 @@ class SeqContext:
     mask: MaskSpec = field(default_factory=MaskSpec)
     condition: Tensor | None = None
     condition_mask: Tensor | None = None
+    condition_segment_ids: Tensor | None = None
     timestep: Tensor | None = None
     conditions: dict[str, tuple[Tensor, Tensor | None]] | None = None
     cp: ContextParallel | None = None
