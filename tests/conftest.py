@@ -80,3 +80,29 @@ def fake_dist(tmp_path: Path):
             os.environ[registry.AUTOLOAD_ENV] = env_before
         importlib.invalidate_caches()
         registry.discover(refresh=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _declared_builtins_registered():
+    """Entries this checkout's ``pyproject.toml`` declares but the installed metadata lacks (a new
+    built-in, before ``pip install -e .`` reruns) are registered locally for the session, so tests
+    of a development checkout see the plugins it declares. With up-to-date metadata this does nothing."""
+    import tomllib
+
+    from mmgrow import registry
+    from mmgrow.protocols import KINDS
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    groups = tomllib.loads(pyproject.read_text())["project"].get("entry-points", {})
+    added = []
+    for group, entries in groups.items():
+        kind = group.removeprefix("mmgrow.")
+        if not group.startswith("mmgrow.") or kind not in KINDS:
+            continue
+        for name, target in entries.items():
+            if name not in registry.available(kind):
+                registry.register(kind, name, target)
+                added.append((kind, name))
+    yield
+    for kind, name in added:
+        registry.unregister(kind, name)
