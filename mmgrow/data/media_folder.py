@@ -17,9 +17,10 @@ What a sample holds (``Sample.media``):
 * video: ``"video"``: ``uint8 [frames, size, size, 3]``, sampled at ``fps`` (see
   :mod:`mmgrow.data.decode_video`), from the start of the file, or in the train split with
   ``random_offset=True`` from an offset drawn per ``(seed, index)`` within the file's duration;
-* image: ``"image"``: ``uint8 [size, size, 3]`` *and* ``"video"``: the same picture as a one-frame
-  video ``[1, size, size, 3]``, so video tasks and the ``pixels`` codec take images unchanged (the
-  pixel codec frames it as a one-frame clip);
+* image: ``"image"``: ``uint8 [size, size, 3]`` *and* ``"video"``: the same picture as a still
+  video of ``image_frames`` identical frames ``[image_frames, size, size, 3]`` (default 1), so video
+  tasks and the ``pixels`` codec take images unchanged; set ``image_frames`` to ``frames`` when
+  images and videos are mixed, so every clip has the same length (what sample writers assume);
 * audio: ``"audio"``: ``float32 [round(seconds * sample_rate)]`` in ``[-1, 1]``, mono, resampled
   (see :mod:`mmgrow.data.decode_audio`), cut or zero-padded.
 
@@ -150,6 +151,7 @@ class MediaFolderDataset(Dataset):
         sample_rate, seconds: audio rate in Hz and clip duration.
         val_fraction: expected share of files in ``val`` (and ``heldout``), in ``[0, 1)``.
         on_error: ``skip`` (count and report bad files) or ``raise``.
+        image_frames: frames of the still video an image also becomes (``media["video"]``).
     """
 
     name: ClassVar[str] = "media_folder"
@@ -158,7 +160,8 @@ class MediaFolderDataset(Dataset):
     def __init__(self, num_samples: int = 1_000_000, seed: int = 0, split: str = "train", *,
                  root: str | Path | None = None, kinds: Sequence[str] = MEDIA_KINDS, fps: float = 4.0,
                  frames: int = 8, size: int = 32, random_offset: bool = False, sample_rate: int = 8000,
-                 seconds: float = 1.0, val_fraction: float = 0.2, on_error: str = "skip") -> None:
+                 seconds: float = 1.0, val_fraction: float = 0.2, on_error: str = "skip",
+                 image_frames: int = 1) -> None:
         super().__init__(int_at_least("media_folder", "num_samples", num_samples, 0), seed, split)
         if split not in DATASET_SPLITS:
             raise ValueError(f"media_folder: unknown split {split!r}; expected one of {DATASET_SPLITS}")
@@ -173,6 +176,7 @@ class MediaFolderDataset(Dataset):
         self.fps = finite_number("media_folder", "fps", fps, low=0, low_open=True)
         self.frames = positive_int("media_folder", "frames", frames)
         self.size = positive_int("media_folder", "size", size)
+        self.image_frames = positive_int("media_folder", "image_frames", image_frames)
         self.sample_rate = positive_int("media_folder", "sample_rate", sample_rate)
         self.seconds = finite_number("media_folder", "seconds", seconds, low=0, low_open=True)
         self.val_fraction = finite_number("media_folder", "val_fraction", val_fraction, low=0, high=1)
@@ -241,10 +245,19 @@ class MediaFolderDataset(Dataset):
             media = {"video": decode_video(item.path, self.fps, self.frames, self.size, self._offset(item, index))}
         elif item.kind == "image":
             image = decode_image(item.path, self.size)
-            media = {"image": image, "video": image[None]}
+            media = {"image": image, "video": image[None].expand(self.image_frames, -1, -1, -1).contiguous()}
         else:
             media = {"audio": decode_audio(item.path, self.sample_rate, self.seconds)}
         return Sample(media=media, text=item.caption, meta=meta)
+
+    def heldout_prompts(self) -> list[tuple[str, dict[str, str]]]:
+        """``(caption, {})`` of the held-out (= val) files, without decoding them: prompts for sample
+        writers (a folder has no attributes to score a generated sample against)."""
+        held = self if self.split != "train" else MediaFolderDataset(
+            self.num_samples, self.seed, "heldout", root=self.root, kinds=self.kinds, fps=self.fps,
+            frames=self.frames, size=self.size, sample_rate=self.sample_rate, seconds=self.seconds,
+            val_fraction=self.val_fraction, on_error="skip", image_frames=self.image_frames)
+        return [(item.caption, {}) for item in held.items]
 
     def _offset(self, item: MediaItem, index: int) -> float:
         """Start of the clip in seconds: 0, or in train with ``random_offset`` a draw in
