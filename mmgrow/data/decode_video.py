@@ -70,22 +70,37 @@ def probe_video(path: Path) -> None:
 def decode_video(path: Path, fps: float, frames: int, size: int, start: float = 0.0) -> Tensor:
     """``uint8 [frames, size, size, 3]``: the clip of ``frames`` frames at ``fps`` from ``start`` seconds.
 
-    Decodes only up to the last wanted time. Raises when the file has no decodable frame.
+    Streams the file once, up to the first frame after the last wanted time, and converts to RGB
+    (and resizes) only the frames it picks, so a long high-resolution file costs decoding, not
+    memory. Picks follow :func:`sample_times`. Raises when the file has no decodable frame.
     """
     av = import_av()
     targets = [start + j / fps for j in range(frames)]
-    times: list[float] = []
-    pictures: list[np.ndarray] = []
+    picked: list[np.ndarray] = []
+    previous: Any = None  # the last decoded frame, and its RGB picture once converted
+    previous_rgb: np.ndarray | None = None
+
+    def rgb(frame: Any) -> np.ndarray:
+        return fit_square(frame.to_ndarray(format="rgb24"), size)
+
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         for i, frame in enumerate(container.decode(stream)):
             t = _frame_time(frame, i, rate)
-            if times and t > targets[-1] + TIME_EPS:
-                break  # every wanted time is covered by the frames so far
-            times.append(t)
-            pictures.append(frame.to_ndarray(format="rgb24"))
-    if not pictures:
+            # every target before this frame's time shows the previous frame (the first frame if none)
+            while len(picked) < frames and t > targets[len(picked)] + TIME_EPS:
+                if previous is None:
+                    previous, previous_rgb = frame, rgb(frame)
+                if previous_rgb is None:
+                    previous_rgb = rgb(previous)
+                picked.append(previous_rgb)
+            if len(picked) == frames:
+                break
+            previous, previous_rgb = frame, None
+    if previous is None:
         raise ValueError("no decodable video frame")
-    picked = sample_times(times, targets)
-    return torch.from_numpy(np.stack([fit_square(pictures[i], size) for i in picked]))
+    if len(picked) < frames:  # the video ends before the clip does: its last frame stays on screen
+        last = previous_rgb if previous_rgb is not None else rgb(previous)
+        picked += [last] * (frames - len(picked))
+    return torch.from_numpy(np.stack(picked))

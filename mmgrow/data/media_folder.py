@@ -109,7 +109,7 @@ def list_folder(root: Path) -> list[MediaItem]:
         if any(part.startswith(".") for part in rel.parts) or path.suffix.lower() in NOT_MEDIA:
             continue
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else stem_caption(path)
+        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else stem_caption(path)
         items.append(MediaItem(path, rel.as_posix(), KIND_OF_EXTENSION.get(path.suffix.lower()), caption))
     return items
 

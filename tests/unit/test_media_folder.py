@@ -121,6 +121,12 @@ def test_fps_sampling_picks_the_frame_on_screen(tmp_path, fps, frames, expected)
     assert torch.round(levels / 20).long().tolist() == expected, levels.tolist()
 
 
+def test_clip_from_an_offset(tmp_path):
+    path = grey_video(tmp_path / "count.mp4", [20 * k for k in range(12)], fps=8)
+    clip = decode_video(path, fps=4, frames=3, size=16, start=0.3)  # times 0.3, 0.55, 0.8 -> frames 2, 4, 6
+    assert torch.round(clip.double().mean(dim=(1, 2, 3)) / 20).long().tolist() == [2, 4, 6]
+
+
 def test_sample_times_rule():
     times = [0.0, 0.125, 0.25, 0.375]
     assert sample_times(times, [0.0, 0.1, 0.125, 0.2499999999, 0.5, -1.0]) == [0, 0, 1, 2, 3, 0]
@@ -199,3 +205,12 @@ def test_an_empty_folder_and_bad_arguments_are_clear_errors(tmp_path):
         MediaFolderDataset(root=tmp_path, on_error="ignore")
     with pytest.raises(ValueError, match="neither a folder nor a .jsonl manifest"):
         MediaFolderDataset(root=tmp_path / "missing")
+
+
+def test_decoding_in_dataloader_workers_gives_the_same_samples(tmp_path, good_mp4):
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / name).write_bytes(good_mp4)
+    ds = MediaFolderDataset(root=tmp_path, val_fraction=0.0, frames=2, size=8)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, collate_fn=lambda s: s)
+    for i, sample in enumerate(loader):
+        assert sample.meta == ds[i].meta and torch.equal(sample.media["video"], ds[i].media["video"])
