@@ -123,8 +123,21 @@ def test_fps_sampling_picks_the_frame_on_screen(tmp_path, fps, frames, expected)
 
 def test_clip_from_an_offset(tmp_path):
     path = grey_video(tmp_path / "count.mp4", [20 * k for k in range(12)], fps=8)
-    clip = decode_video(path, fps=4, frames=3, size=16, start=0.3)  # times 0.3, 0.55, 0.8 -> frames 2, 4, 6
+    # times 0.35, 0.6, 0.85 s = source frames 2.8, 4.8, 6.8: the frame on screen, not the nearest one
+    clip = decode_video(path, fps=4, frames=3, size=16, start=0.35)
     assert torch.round(clip.double().mean(dim=(1, 2, 3)) / 20).long().tolist() == [2, 4, 6]
+
+
+def test_random_offsets_are_seeded_and_inside_the_video(tmp_path):
+    grey_video(tmp_path / "count.mp4", [20 * k for k in range(12)], fps=8)  # 1.5 s
+    args = {"root": tmp_path, "val_fraction": 0.0, "fps": 4, "frames": 3, "size": 16, "random_offset": True}
+
+    def first_frame(seed: int) -> int:
+        return round(float(MediaFolderDataset(seed=seed, **args)[0].media["video"][0].double().mean()) / 20)
+
+    first, again = [first_frame(s) for s in range(6)], [first_frame(s) for s in range(6)]
+    assert first == again and len(set(first)) > 1  # seeded, and not always the start
+    assert all(0 <= f <= 6 for f in first)  # a 0.75 s clip starts within the first 0.75 s of 1.5 s
 
 
 def test_sample_times_rule():
