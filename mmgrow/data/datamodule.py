@@ -5,7 +5,7 @@ signature is a plain type, so LightningCLI / jsonargparse can fill it from YAML,
 the model needs (``token_space``, ``vocab``) exist right after ``__init__`` for instantiate-time links
 such as ``data.vocab -> model.vocab``.
 
-Datasets are named in :data:`mmgrow.data.datasets.DATASETS`.
+Datasets are registered plugins (kind ``datasets``, :func:`mmgrow.data.datasets.dataset_class`).
 
 Conditioning. With a ``condition_encoder`` (e.g. a frozen
 :class:`~mmgrow.tokenizers.text_encoder.FrozenTextEncoder`), every batch also carries the embeddings
@@ -31,7 +31,7 @@ import mmgrow
 from mmgrow.batch import TokenBatch
 from mmgrow.checks import int_at_least, positive_int
 from mmgrow.data.collate import ConditionedSequence, ConditionEncoder, pad_collate, pad_collate_with_condition
-from mmgrow.data.datasets import DATASETS, dataset_class
+from mmgrow.data.datasets import dataset_class
 from mmgrow.data.resumable_data import ResumableTrainData
 from mmgrow.data.sequence import EncodedSequence, SequenceBuilder
 from mmgrow.protocols import Task
@@ -77,7 +77,7 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         codecs: ``{modality: tokenizer name}``; default ``{"text": "bytes", "video": "pixels"}``. The
             order fixes the token-space offsets and ``modality_ids``.
         codec_args: ``{modality: {kwarg: value}}`` for the codecs (e.g. ``{"video": {"grid": 4}}``).
-        dataset: name in :data:`DATASETS`.
+        dataset: a registered dataset name (``mmgrow plugins list --kind datasets``).
         dataset_args: extra keyword arguments of the dataset class (e.g. ``{"frames": 4}``; for shapes
             also ``shapes``, ``colours``, ``motions``, ``captions: short | detailed`` ...).
         num_train, num_val: samples in the ``"train"`` and ``"val"`` splits; ``num_val`` also sizes
@@ -117,8 +117,7 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         self.save_hyperparameters(ignore=["condition_encoder"])
         if isinstance(tasks, str) or not tasks:
             raise ValueError(f"MMDataModule: tasks must be a non-empty list of task names, got {tasks!r}")
-        if dataset not in DATASETS:
-            raise ValueError(f"MMDataModule: unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+        dataset_class(dataset)  # an unknown name: ValueError listing the registered datasets
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
             raise ValueError(f"MMDataModule: seq_len must be a positive int or None, got {seq_len!r}")
         positive_int("MMDataModule", "batch_size", batch_size)
