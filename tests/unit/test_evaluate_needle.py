@@ -153,24 +153,7 @@ def test_callback_writes_the_grid_at_fit_end(tmp_path, monkeypatch):
         NeedleEvaluation(lengths=[0])
 
 
-@pytest.fixture
-def needle_plugins(monkeypatch):
-    """``needle_text`` and the ``needle`` dataset by name (entry points, registered here until installed)."""
-    from mmgrow import registry
-    from mmgrow.data import datasets
-    from mmgrow.data.needle_task import TextNeedleTask
-
-    if hasattr(datasets, "DATASETS"):  # datasets by table (before the plugin kind)
-        monkeypatch.setitem(datasets.DATASETS, "needle", "mmgrow.data.synthetic.needle:NeedleDataset")
-    added = "needle_text" not in registry.available("tasks")
-    if added:
-        registry.register("tasks", "needle_text", TextNeedleTask)
-    yield
-    if added:
-        registry.unregister("tasks", "needle_text")
-
-
-def test_text_only_needle_run_trains_and_evaluates(needle_plugins, tmp_path, capsys):
+def test_text_only_needle_run_trains_and_evaluates(tmp_path, capsys):
     """A run with only a text codec trains on text needles (the default caption sampler skips it: no video)
     and `evaluate needle` reads it; a video needle on it is a one-line error."""
     run = tmp_path / "run"

@@ -37,7 +37,7 @@ from torch import Tensor
 from mmgrow.checks import finite_number, int_at_least
 from mmgrow.data.synthetic.combinations import choose_names
 from mmgrow.data.synthetic.shapes import COLOURS, SHAPES
-from mmgrow.protocols import Sample
+from mmgrow.protocols import Dataset, Sample
 from mmgrow.tokenizers.pixels import DEFAULT_PALETTE
 
 KINDS = ("text", "video")
@@ -70,7 +70,7 @@ def needle_offset(depth: float, length: int, needle_len: int) -> int:
     return round(depth * (length - needle_len))
 
 
-class NeedleDataset(torch.utils.data.Dataset):
+class NeedleDataset(Dataset):
     """Random-access needle-in-a-haystack samples (module docstring).
 
     Args:
