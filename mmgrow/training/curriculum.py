@@ -28,17 +28,15 @@ lr scale) the callback does nothing.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 
 from mmgrow.data.curriculum import CurriculumSchedule, Stage
 from mmgrow.growth.base import GrowthError, backbone_of, spec_of
 from mmgrow.growth.context import ExtendContextGrowth
 from mmgrow.layers.rope import RotaryEmbedding
-
-log = logging.getLogger(__name__)
 
 
 def set_rope_theta(model: Any, theta: float) -> int:
@@ -93,12 +91,12 @@ class Curriculum(pl.Callback):
         model = getattr(pl_module, "model", None) or pl_module
         if stage.rope_theta is not None and any(t != stage.rope_theta for t in rope_thetas(model)):
             set_rope_theta(model, stage.rope_theta)
-        if (self._stage is None or stage.index != self._stage.index) and trainer.is_global_zero:
+        if self._stage is None or stage.index != self._stage.index:  # one line on rank 0 (Lightning's logger)
             end = "end of training" if stage.end is None else f"step {stage.end}"
             theta = "model's own" if stage.rope_theta is None else f"{stage.rope_theta:g}"
-            log.info("curriculum: stage %d (%s) at step %d until %s: length %s, batch size %d, rope theta %s, "
-                     "lr scale %g", stage.index, stage.name, trainer.global_step, end, stage.length,
-                     stage.batch_size, theta, stage.lr_scale)
+            rank_zero_info(f"curriculum: stage {stage.index} ({stage.name}) from step {trainer.global_step} until {end}: "
+                           f"length {stage.length}, batch size {stage.batch_size}, rope theta {theta}, "
+                           f"lr scale {stage.lr_scale:g}")
         self._stage = stage
         return stage
 
