@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from mmgrow.data.curriculum import CurriculumSchedule, Stage
@@ -68,6 +69,7 @@ class Curriculum(pl.Callback):
         self._hooks: list[Any] = []
         self._saved: dict[int, list[float]] = {}  # id(optimizer) -> the scheduler's lrs while scaled
         self._recorded: dict[str, Any] | None = None
+        self._checkpoint_step: int | None = None  # global_step of a checkpoint loaded for validate/test/predict
 
     # -- the schedule and the stage of a step ---------------------------------------------------------
     @staticmethod
@@ -87,23 +89,38 @@ class Curriculum(pl.Callback):
         schedule = self.schedule(trainer)
         if schedule is None:
             return None
-        stage = schedule.stage_at(int(trainer.global_step))
+        stage = schedule.stage_at(self._step(trainer))
         model = getattr(pl_module, "model", None) or pl_module
         if stage.rope_theta is not None and any(t != stage.rope_theta for t in rope_thetas(model)):
             set_rope_theta(model, stage.rope_theta)
         if self._stage is None or stage.index != self._stage.index:  # one line on rank 0 (Lightning's logger)
             end = "end of training" if stage.end is None else f"step {stage.end}"
             theta = "model's own" if stage.rope_theta is None else f"{stage.rope_theta:g}"
-            rank_zero_info(f"curriculum: stage {stage.index} ({stage.name}) from step {trainer.global_step} until {end}: "
+            rank_zero_info(f"curriculum: stage {stage.index} ({stage.name}) from step {self._step(trainer)} until {end}: "
                            f"length {stage.length}, batch size {stage.batch_size}, rope theta {theta}, "
                            f"lr scale {stage.lr_scale:g}")
         self._stage = stage
         return stage
 
+    def _step(self, trainer: pl.Trainer) -> int:
+        # validate/test/predict --ckpt_path load only the weights (trainer.global_step stays 0): use the
+        # checkpoint's own step, so a mid-curriculum checkpoint is evaluated with its stage's theta.
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting and self._checkpoint_step is not None:
+            return self._checkpoint_step
+        return int(trainer.global_step)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        step = checkpoint.get("global_step")
+        self._checkpoint_step = int(step) if isinstance(step, int) else None
+
     # -- re-applied from global_step wherever the model runs -------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stage = None
         self._apply(trainer, pl_module)
+        # A --ckpt_path's global_step is restored only after on_fit_start: the stage line is printed from
+        # on_train_start, with the stage the run really continues in.
+        self._stage = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # global_step is restored from a --ckpt_path checkpoint only after on_fit_start: apply again here.

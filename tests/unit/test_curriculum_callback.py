@@ -171,3 +171,22 @@ def test_a_schedule_of_the_wrong_type_is_refused():
 
     with pytest.raises(TypeError, match="must be a CurriculumSchedule, got list"):
         Curriculum.schedule(T())
+
+
+def test_validating_a_mid_curriculum_checkpoint_uses_its_stage_theta(tmp_path, straight):
+    """`validate --ckpt_path` of the step-4 checkpoint (stage 1) runs with theta 1e5, not the model's 1e4."""
+    every = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=4, save_top_k=-1)
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "run", callbacks=[every, Crash(at=4)])
+    cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--trainer.default_root_dir",
+                     str(tmp_path / "val")], run=False)
+    cli.datamodule.curriculum = CurriculumSchedule(STAGES, batch_size=4)
+    seen = []
+
+    class Theta(pl.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+            seen.append(set(rope_thetas(pl_module.model)))
+
+    cli.trainer.callbacks.append(Theta())
+    cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=str(next((tmp_path / "steps").glob("*step=4*.ckpt"))))
+    assert seen == [{1.0e5}]  # Lightning's validate leaves trainer.global_step at 0: the checkpoint's step counts
