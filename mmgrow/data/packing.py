@@ -210,15 +210,23 @@ def pack_naive(seqs: Sequence[EncodedSequence], config: PackingConfig) -> TokenB
     return TokenBatch(**out)
 
 
-def pack_collate(items: Sequence[EncodedSequence], config: PackingConfig) -> TokenBatch:
-    """``items`` -> packed ``TokenBatch [R, config.length]`` (module docstring). Conditioned items
-    (:class:`~mmgrow.data.collate.ConditionedSequence`) go through
-    :func:`~mmgrow.data.collate.pack_collate_with_condition`."""
+def pack_collate(items: Sequence[Any], config: PackingConfig, encoder: Any = None) -> TokenBatch:
+    """``items`` -> packed ``TokenBatch [R, config.length]`` (module docstring).
+
+    ``items`` are :class:`~mmgrow.data.sequence.EncodedSequence` s, or, with a condition ``encoder``,
+    :class:`~mmgrow.data.collate.ConditionedSequence` s, which
+    :func:`~mmgrow.data.collate.pack_collate_with_condition` packs with one condition per example.
+    """
     if not items:
         raise ValueError("pack_collate: got an empty list of sequences")
+    if encoder is not None:
+        from mmgrow.data.collate import pack_collate_with_condition  # collate imports this module
+
+        return pack_collate_with_condition(items, config, encoder)
     for s in items:
         if not isinstance(s, EncodedSequence):
-            raise TypeError(f"pack_collate expects EncodedSequence items, got {type(s).__name__}")
+            raise TypeError(f"pack_collate expects EncodedSequence items (ConditionedSequence ones with an encoder), "
+                            f"got {type(s).__name__}")
     if config.mode == "naive":
         return pack_naive(items, config)
     return pack_masked(items, config)[0]
