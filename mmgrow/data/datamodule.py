@@ -1,99 +1,94 @@
-"""The LightningDataModule of mmgrow recipes: dataset -> tasks -> codecs -> padded TokenBatch.
+"""The LightningDataModule of mmgrow recipes: sources (dataset + task) -> mixture -> codecs -> TokenBatch.
 
 Only training code imports this module (it imports lightning at the top). Everything in the
 signature is a plain type, so LightningCLI / jsonargparse can fill it from YAML, and the attributes
 the model needs (``token_space``, ``vocab``) exist right after ``__init__`` for instantiate-time links
 such as ``data.vocab -> model.vocab``.
 
-Datasets are registered plugins (kind ``datasets``, :func:`mmgrow.data.datasets.dataset_class`).
+Pipeline. A *source* is a registered dataset (plugin kind ``datasets``,
+:func:`mmgrow.data.datasets.dataset_class`) read through one task (:mod:`mmgrow.data.mixture`). The
+training loader's sampler (:class:`~mmgrow.data.mixture_sampler.MixtureSampler`) yields one key per
+batch -- which example of which source, drawn with the mixture weights of the batch's curriculum stage
+-- and the loader dataset (:class:`~mmgrow.data.batch_builder.BatchBuilder`) builds and collates the
+examples in the loader workers: padded (one example per row) or packed (``packing: {length: L}``,
+:mod:`mmgrow.data.packing`). Without ``sources``, the ``tasks`` list over ``dataset`` is one source per
+task over the *same* dataset instance, with equal weights (a task named twice gets weight 2).
+
+Curriculum (:mod:`mmgrow.data.curriculum`): ``curriculum`` stages set the batch size, mixture and
+length of the batches of their steps; batch ``k`` belongs to step ``k // accumulate_grad_batches``.
+The schedule is :attr:`MMDataModule.curriculum` (the curriculum callback reads RoPE theta and the
+learning-rate scale from it). Evaluation loaders (validation, test, predict) use the data module's
+``batch_size`` and the longest length over the stages, and read every source's evaluation split in
+order (sources sharing one dataset take its items round-robin: item ``i`` goes to the ``i % n``-th).
 
 Conditioning. With a ``condition_encoder`` (e.g. a frozen
 :class:`~mmgrow.tokenizers.text_encoder.FrozenTextEncoder`), every batch also carries the embeddings
-of each row's caption as ``TokenBatch.condition [B, S, C]`` / ``condition_mask [B, S]``, which the
-objective passes on to cross-attention through ``SeqContext``. The encoder runs in the collate
-function: in the main process with the default ``num_workers=0``, in each loader worker otherwise
-(each with its own copy and cache; the encoder is deterministic, so the batches are the same). It
-runs on the CPU and caches per caption, so after the first epoch a batch costs a dictionary lookup
-per row; the condition moves to the accelerator with the rest of the batch. A row holds one
-example, so one caption conditions it.
+of each example's condition text as ``TokenBatch.condition`` / ``condition_mask``, which the objective
+passes on to cross-attention through ``SeqContext``. The encoder runs in the collate step: in the main
+process with the default ``num_workers=0``, in each loader worker otherwise (each with its own copy and
+cache; the encoder is deterministic, so the batches are the same).
+
+Resumable: the mixture stream position and the training RNG stream are checkpoint state, so a run
+resumed from any checkpoint sees the batches and draws the noise of the uninterrupted run
+(:class:`~mmgrow.data.resumable_data.ResumableTrainData`), also in the middle of a curriculum stage.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import json
+import math
+from collections import Counter
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import mmgrow
 from mmgrow.batch import TokenBatch
 from mmgrow.checks import int_at_least, positive_int
-from mmgrow.data.collate import ConditionedSequence, ConditionEncoder, pad_collate, pad_collate_with_condition
+from mmgrow.data.batch_builder import BatchBuilder, identity
+from mmgrow.data.collate import ConditionEncoder
+from mmgrow.data.curriculum import CurriculumSchedule
 from mmgrow.data.datasets import dataset_class
+from mmgrow.data.mixture import SourceSpec, check_stage_weights, main_weights, parse_mixture, parse_sources
+from mmgrow.data.mixture_sampler import BatchKey, EvalSampler, MixtureSampler
 from mmgrow.data.resumable_data import ResumableTrainData
-from mmgrow.data.sequence import EncodedSequence, SequenceBuilder
+from mmgrow.data.sequence import SequenceBuilder
 from mmgrow.protocols import Task
 
 DEFAULT_CODECS: dict[str, str] = {"text": "bytes", "video": "pixels"}
-
-
-class TaskSequenceDataset(Dataset):
-    """``dataset[i]`` run through one task and the builder -> :class:`EncodedSequence` (or, with
-    ``conditioned=True``, a :class:`~mmgrow.data.collate.ConditionedSequence` with its condition text).
-
-    The task is chosen round-robin by index: sample ``i`` uses ``tasks[i % len(tasks)]``. This is
-    deterministic, needs no state shared with loader workers, and with a shuffled sampler every
-    batch mixes tasks in equal shares (the dataset draws a fresh random video for every index, so
-    every task still sees every combination).
-
-    The condition text of an example is the task's :meth:`~mmgrow.protocols.Task.condition_text`
-    (by default its first ``"text"`` *input* segment; none for ``video_to_text``, whose caption is the
-    answer).
-    """
-
-    def __init__(self, dataset: Any, tasks: list[Task], builder: SequenceBuilder, conditioned: bool = False) -> None:
-        self.dataset, self.tasks, self.builder, self.conditioned = dataset, tasks, builder, conditioned
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> EncodedSequence | ConditionedSequence:
-        task = self.tasks[index % len(self.tasks)]
-        sample = self.dataset[index]
-        segments = task.segments(sample)
-        sequence = self.builder.build(segments)
-        if not self.conditioned:
-            return sequence
-        return ConditionedSequence(sequence, task.condition_text(sample, segments))
+SPLITS = ("train", "val", "heldout")
 
 
 class MMDataModule(ResumableTrainData, pl.LightningDataModule):
-    """Embedded dataset + tasks + codecs -> padded :class:`~mmgrow.batch.TokenBatch` es.
+    """Sources + mixture + curriculum + codecs -> padded or packed :class:`~mmgrow.batch.TokenBatch` es.
 
     Args:
-        tasks: registered task names (``mmgrow.available("tasks")``), mixed round-robin per sample.
+        tasks: registered task names (``mmgrow.available("tasks")``) over ``dataset``, equal weights;
+            ignored when ``sources`` is given.
         codecs: ``{modality: tokenizer name}``; default ``{"text": "bytes", "video": "pixels"}``. The
             order fixes the token-space offsets and ``modality_ids``.
         codec_args: ``{modality: {kwarg: value}}`` for the codecs (e.g. ``{"video": {"grid": 4}}``).
-        dataset: a registered dataset name (``mmgrow plugins list --kind datasets``).
-        dataset_args: extra keyword arguments of the dataset class (e.g. ``{"frames": 4}``; for shapes
-            also ``shapes``, ``colours``, ``motions``, ``captions: short | detailed`` ...).
-        num_train, num_val: samples in the ``"train"`` and ``"val"`` splits; ``num_val`` also sizes
-            the ``"heldout"`` split used by ``test_dataloader`` / ``predict_dataloader``.
-        seq_len: pad every batch to this length (an example longer than it is an error), or None to
-            pad each batch to its longest example.
-        batch_size, num_workers: DataLoader settings.
-        seed: seeds the dataset splits and the training shuffle order.
+        dataset: a registered dataset name (``mmgrow plugins list --kind datasets``; the default of every
+            source).
+        dataset_args: extra keyword arguments of the dataset class (e.g. ``{"frames": 4}``); a source's
+            own ``dataset_args`` are merged over them.
+        num_train, num_val: samples in the ``"train"`` and ``"val"`` splits (defaults of every source);
+            ``num_val`` also sizes the ``"heldout"`` split used by ``test_dataloader`` / ``predict_dataloader``.
+        seq_len: without packing, pad every batch to this length (an example longer than it is an
+            error), or None to pad each batch to its longest example.
+        batch_size: examples per batch and replica (a curriculum stage may change it).
+        num_workers: DataLoader workers (they build and collate the batches).
+        seed: seeds the dataset splits, the source orders and the mixture draws.
         condition_encoder: an object with ``latent_dim`` and ``encode(list[str]) -> (emb [B, S, C],
-            mask [B, S])`` (:class:`~mmgrow.data.collate.ConditionEncoder`), e.g. ``class_path:
-            mmgrow.tokenizers.text_encoder.FrozenTextEncoder``; None (default) = no conditioning.
+            mask [B, S])`` (:class:`~mmgrow.data.collate.ConditionEncoder`); None = no conditioning.
             Its output width is :attr:`condition_dim` (link it to the model's cross-attention).
-
-    Resumable: the training order and the training RNG stream are checkpoint state, so a run resumed
-    from any checkpoint sees the batches and draws the noise of the uninterrupted run
-    (:class:`~mmgrow.data.resumable_data.ResumableTrainData`).
+        sources: ``[{name, dataset, dataset_args, task, weight | every, num_train, num_val}, ...]``
+            (:mod:`mmgrow.data.mixture`); None = one source per entry of ``tasks``.
+        mixture: ``{temperature: T}``: sources without a ``weight`` are balanced by size^(1/T).
+        packing: ``{length: L, mode, algorithm, weighting}`` (``PackingConfig``); None = one example per row.
+        curriculum: a list of stages (:mod:`mmgrow.data.curriculum`); None = one stage.
     """
 
     def __init__(
@@ -110,12 +105,16 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         condition_encoder: ConditionEncoder | None = None,
+        sources: list[dict] | None = None,
+        mixture: dict | None = None,
+        packing: dict | None = None,
+        curriculum: list[dict] | None = None,
     ) -> None:
         super().__init__()
         # The encoder object (possibly a whole frozen language model) stays out of the hyperparameters
         # that Lightning pickles into every checkpoint; the recipe's config.yaml records how it was built.
         self.save_hyperparameters(ignore=["condition_encoder"])
-        if isinstance(tasks, str) or not tasks:
+        if sources is None and (isinstance(tasks, str) or not tasks):
             raise ValueError(f"MMDataModule: tasks must be a non-empty list of task names, got {tasks!r}")
         dataset_class(dataset)  # an unknown name: ValueError listing the registered datasets
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
@@ -136,62 +135,154 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         self.vocab: dict[str, int] = self.token_space.to_dict()
         self.continuous: dict[str, int] = dict(self.builder.continuous)
         """``{modality: latent_dim}`` of the continuous codecs (linked into ``model.continuous``)."""
-        self.tasks: list[Task] = [mmgrow.create("tasks", name) for name in tasks]
-        for name, task in zip(tasks, self.tasks):
-            missing = [m for m in task.modalities if m not in self.codecs]
-            if missing:
-                raise ValueError(f"MMDataModule: task {name!r} needs codecs for {missing}; codecs: {sorted(self.codecs)}")
 
         if condition_encoder is not None and not isinstance(condition_encoder, ConditionEncoder):
             raise TypeError(f"MMDataModule: condition_encoder must have latent_dim and encode(list[str]) -> "
                             f"(embeddings, mask), got {type(condition_encoder).__name__}")
         self.condition_encoder = condition_encoder
         self.condition_dim: int | None = None if condition_encoder is None else int(condition_encoder.latent_dim)
-
         self.seq_len, self.batch_size, self.num_workers, self.seed = seq_len, batch_size, num_workers, seed
-        dataset_cls, args = dataset_class(dataset), dict(dataset_args or {})
-        self.train_set = dataset_cls(num_samples=num_train, seed=seed, split="train", **args)
-        self.val_set = dataset_cls(num_samples=num_val, seed=seed, split="val", **args)
-        # `mmgrow test` / `predict` run on the held-out combinations: never seen in train or val.
-        self.test_set = dataset_cls(num_samples=num_val, seed=seed, split="heldout", **args)
 
-    def _loader(self, dataset: Any, shuffle: bool) -> DataLoader:
-        encoder = self.condition_encoder
-        if encoder is None:
-            collate = partial(pad_collate, seq_len=self.seq_len)
+        if sources is None:  # the `tasks` list: one source per task over the same dataset, equal weights
+            counts = Counter(tasks)
+            specs = [SourceSpec(name=t, dataset=dataset, task=t, weight=float(counts[t])) for t in counts]
         else:
-            collate = partial(pad_collate_with_condition, encoder=encoder, seq_len=self.seq_len)
-        return DataLoader(
-            TaskSequenceDataset(dataset, self.tasks, self.builder, conditioned=encoder is not None),
-            batch_size=self.batch_size,
-            sampler=self.train_sampler() if shuffle else None,
-            generator=self.loader_generator(),
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
+            specs = parse_sources(sources, dataset)
+        self.sources: list[SourceSpec] = specs
+        self.tasks: list[Task] = [mmgrow.create("tasks", s.task) for s in specs]
+        """One task per source (source order)."""
+        for spec, task in zip(specs, self.tasks):
+            missing = [m for m in task.modalities if m not in self.codecs]
+            if missing:
+                raise ValueError(f"MMDataModule: task {spec.task!r} needs codecs for {missing}; codecs: "
+                                 f"{sorted(self.codecs)}")
+        self._build_datasets(dataset_args or {}, num_train, num_val)
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled by the data module's :class:`~mmgrow.data.resumable_sampler.ResumableSampler` (seeded by
-        ``seed``): one permutation per epoch, continuing from the position of a resumed checkpoint."""
-        return self._loader(self.train_set, shuffle=True)
+        self.packing = None
+        if packing is not None:
+            from mmgrow.data.packing import PackingConfig
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+            self.packing = PackingConfig.from_config(packing)
+        length = self.packing.length if self.packing is not None else seq_len
+        sizes = {s.name: len(ds) for s, ds in zip(specs, self.source_sets["train"])}
+        self.weights: dict[str, float] = main_weights(specs, sizes, parse_mixture(mixture))
+        """The declared weights of the main sources (before any curriculum stage)."""
+        self.curriculum = CurriculumSchedule(curriculum, batch_size=batch_size, length=length, mixture=self.weights)
+        """The resolved stages (a single open stage without ``curriculum``)."""
+        for stage in self.curriculum.stages:
+            check_stage_weights(stage.mixture, list(self.weights), f"curriculum stage {stage.index}")
+            if self.packing is not None and stage.length is None:  # cannot happen: packing always has a length
+                raise ValueError(f"curriculum stage {stage.index}: packing needs a length")
+        lengths = [s.length for s in self.curriculum.stages]
+        self.eval_length: int | None = None if None in lengths else max(lengths)
+        """Row length of the evaluation batches: the longest over the stages (None = pad to the longest)."""
 
-    def test_dataloader(self) -> DataLoader:
-        """The ``"heldout"`` split (``num_val`` samples): the loss on compositions never trained on."""
-        return self._loader(self.test_set, shuffle=False)
+    # -- datasets ----------------------------------------------------------------------------------------
+    def _build_datasets(self, dataset_args: dict, num_train: int, num_val: int) -> None:
+        """``self.source_sets[split]``: one dataset per source; sources with the same dataset settings
+        share one instance per split (the ``tasks`` list always does)."""
+        cache: dict[tuple, Any] = {}
+        self.source_sets: dict[str, list[Any]] = {split: [] for split in SPLITS}
+        for spec in self.sources:
+            args = {**dataset_args, **spec.dataset_args}
+            sizes = {"train": spec.num_train or num_train, "val": spec.num_val or num_val}
+            sizes["heldout"] = sizes["val"]
+            for split in SPLITS:
+                key = (spec.dataset, json.dumps(args, sort_keys=True, default=repr), split, sizes[split])
+                if key not in cache:
+                    cache[key] = dataset_class(spec.dataset)(num_samples=sizes[split], seed=self.seed, split=split,
+                                                             **args)
+                self.source_sets[split].append(cache[key])
+        self.train_set = self.source_sets["train"][0]
+        self.val_set = self.source_sets["val"][0]
+        # `mmgrow test` / `predict` run on the held-out combinations: never seen in train or val.
+        self.test_set = self.source_sets["heldout"][0]
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def skipped_files(self) -> list[dict]:
+        """The files the datasets skipped (``{path, reason}`` each; datasets without a ``skipped`` list add none)."""
+        seen, out = set(), []
+        for split in SPLITS:
+            for ds in self.source_sets[split]:
+                if id(ds) not in seen:
+                    seen.add(id(ds))
+                    out.extend(getattr(ds, "skipped", []) or [])
+        return out
 
     def heldout_prompts(self) -> list[tuple[str, dict]]:
         """``(caption, meta)`` of the dataset's held-out combinations (never seen in train / val)."""
         prompts = getattr(self.train_set, "heldout_prompts", None)
         if prompts is None:
-            raise NotImplementedError(f"dataset {self.hparams.dataset!r} declares no held-out prompts")
+            raise NotImplementedError(f"dataset {self.sources[0].dataset!r} declares no held-out prompts")
         return prompts()
+
+    # -- training order ----------------------------------------------------------------------------------
+    def batch_builder(self, split: str) -> BatchBuilder:
+        """The loader dataset of ``split`` (``train``, ``val`` or ``heldout``)."""
+        return BatchBuilder(self.source_sets[split], self.tasks, self.builder, self.curriculum, self.eval_length,
+                            self.packing, self.condition_encoder)
+
+    def new_train_sampler(self, num_replicas: int = 1, rank: int = 0) -> MixtureSampler:
+        names = [s.name for s in self.sources]
+        trainer = getattr(self, "trainer", None)
+        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        # an epoch ~ one pass over the distinct training datasets of the main sources
+        distinct = {id(ds): len(ds) for s, ds in zip(self.sources, self.source_sets["train"]) if not s.is_extra}
+        per_epoch = math.ceil(sum(distinct.values()) / (self.batch_size * num_replicas))
+        stage_weights = [[0.0 if s.is_extra else stage.mixture.get(s.name, 0.0) for s in self.sources]
+                         for stage in self.curriculum.stages]
+        return MixtureSampler(names, [len(ds) for ds in self.source_sets["train"]],
+                              {i: s.every for i, s in enumerate(self.sources) if s.is_extra}, stage_weights,
+                              self.curriculum, per_epoch, seed=self.seed, num_replicas=num_replicas, rank=rank,
+                              accumulate=accumulate)
+
+    def train_sampler(self) -> MixtureSampler:
+        sampler = super().train_sampler()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:  # batch k belongs to step k // accumulate
+            sampler.accumulate = int(trainer.accumulate_grad_batches)
+        return sampler
+
+    def advance_train_position(self, sampler: MixtureSampler) -> None:
+        sampler.advance()
+
+    def eval_keys(self, split: str) -> list[BatchKey]:
+        """The evaluation batches of ``split``: every source's items in order, ``batch_size`` per batch
+        (sources sharing one dataset instance take its items round-robin)."""
+        groups: dict[int, list[int]] = {}
+        for position, ds in enumerate(self.source_sets[split]):
+            groups.setdefault(id(ds), []).append(position)
+        items = []
+        for members in groups.values():
+            ds = self.source_sets[split][members[0]]
+            items.extend((members[i % len(members)], i) for i in range(len(ds)))
+        return [BatchKey(-1, None, tuple(items[i:i + self.batch_size])) for i in range(0, len(items), self.batch_size)]
+
+    # -- loaders -----------------------------------------------------------------------------------------
+    def _loader(self, split: str, sampler: Any) -> DataLoader:
+        return DataLoader(self.batch_builder(split), batch_size=None, sampler=sampler,
+                          generator=self.loader_generator(), num_workers=self.num_workers, collate_fn=identity,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches of the mixture stream (:class:`~mmgrow.data.mixture_sampler.MixtureSampler`), continuing
+        from the position of a resumed checkpoint."""
+        return self._loader("train", self.train_sampler())
+
+    def eval_sampler(self, split: str) -> EvalSampler:
+        """:meth:`eval_keys` sharded over the trainer's data-parallel ranks (whole batches per rank)."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = dict(getattr(trainer, "distributed_sampler_kwargs", None) or {})
+        return EvalSampler(self.eval_keys(split), kwargs.get("num_replicas", 1), kwargs.get("rank", 0))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_sampler("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        """The ``"heldout"`` split (``num_val`` samples per source): the loss on compositions never trained on."""
+        return self._loader("heldout", self.eval_sampler("heldout"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("heldout", self.eval_sampler("heldout"))
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         # TokenBatch.to moves every field in one call and re-runs its shape checks.

@@ -5,7 +5,10 @@
 Lightning stores ``datamodule.state_dict()`` in every checkpoint and calls ``load_state_dict`` when a
 run resumes (``--ckpt_path``), before the training loader is built. The state holds:
 
-* ``sampler``: the :class:`~mmgrow.data.resumable_sampler.ResumableSampler` position ``(epoch, consumed)``.
+* ``sampler``: the training sampler's position: ``(epoch, consumed)`` of a
+  :class:`~mmgrow.data.resumable_sampler.ResumableSampler`, or the stream position of a
+  :class:`~mmgrow.data.mixture_sampler.MixtureSampler` (:meth:`ResumableTrainData.new_train_sampler` and
+  :meth:`ResumableTrainData.advance_train_position` say which, and how a batch moves it).
   It is advanced from the loop side -- in :meth:`on_before_batch_transfer`, which Lightning calls for
   each batch the training loop takes, after loader workers and prefetching -- so the position is the
   batches actually trained on, never the ones a worker has prepared ahead.
@@ -75,10 +78,10 @@ class ResumableTrainData:
     loader's ``generator``. List it before ``LightningDataModule`` in the bases.
     """
 
-    _sampler: ResumableSampler | None = None
+    _sampler: Any = None  # ResumableSampler, or what new_train_sampler makes
     _saved_rng: dict[str, Any] | None = None  # the training stream, while set aside (resume, evaluation)
 
-    def train_sampler(self) -> ResumableSampler:
+    def train_sampler(self) -> Any:
         """The one sampler of this data module (its position survives new loaders and ``fit`` calls),
         sharded like the trainer's strategy shards data (``distributed_sampler_kwargs``)."""
         kwargs = {}
@@ -89,11 +92,20 @@ class ResumableTrainData:
         if sampler is None or (sampler.num_replicas, sampler.rank) != (kwargs.get("num_replicas", 1),
                                                                        kwargs.get("rank", 0)):
             position = None if sampler is None else sampler.state_dict()
-            sampler = ResumableSampler(len(self.train_set), seed=self.seed, **kwargs)
+            sampler = self.new_train_sampler(**kwargs)
             if position is not None:
                 sampler.load_state_dict(position)
             self._sampler = sampler
         return sampler
+
+    def new_train_sampler(self, num_replicas: int = 1, rank: int = 0) -> Any:
+        """A fresh training sampler at the start of the data (override for another training order; it needs
+        ``num_replicas``, ``rank``, ``state_dict`` and ``load_state_dict``)."""
+        return ResumableSampler(len(self.train_set), seed=self.seed, num_replicas=num_replicas, rank=rank)
+
+    def advance_train_position(self, sampler: Any) -> None:
+        """The training loop took one batch: move the sampler's position (all replicas together)."""
+        sampler.advance(self.batch_size * sampler.num_replicas)
 
     def loader_generator(self) -> torch.Generator:
         """A loader's own generator: its worker base seed then never draws from the global RNG."""
@@ -107,8 +119,7 @@ class ResumableTrainData:
             if self._saved_rng is not None:
                 restore_rng(self._saved_rng)
                 self._saved_rng = None
-            sampler = self.train_sampler()
-            sampler.advance(self.batch_size * sampler.num_replicas)
+            self.advance_train_position(self.train_sampler())
         elif trainer.state.fn == "fit" and self._saved_rng is None:
             self._saved_rng = capture_rng()  # evaluation inside fit: set the training stream aside
         return batch
@@ -123,7 +134,7 @@ class ResumableTrainData:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "sampler" in state:
             if self._sampler is None:
-                self._sampler = ResumableSampler(len(self.train_set), seed=self.seed)
+                self._sampler = self.new_train_sampler()
             self._sampler.load_state_dict(state["sampler"])
         if "rng" in state:
             self._saved_rng = state["rng"]
