@@ -40,7 +40,7 @@ def test_no_arguments_print_the_help_and_fail(capsys):
     assert "plugins" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tool", ["grow", "generate", "evaluate", "data"])
+@pytest.mark.parametrize("tool", ["grow", "generate", "evaluate"])
 def test_tool_help_is_plain_text(tool, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([tool, "--help"])

@@ -9,6 +9,7 @@ run one per row (positions restarted).
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 
 import pytest
@@ -63,7 +64,7 @@ def test_pack_rows_places_every_example_once_within_the_length(algorithm: str) -
         if algorithm == "greedy":  # next fit: rows are consecutive runs, closed only when the next does not fit
             flat = [i for row in rows for i in row]
             assert flat == list(range(len(lengths)))
-            for row, nxt in zip(rows, rows[1:]):
+            for row, nxt in itertools.pairwise(rows):
                 assert sum(lengths[i] for i in row) + lengths[nxt[0]] > L
         else:  # first fit: an example opens a new row only when no earlier row has room
             for r, row in enumerate(rows):
@@ -183,8 +184,8 @@ def test_packed_row_equals_each_example_alone_forward_and_backward(kind: str, na
             start += n
     alone_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert alone_grads.keys() == packed_grads.keys()
-    for n in packed_grads:
-        torch.testing.assert_close(packed_grads[n], alone_grads[n], rtol=1e-8, atol=1e-10, msg=f"{name}: grad of {n}")
+    for n, grad in packed_grads.items():
+        torch.testing.assert_close(grad, alone_grads[n], rtol=1e-8, atol=1e-10, msg=f"{name}: grad of {n}")
 
 
 # ------------------------------------------------------------------ loss equivalence
@@ -207,8 +208,8 @@ def test_packed_loss_equals_padded_loss_with_the_same_weights(weighting: str) ->
     lp, gp, _ = _loss(model, objective, packed)
     lu, gu, _ = _loss(model, objective, padded)
     torch.testing.assert_close(lp, lu, rtol=1e-10, atol=1e-12)
-    for n in gp:
-        torch.testing.assert_close(gp[n], gu[n], rtol=1e-8, atol=1e-12)
+    for n, grad in gp.items():
+        torch.testing.assert_close(grad, gu[n], rtol=1e-8, atol=1e-12)
 
 
 def _per_example_mean_ce(model, objective, seq: EncodedSequence) -> tuple[str, float]:
