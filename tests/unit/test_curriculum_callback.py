@@ -3,11 +3,12 @@ declared steps, the optimizer's lr is the scheduler's lr times the stage's scale
 the stage is logged to metrics.csv, a crash and ``--ckpt_path`` resume mid-stage reproduce the straight
 run's losses and thetas, and the exported model comes back with the final theta.
 
-Tiny quickstart model (dim 32, depth 1, ``full`` attention with RoPE), batch 4, 8 steps. Until the
-data module builds the schedule from YAML, the test sets ``datamodule.curriculum`` itself.
+Tiny quickstart model (dim 32, depth 1, ``full`` attention with RoPE), batch 4, 8 steps; the stages
+come from the recipe's ``data.curriculum``, as a user writes them.
 """
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -71,12 +72,16 @@ class Crash(pl.Callback):
             raise KeyboardInterrupt
 
 
+def with_stages(stages) -> list[str]:
+    return [] if stages is None else ["--data.curriculum", json.dumps(stages)]
+
+
 def fit(run: Path, *, stages=STAGES, ckpt: Path | None = None, callbacks=()) -> list[dict]:
-    cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--trainer.default_root_dir",
-                     str(run)], run=False)
+    cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, *with_stages(stages),
+                     "--trainer.default_root_dir", str(run)], run=False)
     assert any(isinstance(c, Curriculum) for c in cli.trainer.callbacks), "Curriculum is not an always-on callback"
     if stages is not None:
-        cli.datamodule.curriculum = CurriculumSchedule(stages, batch_size=4)
+        assert isinstance(cli.datamodule.curriculum, CurriculumSchedule)
     record = Record()
     cli.trainer.callbacks.extend([record, *callbacks])
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=None if ckpt is None else str(ckpt))
@@ -178,9 +183,8 @@ def test_validating_a_mid_curriculum_checkpoint_uses_its_stage_theta(tmp_path, s
     every = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=4, save_top_k=-1)
     with pytest.raises(SystemExit):
         fit(tmp_path / "run", callbacks=[every, Crash(at=4)])
-    cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--trainer.default_root_dir",
-                     str(tmp_path / "val")], run=False)
-    cli.datamodule.curriculum = CurriculumSchedule(STAGES, batch_size=4)
+    cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, *with_stages(STAGES),
+                     "--trainer.default_root_dir", str(tmp_path / "val")], run=False)
     seen = []
 
     class Theta(pl.Callback):
