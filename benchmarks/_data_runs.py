@@ -56,7 +56,7 @@ def step_rates(data: dict[str, Any], model: dict[str, Any], steps: int, device: 
     module.configure_model()
     net, objective = module.model.to(device), module.objective
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    times, real, slots, examples = [], 0, 0, 0
+    times, real, slots, examples, rows = [], 0, 0, 0, 0
     batches = iter(dm.train_dataloader())
     for step in range(steps + 1):
         batch = next(batches).to(device)
@@ -75,8 +75,9 @@ def step_rates(data: dict[str, Any], model: dict[str, Any], steps: int, device: 
         real += int((batch.segment_ids >= 0).sum())
         slots += batch.segment_ids.numel()
         examples += _examples_in(batch)
+        rows += batch.input_ids.shape[0]
     return {"steps": steps, "seconds": sum(times), "median_step_s": statistics.median(times), "tokens": real,
-            "slots": slots, "examples": examples, "tokens_per_s": real / sum(times),
+            "slots": slots, "examples": examples, "rows": rows, "tokens_per_s": real / sum(times),
             "padding_fraction": 1 - real / slots}
 
 

@@ -59,8 +59,8 @@ def throughput(args) -> dict:
               f"{runs['packed'][-1]['tokens_per_s']:.0f} tok/s", flush=True)
     summary = {k: {"tokens_per_s": statistics.median(x["tokens_per_s"] for x in v),
                    "padding_fraction": statistics.median(x["padding_fraction"] for x in v),
-                   "rows_per_step": statistics.median(x["slots"] / x["steps"] for x in v) / (args.length if k == "packed"
-                                                                                            else 1)}
+                   "rows_per_step": statistics.median(x["rows"] / x["steps"] for x in v),
+                   "row_length": statistics.median(x["slots"] / x["rows"] for x in v)}
                for k, v in runs.items()}
     summary["ratio_packed_over_padded"] = summary["packed"]["tokens_per_s"] / summary["padded"]["tokens_per_s"]
     return {"runs": runs, "summary": summary, "data": data, "model": MODEL, "length": args.length}
@@ -98,16 +98,28 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=96)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--render", default=None, help="only write the docs section from this result JSON")
     args = ap.parse_args()
+    if args.render:
+        render(json.loads(Path(args.render).read_text()))
+        return
     args.steps = args.steps or (12 if args.mode == "throughput" else 300)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     result = throughput(args) if args.mode == "throughput" else ablation(args)
     command = " ".join(["python benchmarks/data_packing.py", *sys.argv[1:]])
-    result.update({"benchmark": f"data_packing_{args.mode}", "command": command, "device": device_name(args.device)})
+    result.update({"benchmark": f"data_packing_{args.mode}", "command": command, "device": device_name(args.device),
+                   "args": vars(args)})
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"data_packing_{args.mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    if args.no_docs:
-        return
+    if not args.no_docs:
+        render(result)
+
+
+def render(result: dict) -> None:
+    """The result's section of docs/benchmarks.md."""
+    args = argparse.Namespace(**result["args"])
+    command = result["command"]
     if args.mode == "throughput":
         s = result["summary"]
         rows = [["padded (one example per row)", f"{s['padded']['tokens_per_s']:.0f}",

@@ -65,15 +65,21 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "needle_context.json"))
     ap.add_argument("--png-dir", default=str(ROOT / "docs"))
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--render", default=None, help="only write the docs section and heat maps from this JSON")
     args = ap.parse_args()
-    from mmgrow.evaluation.needle import evaluate_needle, plot_needle_heatmap
+    if args.render:
+        render(json.loads(Path(args.render).read_text()), args.png_dir)
+        return
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    from mmgrow.evaluation.needle import evaluate_needle
 
     model = {"dim": args.dim, "depth": args.depth, "lr": 2e-3, "warmup_steps": 30,
              "mixer": {"class_path": "mmgrow.layers.blockwise.BlockwiseAttention",
                        "init_args": {"num_heads": 4, "query_block": args.block, "key_block": args.block}}}
     steps = sum(args.stages)
     result = {"benchmark": "needle_context", "command": " ".join(["python benchmarks/needle_context.py", *sys.argv[1:]]),
-              "device": device_name(args.device), "stages": args.stages, "model": model, "runs": {}}
+              "device": device_name(args.device), "stages": args.stages, "model": model, "runs": {},
+              "samples": args.samples, "depths": args.depths, "lengths": args.lengths}
     for name, stages in curricula(*args.stages).items():
         data = {"codecs": {"text": "bytes"}, "sources": SOURCES, "packing": {"length": 512}, "batch_size": 16,
                 "seed": 0, "curriculum": stages}
@@ -85,20 +91,27 @@ def main() -> None:
         grid["train_seconds"] = seconds
         grid["final_rope_theta"] = stages[-1]["rope_theta"]
         result["runs"][name] = grid
-        png = Path(args.png_dir) / f"data_needle_{name}.png"
-        plot_needle_heatmap(grid, png)
         print(name, json.dumps(grid["accuracy"]), f"{seconds:.0f} s", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    if args.no_docs:
-        return
+    if not args.no_docs:
+        render(result, args.png_dir)
+
+
+def render(result: dict, png_dir: str) -> None:
+    """Heat maps (``data_needle_<run>.png`` in ``png_dir``) and the docs/benchmarks.md section."""
+    from mmgrow.evaluation.needle import plot_needle_heatmap
+
+    for name, grid in result["runs"].items():
+        plot_needle_heatmap(grid, Path(png_dir) / f"data_needle_{name}.png")
     rows = [[name, *[f"{sum(row) / len(row):.2f}" for row in run["accuracy"]]] for name, run in result["runs"].items()]
     update_benchmarks_md("needle_context", "Needle retrieval vs context length (`benchmarks/needle_context.py`)",
-                         result["command"], result["device"], ["training", *[f"{n} tok" for n in args.lengths]], rows,
-                         note=f"Mean accuracy over depths {args.depths}, {args.samples} needles per cell; "
-                              f"{steps} steps each (progressive stages {args.stages}). Heat maps: "
-                              "[progressive](data_needle_progressive.png), [short](data_needle_short.png).")
+                         result["command"], result["device"], ["training", *[f"{n} tok" for n in result["lengths"]]],
+                         rows, note=f"Mean accuracy over depths {result['depths']}, {result['samples']} needles per "
+                                    f"cell; {sum(result['stages'])} steps each (progressive stages {result['stages']}). "
+                                    "Heat maps: [progressive](data_needle_progressive.png), "
+                                    "[short](data_needle_short.png).")
 
 
 def _factory(model: dict) -> dict:
