@@ -1,4 +1,4 @@
-"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow``, ``generate`` or the Lightning CLI.
+"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow``, ``generate``, ``evaluate`` or the Lightning CLI.
 
 ``mmgrow`` alone or ``mmgrow --help`` prints :data:`SUBCOMMANDS` without importing Lightning (the
 subcommands' own ``--help`` goes to each of them: ``mmgrow fit --help`` is LightningCLI's).
@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plugins": ("mmgrow.plugin_cli:plugins_main", "list registered plugins; check one against its kind's contract"),
     "grow": ("mmgrow.training.grow_cli:grow_main", "grow a trained model offline into a new model directory"),
     "generate": ("mmgrow.training.generate_cli:generate_main", "videos (GIF + MP4) from a trained run and prompts"),
+    "evaluate": ("mmgrow.training.evaluate_cli:evaluate_main",
+                 "evaluate a trained run: `evaluate needle` (retrieval accuracy by context length and depth)"),
     "data": ("mmgrow.data_cli:data_main", "inspect a recipe's data: task shares, tokens, rows, padding, skipped files"),
 }
 """``name -> ("module:function", one-line help)``; the function takes the arguments after the name

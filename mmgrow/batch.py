@@ -38,6 +38,10 @@ class TokenBatch:
                         frozen text-encoder embeddings of its caption, read by cross-attention).
         condition_mask: optional ``[B, S]`` bool, True = a real conditioning token; only with
                         ``condition`` (None = every conditioning token is real).
+        condition_segment_ids: optional ``[B, S]`` int64, which packed example (segment id) of the row
+                        each conditioning token belongs to (``-1`` = none); only with ``condition``.
+                        Cross-attention then lets a token see only its own example's condition
+                        (:func:`mmgrow.data.collate.pack_collate_with_condition`).
         latents:        optional ``[B, T, C]`` float continuous values of the tokens of continuous
                         modalities (video latents of a DiT); zeros at discrete and padding tokens.
 
@@ -55,6 +59,7 @@ class TokenBatch:
     condition: Tensor | None = None
     condition_mask: Tensor | None = None
     latents: Tensor | None = None
+    condition_segment_ids: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids.shape)
@@ -75,8 +80,9 @@ class TokenBatch:
     def _check_condition(self, batch_size: int) -> None:
         cond, mask = self.condition, self.condition_mask
         if cond is None:
-            if mask is not None:
-                raise ValueError("TokenBatch.condition_mask is set but condition is None; give both or neither")
+            if mask is not None or self.condition_segment_ids is not None:
+                raise ValueError("TokenBatch.condition_mask / condition_segment_ids are set but condition is None; "
+                                 "give the condition with them or none of them")
             return
         if cond.dim() != 3 or cond.shape[0] != batch_size:
             raise ValueError(f"TokenBatch.condition must be [B, S, C] with B = {batch_size}, got {tuple(cond.shape)}")
@@ -88,6 +94,10 @@ class TokenBatch:
                                  f"{tuple(cond.shape[:2])} ([B, S] of condition)")
             if mask.dtype != torch.bool:
                 raise TypeError(f"TokenBatch.condition_mask must be bool, got {mask.dtype}")
+        segments = self.condition_segment_ids
+        if segments is not None and (tuple(segments.shape) != tuple(cond.shape[:2]) or segments.dtype != torch.long):
+            raise ValueError(f"TokenBatch.condition_segment_ids must be int64 {list(cond.shape[:2])} ([B, S] of "
+                             f"condition), got {segments.dtype} {tuple(segments.shape)}")
 
     def to(self, device: torch.device | str) -> TokenBatch:
         return replace(self, **{f.name: _to(getattr(self, f.name), device) for f in fields(self)})
@@ -98,6 +108,7 @@ class TokenBatch:
         if self.condition is not None:
             extra.setdefault("condition", self.condition)
             extra.setdefault("condition_mask", self.condition_mask)
+            extra.setdefault("condition_segment_ids", self.condition_segment_ids)
         return SeqContext(positions=self.positions, segment_ids=self.segment_ids, block_ids=self.block_ids,
                           modality_ids=self.modality_ids, mask=mask or MaskSpec(), **extra)
 

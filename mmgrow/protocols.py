@@ -1,6 +1,6 @@
 """The extension surface of mmgrow: the base classes every plugin kind implements.
 
-Six kinds, one entry-point group each (``mmgrow.<kind>``):
+Seven kinds, one entry-point group each (``mmgrow.<kind>``):
 
 ==============  ===============================  ==========================================
 kind            base class                       what it does
@@ -12,6 +12,8 @@ kind            base class                       what it does
 ``growth``      :class:`GrowthStrategy`          model surgery between training stages
 ``objectives``  :class:`Objective`               loss + sampler over a :class:`ModelOutput`
 ``tasks``       :class:`Task`                    raw :class:`Sample` -> list of :class:`Segment`
+``datasets``    :class:`Dataset`                 random access to raw :class:`Sample` s (a
+                                                 generator, a folder of media files ...)
 ==============  ===============================  ==========================================
 
 Every plugin class carries ``mmgrow_api`` (a version specifier such as ``">=1,<2"``) naming the
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 PLUGIN_API = "1.0"
 """Version of the plugin contract implemented by this mmgrow. Plugins declare ``mmgrow_api``."""
 
-KINDS = ("tokenizers", "mixers", "memory", "growth", "objectives", "tasks")
+KINDS = ("tokenizers", "mixers", "memory", "growth", "objectives", "tasks", "datasets")
 
 NO_BLOCK = -1
 """``block_ids`` value of a token that belongs to no bidirectional block (e.g. a text token)."""
@@ -111,6 +113,10 @@ class SeqContext:
         mask:         the :class:`MaskSpec`.
         condition:    ``[B, S, C]`` conditioning tokens (e.g. text embeddings) or None.
         condition_mask: ``[B, S]`` bool, True = valid conditioning token, or None.
+        condition_segment_ids: ``[B, S]`` int64 or None: the packed example (segment id) each token of
+                      ``condition`` belongs to (``-1`` = none). When given, a token with
+                      ``segment_ids[b, t] = e`` (0 when ``segment_ids`` is None) attends only to the
+                      condition tokens of example ``e``. None = every token sees the row's whole condition.
         timestep:     ``[B, C]`` timestep embedding for diffusion (adaLN-Zero modulation reads it; an
                       adaLN-single model puts the shared ``[B, 6 D]`` projection here) or None.
         conditions:   further named conditions ``{name: (tokens [B, S, C], mask [B, S] or None)}``
@@ -125,6 +131,7 @@ class SeqContext:
     mask: MaskSpec = field(default_factory=MaskSpec)
     condition: Tensor | None = None
     condition_mask: Tensor | None = None
+    condition_segment_ids: Tensor | None = None
     timestep: Tensor | None = None
     conditions: dict[str, tuple[Tensor, Tensor | None]] | None = None
     cp: ContextParallel | None = None
@@ -535,3 +542,45 @@ class Task(Plugin):
         ``text_to_video``); an example whose text is only a target gets none (no leaked answer)."""
         return next((s.raw for s in segments if s.modality == "text" and s.role == "input" and isinstance(s.raw, str)),
                     None)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3.7 Datasets
+# --------------------------------------------------------------------------------------------------
+
+DATASET_SPLITS = ("train", "val", "heldout")
+"""The splits every dataset accepts (``heldout``: what the dataset sets aside for generalisation
+probes; a dataset without such a notion documents what it returns)."""
+
+
+class Dataset(Plugin, torch.utils.data.Dataset):
+    """Random access to raw :class:`Sample` s; tasks turn them into segments.
+
+    Contract (checked by ``mmgrow plugins check``):
+
+    * built as ``cls(num_samples: int, seed: int = 0, split: str = "train", **dataset_args)`` with
+      ``split`` in :data:`DATASET_SPLITS`; ``len(ds)`` is at most ``num_samples`` (a generator has
+      exactly that many, a folder may hold fewer);
+    * ``ds[i]`` is a :class:`Sample` whose ``media`` keys are among :attr:`modalities`, the same
+      for the same ``(seed, split, i)`` in any process (DataLoader workers decode independently);
+      an index outside ``[-len, len)`` raises ``IndexError``;
+    * :attr:`skipped` lists the inputs left out, ``{"path": str, "reason": str}`` each (empty for
+      generators); the run summary reports them;
+    * optionally ``heldout_prompts() -> list[(text, meta)]`` for sample writers.
+    """
+
+    name: ClassVar[str] = ""
+    modalities: ClassVar[Sequence[str]] = ()
+    """Media keys its samples carry (``"video"``, ``"audio"``, ``"image"`` ...)."""
+
+    skipped: list[dict[str, str]]
+
+    def __init__(self, num_samples: int, seed: int = 0, split: str = "train") -> None:
+        self.num_samples, self.seed, self.split = num_samples, seed, split
+        self.skipped = []
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Sample:
+        raise NotImplementedError

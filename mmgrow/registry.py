@@ -331,7 +331,7 @@ def base_class(kind: str) -> type:
     _check_kind(kind)
     return {
         "tokenizers": p.Tokenizer, "mixers": p.SequenceMixer, "memory": p.MemoryLayer,
-        "growth": p.GrowthStrategy, "objectives": p.Objective, "tasks": p.Task,
+        "growth": p.GrowthStrategy, "objectives": p.Objective, "tasks": p.Task, "datasets": p.Dataset,
     }[kind]
 
 

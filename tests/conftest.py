@@ -80,3 +80,36 @@ def fake_dist(tmp_path: Path):
             os.environ[registry.AUTOLOAD_ENV] = env_before
         importlib.invalidate_caches()
         registry.discover(refresh=True)
+
+
+
+_CHECKOUT_ONLY: list[tuple[str, str]] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Entries this checkout's ``pyproject.toml`` declares but the installed metadata lacks (a new
+    built-in, before ``pip install -e .`` reruns) are registered locally before collection, so tests
+    of a development checkout see (and parametrise over) the plugins it declares. With up-to-date
+    metadata this does nothing."""
+    import tomllib
+
+    from mmgrow import registry
+    from mmgrow.protocols import KINDS
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    groups = tomllib.loads(pyproject.read_text())["project"].get("entry-points", {})
+    for group, entries in groups.items():
+        kind = group.removeprefix("mmgrow.")
+        if not group.startswith("mmgrow.") or kind not in KINDS:
+            continue
+        for name, target in entries.items():
+            if name not in registry.available(kind):
+                registry.register(kind, name, target)
+                _CHECKOUT_ONLY.append((kind, name))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from mmgrow import registry
+
+    for kind, name in _CHECKOUT_ONLY:
+        registry.unregister(kind, name)

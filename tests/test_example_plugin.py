@@ -105,3 +105,15 @@ def test_installed_plugin_trains_by_name_in_a_recipe(plugin_env, tmp_path):
     assert summary["global_step"] == 3 and summary["final_val_loss"] > 0
     # the KV-cache-free mixer's state is its conv tail: (kernel_size - 1) * dim per layer
     assert summary["state_size_per_example"] == 2 * (3 - 1) * 32
+
+
+def test_installed_plugin_dataset_is_listed_and_passes_its_checks(plugin_env):
+    out = _mmgrow(plugin_env, "list", "--kind", "datasets", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = [r for r in json.loads(out.stdout) if r["name"] == "blinks"]
+    assert [(r["distribution"], r["status"]) for r in rows] == [("mmgrow-example", "ok")]
+    check = _mmgrow(plugin_env, "check", "blinks")
+    assert check.returncode == 0, check.stdout + check.stderr
+    for name in ("dataset_contract", "dataset_builds_every_split", "dataset_samples", "dataset_deterministic",
+                 "dataset_index_range"):
+        assert f"PASS {name}" in check.stdout, check.stdout

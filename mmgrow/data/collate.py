@@ -3,13 +3,15 @@
 Padding tokens: ``input_ids = 0``, ``modality_ids = 0``, ``positions = 0``, ``segment_ids = -1``
 (:data:`~mmgrow.protocols.PAD_SEGMENT`: they see nothing and nothing sees them),
 ``block_ids = -1``, ``loss_mask = 0``, ``example_weight = 0``. Real tokens have ``segment_ids = 0``
-and ``example_weight = 1``. Packing several examples per row is a separate step (``packing.py``).
+and ``example_weight = 1`` (or ``1 / n_e`` with ``weighting="example"``). Packing several examples
+per row is :mod:`mmgrow.data.packing`.
 
 Conditioning (:func:`attach_condition`, :func:`pad_collate_with_condition`): each row may carry the
 embeddings of its example's caption, from a frozen :class:`ConditionEncoder`, as
-``TokenBatch.condition [B, S, C]`` + ``condition_mask [B, S]``. One condition belongs to one example,
-so a conditioned row must hold exactly one example (cross-attention per packed segment is not
-supported).
+``TokenBatch.condition [B, S, C]`` + ``condition_mask [B, S]``. In a packed row
+(:func:`pack_collate_with_condition`) each example brings its own caption's tokens and
+``condition_segment_ids [B, S]`` ties them to its segment, so cross-attention lets a token see only its
+own example's condition.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mmgrow.batch import PAD_VALUES, TokenBatch
+from mmgrow.data.packing import PackingConfig, example_weight, pack_masked
 from mmgrow.data.sequence import EncodedSequence
 
 
@@ -46,8 +49,12 @@ class ConditionedSequence:
     text: str | None
 
 
-def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, truncate: bool = False) -> TokenBatch:
+def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, truncate: bool = False,
+                weighting: str = "token") -> TokenBatch:
     """``B`` sequences -> ``TokenBatch`` of shape ``[B, T]``.
+
+    ``weighting``: ``example_weight`` of each row's tokens, ``"token"`` (1) or ``"example"`` (``1 / n_e``,
+    as :mod:`mmgrow.data.packing` weights packed examples, so padded and packed losses agree).
 
     ``T = seq_len``, or the longest sequence when ``seq_len`` is None. A sequence longer than
     ``seq_len`` is an error (silently cutting a video would drop its ``eov``) unless
@@ -78,7 +85,7 @@ def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, tru
         out["segment_ids"][row, :n] = 0
         out["block_ids"][row, :n] = s.block_ids[:n]
         out["loss_mask"][row, :n] = s.loss_mask[:n]
-        out["example_weight"][row, :n] = 1.0
+        out["example_weight"][row, :n] = example_weight(s, weighting)
     widths = {s.latents.shape[1] for s in seqs if s.latents is not None}
     if widths:
         if len(widths) > 1 or any(s.latents is None for s in seqs):
@@ -103,9 +110,8 @@ def attach_condition(batch: TokenBatch, texts: Sequence[str | None], encoder: Co
     if len(texts) != B:
         raise ValueError(f"attach_condition: got {len(texts)} texts for a batch of {B} rows; expected one per row")
     if bool((batch.segment_ids > 0).any()):
-        raise ValueError("attach_condition: a row packs several examples (segment_ids > 0), but a condition "
-                         "belongs to one example and cross-attention per packed segment is not supported; "
-                         "use one example per row (no packing) with a condition_encoder")
+        raise ValueError("attach_condition: a row packs several examples (segment_ids > 0) and would get one "
+                         "condition for all of them; use pack_collate_with_condition for packed rows")
     dim = int(encoder.latent_dim)
     rows = [b for b, t in enumerate(texts) if t is not None]
     if not rows:
@@ -133,3 +139,55 @@ def pad_collate_with_condition(items: Sequence[ConditionedSequence], encoder: Co
             raise TypeError(f"pad_collate_with_condition expects ConditionedSequence items, got {type(item).__name__}")
     batch = pad_collate([item.sequence for item in items], seq_len=seq_len, truncate=truncate)
     return attach_condition(batch, [item.text for item in items], encoder)
+
+
+def pack_collate_with_condition(items: Sequence[ConditionedSequence], config: PackingConfig,
+                                encoder: ConditionEncoder) -> TokenBatch:
+    """:func:`~mmgrow.data.packing.pack_collate` of the sequences, each example with its own condition.
+
+    Row ``b``'s condition is the concatenation of the encoded texts of its examples (in segment order,
+    each cut to its own valid tokens), ``condition_mask [B, S]`` marks them and
+    ``condition_segment_ids [B, S]`` says which example (segment id) each belongs to, so cross-attention
+    lets a token see only its own example's condition; an example whose text is None gets none (its
+    tokens get exactly 0 from cross-attention). ``S`` is the longest row's total (at least 1). Naive
+    packing has no examples to tell apart: it is refused here.
+    """
+    for item in items:
+        if not isinstance(item, ConditionedSequence):
+            raise TypeError(f"pack_collate_with_condition expects ConditionedSequence items, got {type(item).__name__}")
+    if config.mode != "masked":
+        raise ValueError("packing: mode 'naive' cuts examples apart, so per-example conditions cannot follow them; "
+                         "use mode: masked with a condition_encoder")
+    batch, rows = pack_masked([item.sequence for item in items], config)
+    dim = int(encoder.latent_dim)
+    texts = [item.text for item in items]
+    present = [i for i, t in enumerate(texts) if t is not None]
+    per_item: dict[int, Tensor] = {}
+    if present:
+        emb, mask = encoder.encode([texts[i] for i in present])
+        name = type(encoder).__name__
+        if not isinstance(emb, Tensor) or emb.dim() != 3 or emb.shape[0] != len(present) or emb.shape[2] != dim:
+            raise ValueError(f"pack_collate_with_condition: {name}.encode must return embeddings [{len(present)}, S, "
+                             f"{dim}] (latent_dim={dim}), got {tuple(getattr(emb, 'shape', ()))}")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(emb.shape[:2]):
+            raise ValueError(f"pack_collate_with_condition: {name}.encode must return a bool mask "
+                             f"{list(emb.shape[:2])}, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        for j, i in enumerate(present):
+            per_item[i] = emb[j][mask[j]]  # [S_i, C]: this example's valid conditioning tokens
+    lengths = [sum(per_item[i].shape[0] for i in members if i in per_item) for members in rows]
+    S = max(max(lengths), 1)
+    condition = torch.zeros(len(rows), S, dim)
+    condition_mask = torch.zeros(len(rows), S, dtype=torch.bool)
+    condition_segments = torch.full((len(rows), S), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for segment, i in enumerate(members):
+            if i not in per_item:
+                continue
+            n = per_item[i].shape[0]
+            condition[r, start:start + n] = per_item[i].to(condition.dtype)
+            condition_mask[r, start:start + n] = True
+            condition_segments[r, start:start + n] = segment
+            start += n
+    return replace(batch, condition=condition, condition_mask=condition_mask,
+                   condition_segment_ids=condition_segments)

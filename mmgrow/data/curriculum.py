@@ -71,6 +71,11 @@ def _positive_int(index: int, name: str, value: Any) -> int:
 
 
 def _positive_number(index: int, name: str, value: Any) -> float:
+    if isinstance(value, str):  # PyYAML reads 1.0e6 (no exponent sign) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise _fail(index, f"{name} must be a finite number > 0, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise _fail(index, f"{name} must be a finite number > 0, got {value!r}")
     return float(value)

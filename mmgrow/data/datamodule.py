@@ -5,7 +5,8 @@ signature is a plain type, so LightningCLI / jsonargparse can fill it from YAML,
 the model needs (``token_space``, ``vocab``) exist right after ``__init__`` for instantiate-time links
 such as ``data.vocab -> model.vocab``.
 
-Pipeline. A *source* is a registered dataset read through one task (:mod:`mmgrow.data.mixture`). The
+Pipeline. A *source* is a registered dataset (plugin kind ``datasets``,
+:func:`mmgrow.data.datasets.dataset_class`) read through one task (:mod:`mmgrow.data.mixture`). The
 training loader's sampler (:class:`~mmgrow.data.mixture_sampler.MixtureSampler`) yields one key per
 batch -- which example of which source, drawn with the mixture weights of the batch's curriculum stage
 -- and the loader dataset (:class:`~mmgrow.data.batch_builder.BatchBuilder`) builds and collates the
@@ -69,7 +70,8 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         codecs: ``{modality: tokenizer name}``; default ``{"text": "bytes", "video": "pixels"}``. The
             order fixes the token-space offsets and ``modality_ids``.
         codec_args: ``{modality: {kwarg: value}}`` for the codecs (e.g. ``{"video": {"grid": 4}}``).
-        dataset: a registered dataset name (the default of every source).
+        dataset: a registered dataset name (``mmgrow plugins list --kind datasets``; the default of every
+            source).
         dataset_args: extra keyword arguments of the dataset class (e.g. ``{"frames": 4}``); a source's
             own ``dataset_args`` are merged over them.
         num_train, num_val: samples in the ``"train"`` and ``"val"`` splits (defaults of every source);
@@ -206,11 +208,25 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
                     out.extend(getattr(ds, "skipped", []) or [])
         return out
 
-    def heldout_prompts(self) -> list[tuple[str, dict]]:
-        """``(caption, meta)`` of the dataset's held-out combinations (never seen in train / val)."""
-        prompts = getattr(self.train_set, "heldout_prompts", None)
+    def source_for(self, modality: str) -> int | None:
+        """Index of the first source whose task generates ``modality`` (its ``target_modalities``), or None.
+        Sample writers read that source's datasets (:meth:`split_of`): in a mixture of needle text and
+        shapes video, the videos to sample come from shapes whatever the order of the sources."""
+        return next((i for i, task in enumerate(self.tasks) if modality in task.target_modalities), None)
+
+    def split_of(self, split: str, modality: str | None = None) -> Any:
+        """The ``split`` dataset (train / val / heldout) of :meth:`source_for` ``(modality)`` (the first
+        source when ``modality`` is None or no task generates it)."""
+        index = None if modality is None else self.source_for(modality)
+        return self.source_sets[split][index or 0]
+
+    def heldout_prompts(self, modality: str | None = None) -> list[tuple[str, dict]]:
+        """``(caption, meta)`` of the held-out combinations of the source generating ``modality`` (never seen
+        in train / val)."""
+        dataset = self.split_of("train", modality)
+        prompts = getattr(dataset, "heldout_prompts", None)
         if prompts is None:
-            raise NotImplementedError(f"dataset {self.sources[0].dataset!r} declares no held-out prompts")
+            raise NotImplementedError(f"dataset {type(dataset).__name__} declares no held-out prompts")
         return prompts()
 
     # -- training order ----------------------------------------------------------------------------------

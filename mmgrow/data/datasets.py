@@ -1,25 +1,33 @@
-"""Embedded datasets by name (``data.dataset`` in recipes): deterministic generators, nothing downloaded.
+"""Datasets by name (``data.dataset`` in recipes), resolved through the plugin registry.
 
-Datasets are not a plugin kind yet; :data:`DATASETS` maps each name to the import path of its class,
-imported on first use so that naming one dataset never imports the others. Every class is built as
-``cls(num_samples=..., seed=..., split=..., **dataset_args)`` with ``split`` in ``train | val |
-heldout`` and returns :class:`~mmgrow.protocols.Sample` s.
+Datasets are the ``datasets`` plugin kind (entry-point group ``mmgrow.datasets``): mmgrow's own
+``shapes``, ``storyboards``, ``tones`` and ``media_folder`` are declared in its ``pyproject.toml``
+exactly like a third-party package's, and only the named one is imported. Every class subclasses
+:class:`mmgrow.protocols.Dataset` and is built as ``cls(num_samples=..., seed=..., split=...,
+**dataset_args)`` with ``split`` in ``train | val | heldout``.
 """
 
 from __future__ import annotations
 
-import importlib
-
-DATASETS: dict[str, str] = {
-    "shapes": "mmgrow.data.synthetic.shapes:ShapesDataset",
-    "storyboards": "mmgrow.data.synthetic.storyboard:StoryboardDataset",
-    "tones": "mmgrow.data.synthetic.tones:ToneDataset",
-}
+from mmgrow import registry
 
 
 def dataset_class(name: str) -> type:
-    """The dataset class registered as ``name`` (a ``ValueError`` listing the known names otherwise)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    module, _, attr = DATASETS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    """The dataset class registered as ``name``.
+
+    An unknown name raises ``ValueError`` listing the registered datasets (and close matches); a
+    plugin that cannot be loaded raises the registry's :class:`~mmgrow.registry.PluginLoadError`.
+    """
+    if name not in registry.available("datasets"):
+        import difflib
+
+        known = available_datasets()
+        close = difflib.get_close_matches(str(name), known, n=2, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(known) or '(none)'}{hint}")
+    return registry.load_plugin("datasets", name)
+
+
+def available_datasets() -> list[str]:
+    """Names of the registered datasets, naturally sorted."""
+    return registry.available("datasets")

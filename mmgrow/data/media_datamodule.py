@@ -6,7 +6,7 @@ codecs altogether: a batch is ``torch.stack([sample.media[modality] for sample i
 * video: ``uint8 [B, F, H, W, 3]``;
 * audio: ``float32 [B, N]`` in ``[-1, 1]``.
 
-Datasets come by name from :data:`mmgrow.data.datasets.DATASETS` (``shapes``, ``tones`` ...), built
+Datasets come by registered name (:func:`mmgrow.data.datasets.dataset_class`: ``shapes``, ``tones`` ...), built
 as ``cls(num_samples=..., seed=..., split=..., **dataset_args)`` like in
 :class:`~mmgrow.data.datamodule.MMDataModule`. Only training code imports this module (it imports
 lightning at the top).
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from mmgrow.data.datasets import DATASETS, dataset_class
+from mmgrow.data.datasets import dataset_class
 from mmgrow.data.resumable_data import ResumableTrainData
 
 
@@ -70,7 +70,7 @@ class MediaDataModule(ResumableTrainData, pl.LightningDataModule):
 
     Args:
         modality: which ``sample.media`` entry to serve (``"video"``, ``"audio"`` ...).
-        dataset: name in :data:`~mmgrow.data.datasets.DATASETS`.
+        dataset: a registered dataset name (``mmgrow plugins list --kind datasets``).
         dataset_args: extra keyword arguments of the dataset class (``{"frames": 4, "size": 32}`` ...).
         num_train, num_val: samples in the ``"train"`` and ``"val"`` splits.
         batch_size, num_workers: DataLoader settings.
@@ -93,8 +93,7 @@ class MediaDataModule(ResumableTrainData, pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if dataset not in DATASETS:
-            raise ValueError(f"MediaDataModule: unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+        dataset_class(dataset)  # an unknown name: ValueError listing the registered datasets
         for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1), ("batch_size", batch_size, 1),
                                  ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -25,7 +25,10 @@ from mmgrow.layers.norm import RMSNorm
 
 
 class CrossAttention(nn.Module):
-    """``x [B, T, D], condition [B, S, C], mask [B, S] | None -> y [B, T, D]``.
+    """``x [B, T, D], condition [B, S, C], mask [B, S] | [B, T, S] | None -> y [B, T, D]``.
+
+    A ``[B, T, S]`` mask gives each token its own set of conditioning tokens (packed rows: a token
+    sees only its own example's condition); a token with none gets output 0.
 
     Args:
         dim: model width ``D``.
@@ -62,9 +65,9 @@ class CrossAttention(nn.Module):
             raise ValueError(f"CrossAttention: condition must be [B={B}, S, C={self.cond_dim}], got "
                              f"{tuple(condition.shape)}")
         S = condition.shape[1]
-        if mask is not None and (mask.shape != (B, S) or mask.dtype != torch.bool):
-            raise ValueError(f"CrossAttention: condition mask must be bool [B={B}, S={S}], got "
-                             f"{mask.dtype} {tuple(mask.shape)}")
+        if mask is not None and (mask.shape not in ((B, S), (B, T, S)) or mask.dtype != torch.bool):
+            raise ValueError(f"CrossAttention: condition mask must be bool [B={B}, S={S}] (or per token "
+                             f"[B, T={T}, S]), got {mask.dtype} {tuple(mask.shape)}")
         c = condition.to(x.dtype)
         if self.condition_norm is not None:
             c = self.condition_norm(c)
@@ -72,7 +75,7 @@ class CrossAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)
         k = self.k_proj(c).view(B, S, H, hd).transpose(1, 2)
         v = self.v_proj(c).view(B, S, H, hd).transpose(1, 2)
-        attn_mask = None if mask is None else mask[:, None, :].expand(B, T, S)
+        attn_mask = None if mask is None else mask if mask.dim() == 3 else mask[:, None, :].expand(B, T, S)
         out = masked_sdpa(q, k, v, attn_mask)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, self.dim))
 

@@ -77,6 +77,8 @@ class CrossAttentionBranch(nn.Module):
 
     def forward(self, x: Tensor, ctx: SeqContext) -> Tensor:
         condition, mask = ctx.condition_source(self.source)
+        if self.source is None and ctx.condition_segment_ids is not None:
+            mask = per_example_condition_mask(ctx, mask)
         out = self.attention(self.norm(x), condition, mask)
         if self.gate is not None:
             out = torch.tanh(self.gate).to(out.dtype) * out
@@ -84,3 +86,14 @@ class CrossAttentionBranch(nn.Module):
 
     def residual_outputs(self) -> list[nn.Linear]:
         return self.attention.residual_outputs()
+
+
+def per_example_condition_mask(ctx: SeqContext, mask: Tensor | None) -> Tensor:
+    """``[B, T, S]`` bool: token ``t`` may see condition token ``s`` when both belong to the same packed
+    example (``segment_ids[b, t] == condition_segment_ids[b, s]``, a missing ``segment_ids`` = segment 0)
+    and ``mask[b, s]``. Under context parallelism ``segment_ids`` is this rank's shard and the condition
+    is whole, so the comparison holds per shard."""
+    cond_seg = ctx.condition_segment_ids
+    seg = ctx.segment_ids if ctx.segment_ids is not None else torch.zeros_like(ctx.positions)
+    same = (seg[:, :, None] == cond_seg[:, None, :]) & (cond_seg[:, None, :] >= 0)
+    return same if mask is None else same & mask[:, None, :]

@@ -198,6 +198,7 @@ class AutoregressiveObjective(Objective):
         if condition is not None:
             extra.setdefault("condition", condition)
             extra.setdefault("condition_mask", getattr(batch, "condition_mask", None))
+            extra.setdefault("condition_segment_ids", getattr(batch, "condition_segment_ids", None))
         mask = extra.pop("mask", None) or MaskSpec(causal=True)
         if not mask.causal:
             raise ValueError("AutoregressiveObjective needs a causal mask; got MaskSpec(causal=False), which "

@@ -173,6 +173,9 @@ class FlowMatchingObjective(Objective):
     def step(self, model: nn.Module, batch: TokenBatch,
              generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Noise the continuous targets, embed the time, run the model, return :meth:`loss`."""
+        if bool((batch.segment_ids > 0).any()):
+            raise ValueError("FlowMatchingObjective: a row packs several examples (segment_ids > 0), but flow "
+                             "matching draws one time t per row; train it without `packing` (one example per row)")
         if model.training:
             batch = self.drop_condition(batch, generator)
         flow = self.flow_targets(model, batch, generator)

@@ -536,7 +536,8 @@ def run_checks(kind: str, cls: type) -> list[CheckResult]:
     Mixers and memory layers get :func:`mixer_checks`; tokenizers their attributes and (with a
     ``conformance_sample()`` classmethod) an encode/decode round trip; growth strategies their contract
     attributes and :func:`~mmgrow.testing.growth_conformance.check_growth` with full attention (AR and
-    DiT blocks, float64); objectives and tasks their contract attributes. The class's own ``conformance_checks()`` run last.
+    DiT blocks, float64); objectives and tasks their contract attributes; datasets
+    :func:`~mmgrow.testing.dataset_conformance.dataset_checks`. The class's own ``conformance_checks()`` run last.
     """
     from mmgrow.registry import base_class
 
@@ -547,6 +548,10 @@ def run_checks(kind: str, cls: type) -> list[CheckResult]:
         checks = mixer_checks(cls)
     elif kind == "tokenizers":
         checks = _tokenizer_checks(cls)
+    elif kind == "datasets":
+        from mmgrow.testing.dataset_conformance import dataset_checks
+
+        checks = dataset_checks(cls)
     else:
         checks = _attribute_checks(kind, cls, base)
     for i, extra in enumerate(cls.conformance_checks()):

@@ -81,6 +81,16 @@ class ExportWeights(pl.Callback):
             self._exported = False
 
 
+def skipped_media(trainer: pl.Trainer) -> dict[str, Any]:
+    """``{"data": {"skipped": [{"path", "reason"} ...], "skipped_count": n}}`` when the data module
+    reports the inputs its datasets left out (``skipped_files()``), else ``{}``."""
+    report = getattr(getattr(trainer, "datamodule", None), "skipped_files", None)
+    if not callable(report):
+        return {}
+    skipped = [dict(s) for s in report()]
+    return {"data": {"skipped": skipped, "skipped_count": len(skipped)}}
+
+
 class RunSummary(pl.Callback):
     """Measures training throughput and writes ``summary.json`` at the end of ``fit``.
 
@@ -164,6 +174,7 @@ class RunSummary(pl.Callback):
             "device": str(pl_module.device),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "growth": getattr(pl_module, "growth_summary", None),
+            **skipped_media(trainer),
         }
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -254,6 +254,7 @@ def _make_cli_class(links: list[tuple[str, str]]):
     import mmgrow.parallel.strategy  # noqa: F401 - registers the "context_parallel" strategy name
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
     from mmgrow.training.checkpointing import StepCheckpoint
+    from mmgrow.training.curriculum import Curriculum
     from mmgrow.training.divergence import DivergenceGuard
     from mmgrow.training.progress import StepProgressBar
     from mmgrow.training.samples import GenerateCaptions, GenerateSamples
@@ -295,6 +296,7 @@ def _make_cli_class(links: list[tuple[str, str]]):
             wanted: list[tuple[type, Callable[[], Callback]]] = [
                 (c, c) for c in (RunSummary, ExportWeights, PlotMetrics, GenerateSamples, GenerateCaptions)]
             wanted.append((DivergenceGuard, DivergenceGuard))
+            wanted.append((Curriculum, Curriculum))  # RoPE theta / lr scale per curriculum stage; no-op without one
             if config.get("enable_checkpointing", True) is not False:
                 # last.ckpt every 100 steps and at every epoch end, including the one max_steps cuts short:
                 # the final state whatever the validation schedule (resumable, equal to model.safetensors).

@@ -118,14 +118,16 @@ class GenerateSamples(_HeldOutSampler):
 
         dm = trainer.datamodule
         codec = dm.codecs[self.modality]
-        num_frames = int(dm.train_set[0].media[self.modality].shape[0])
+        train_set = _split(dm, "train", self.modality)  # the source that generates this modality
+        num_frames = int(train_set[0].media[self.modality].shape[0])
         constraint_fn = getattr(codec, "generation_constraint", None)
         constraint = constraint_fn(num_frames) if callable(constraint_fn) else None
         max_new = codec.num_tokens(num_frames) - len(codec.generation_prefix())
-        describe = getattr(dm.train_set, "describe", None)  # datasets that can read a video back
+        describe = getattr(train_set, "describe", None)  # datasets that can read a video back
         out = Path(trainer.default_root_dir) / "samples"
         videos, captions, records = [], [], []
-        for i, (caption, meta) in enumerate(dm.heldout_prompts()[: self.num_samples]):
+        prompts = dm.heldout_prompts(self.modality) if hasattr(dm, "source_for") else dm.heldout_prompts()
+        for i, (caption, meta) in enumerate(prompts[: self.num_samples]):
             frames = self.sample(pl_module, dm, Segment("text", caption, "input"), max_new, constraint)
             path = write_gif(frames, out / f"{i:02d}_{_slug(caption)}.gif")
             videos.append(frames)
@@ -148,10 +150,11 @@ class GenerateSamples(_HeldOutSampler):
 
         dm = trainer.datamodule
         task = next(t for t in dm.tasks if self.modality in t.target_modalities)
-        describe = getattr(dm.train_set, "describe", None)
+        describe = getattr(_split(dm, "train", self.modality), "describe", None)
         out = Path(trainer.default_root_dir) / "samples"
         videos, captions, records = [], [], []
-        examples = [dm.test_set[i] for i in range(min(self.num_samples, len(dm.test_set)))]
+        test_set = _split(dm, "heldout", self.modality)
+        examples = [test_set[i] for i in range(min(self.num_samples, len(test_set)))]
         for i, real in enumerate(examples):
             video = generate_video(pl_module.model, pl_module.objective, dm.builder, task, real, self.modality,
                                    getattr(dm, "condition_encoder", None), self.settings())
@@ -235,8 +238,11 @@ class GenerateCaptions(_HeldOutSampler):
             return
         dm = trainer.datamodule
         records = []
-        for i in range(min(self.num_samples, len(dm.test_set))):
-            item = dm.test_set[i]  # the held-out split: combinations never trained on
+        test_set = _split(dm, "heldout", self.modality)  # the held-out split: combinations never trained on
+        for i in range(min(self.num_samples, len(test_set))):
+            item = test_set[i]
+            if "video" not in item.media or "video" not in dm.codecs:  # e.g. text needles: no video to caption
+                continue
             text = self.sample(pl_module, dm, Segment("video", item.media["video"], "input"), self.max_new_tokens)
             words = text.split()
             match = {"exact": text == item.text, **{k: str(v) in words for k, v in item.meta.items()}}
@@ -246,3 +252,11 @@ class GenerateCaptions(_HeldOutSampler):
             atomic_write_bytes(out, json.dumps({"samples": records, "match_rate": match_rates(records)},
                                                indent=2).encode())
             log.info("captions written to %s", out)
+
+
+def _split(dm: Any, split: str, modality: str) -> Any:
+    """The ``split`` dataset of the data module's source that generates ``modality`` (data modules without
+    sources: their ``train_set`` / ``test_set``)."""
+    if hasattr(dm, "split_of"):
+        return dm.split_of(split, modality)
+    return dm.train_set if split == "train" else dm.test_set

@@ -69,16 +69,33 @@ def make_batch(seed: int, length: int = 13) -> TokenBatch:
                       block_ids=torch.full_like(seg, -1), loss_mask=loss_mask, example_weight=weight.float())
 
 
+def with_conditions(batch: TokenBatch, seed: int) -> TokenBatch:
+    """``batch`` with per-example conditions: row 0's two packed examples get 3 and 2 conditioning tokens
+    (``condition_segment_ids`` 0 0 0 1 1), row 1's example gets 2 (and 3 padding slots)."""
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(seed)
+    condition = torch.randn(2, 5, COND_DIM, generator=g, dtype=torch.float64)
+    segments = torch.tensor([[0, 0, 0, 1, 1], [0, 0, -1, -1, -1]])
+    return replace(batch, condition=condition, condition_mask=segments >= 0, condition_segment_ids=segments)
+
+
+COND_DIM = 4
+
+
 def make_model(mixer: str):
     from mmgrow.layers.blockwise import BlockwiseAttention
     from mmgrow.layers.ring import RingAttention
     from mmgrow.models.unified import UnifiedModel
 
+    conditioned = mixer.endswith("+cond")
+    mixer = mixer.removesuffix("+cond")
     factory = {"per_token": PositionalPerTokenMixer, "ring": RingAttention, "blockwise": BlockwiseAttention}[mixer]
     if mixer != "per_token":
         factory = _with_tiles(factory)
     torch.manual_seed(0)
-    return UnifiedModel(token_space=SIZES, dim=16, depth=2, mixer=factory).double()
+    extra = {"cross_attention": {"cond_dim": COND_DIM, "num_heads": 2}} if conditioned else {}
+    return UnifiedModel(token_space=SIZES, dim=16, depth=2, mixer=factory, **extra).double()
 
 
 def _with_tiles(cls):
@@ -89,7 +106,7 @@ def _with_tiles(cls):
 
 def reference(mixer: str, batch: TokenBatch):
     """Single process, whole batch: ``(loss, metrics, grads)`` (ring runs as blockwise without ``cp``)."""
-    model = make_model("blockwise" if mixer == "ring" else mixer)
+    model = make_model(mixer.replace("ring", "blockwise"))
     obj = AutoregressiveObjective().bind(SPACE)
     loss, metrics = obj.loss(model(batch.input_ids, obj.context(batch)), batch)
     loss.backward()
@@ -122,8 +139,10 @@ def _cp2_worker(rank: int, world_size: int) -> list[dict]:
     group = dist.new_group(list(range(world_size)))
     results = []
     for mixer, layout in (("per_token", "zigzag"), ("per_token", "contiguous"), ("ring", "zigzag"),
-                          ("ring", "contiguous")):
+                          ("ring", "contiguous"), ("ring+cond", "zigzag")):
         batch = make_batch(seed=1)
+        if mixer.endswith("+cond"):  # packed rows with per-example conditions: the condition stays whole
+            batch = with_conditions(batch, seed=2)
         cp = ContextParallel(group=group, rank=rank, world_size=world_size, layout=layout)
         loss, metrics, grads, tokens = _step(mixer, batch, cp)
         ref_loss, ref_metrics, ref_grads = reference(mixer, batch)
@@ -167,7 +186,8 @@ def test_two_rank_context_parallel_loss_and_gradients_equal_single_process():
             assert r["tokens"] == r["ref_tokens"], r  # every token counted once over the group
     # both ranks report the same (global) loss, and the cases differ from one another
     assert [r["loss"] for r in results[0]] == [r["loss"] for r in results[1]]
-    assert len({round(r["loss"], 6) for r in results[0][::2]}) == 2
+    assert len({round(r["loss"], 6) for r in results[0][:4:2]}) == 2
+    assert round(results[0][4]["loss"], 6) != round(results[0][2]["loss"], 6)  # the condition reaches the loss
 
 
 @pytest.mark.slow  # 4 processes: ~30 s on 2 cores

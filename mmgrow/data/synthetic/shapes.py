@@ -32,12 +32,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from itertools import product
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from mmgrow.data.synthetic.combinations import choose_names, split_combinations
-from mmgrow.protocols import Sample
+from mmgrow.protocols import Dataset, Sample
 from mmgrow.tokenizers.pixels import DEFAULT_PALETTE
 
 SHAPES: dict[str, tuple[str, ...]] = {
@@ -114,7 +115,7 @@ def detailed_caption(shape: str, colour: str, motion: str, start: tuple[int, int
             f"{size_word(shape, grid)}, {cols} cells wide and {rows} {'cell' if rows == 1 else 'cells'} tall")
 
 
-class ShapesDataset(torch.utils.data.Dataset):
+class ShapesDataset(Dataset):
     """Random-access dataset of :class:`~mmgrow.protocols.Sample` s.
 
     ``ds[i].media["video"]`` is ``uint8 [frames, size, size, 3]``, ``ds[i].text`` the caption and
@@ -143,6 +144,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         captions: ``"short"`` (:func:`caption`) or ``"detailed"`` (:func:`detailed_caption`, which
             also names the start position, so it depends on the drawn start).
     """
+
+    name: ClassVar[str] = "shapes"
+    modalities: ClassVar[tuple[str, ...]] = ("video",)
 
     def __init__(
         self,
@@ -176,6 +180,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.motions = choose_names("ShapesDataset", "motions", motions, tuple(MOTIONS))
         self.num_samples, self.frames, self.size, self.grid = num_samples, frames, size, grid
         self.seed, self.split = seed, split
+        self.skipped: list[dict[str, str]] = []  # a generator never skips anything
         self.random_start = bool(random_start)
         self._check_fits()
 

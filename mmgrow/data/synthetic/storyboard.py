@@ -30,12 +30,12 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from mmgrow.data.synthetic.shapes import MOTIONS, ShapesDataset
-from mmgrow.protocols import Sample
+from mmgrow.protocols import Dataset, Sample
 
 SCENE_KEYS = ("text", "requires_scene_transition", "neg_text", "shape", "colour", "motion", "segments", "start")
 """Keys a storyboard item may have: the TTT-video ones, then what the dataset records."""
@@ -121,7 +121,7 @@ def parse_storyboard(obj: Any) -> list[Scene]:
     return scenes
 
 
-class StoryboardDataset(torch.utils.data.Dataset):
+class StoryboardDataset(Dataset):
     """Random-access dataset of multi-scene storyboard :class:`~mmgrow.protocols.Sample` s.
 
     ``ds[i].media["video"]``: ``uint8 [F_total, size, size, 3]``, the scenes one after the other
@@ -140,6 +140,9 @@ class StoryboardDataset(torch.utils.data.Dataset):
             (scene texts are its captions of the scene's clip).
         transition_prob: probability that a scene after the first requires a transition.
     """
+
+    name: ClassVar[str] = "storyboards"
+    modalities: ClassVar[tuple[str, ...]] = ("video",)
 
     def __init__(
         self,
@@ -165,6 +168,7 @@ class StoryboardDataset(torch.utils.data.Dataset):
         if isinstance(transition_prob, bool) or not 0.0 <= float(transition_prob) <= 1.0:
             raise ValueError(f"StoryboardDataset: transition_prob must lie in [0, 1], got {transition_prob!r}")
         self.num_samples, self.seed, self.split = num_samples, seed, split
+        self.skipped: list[dict[str, str]] = []  # a generator never skips anything
         self.scenes, self.segments_per_scene, self.segment_frames = scenes, segments_per_scene, segment_frames
         self.transition_prob = float(transition_prob)
         # One shapes clip per scene: it validates names, split, sizes and that a scene's travel fits.

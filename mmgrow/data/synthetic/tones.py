@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from mmgrow.data.synthetic.combinations import choose_names, split_combinations
-from mmgrow.protocols import Sample
+from mmgrow.protocols import Dataset, Sample
 
 PITCHES: dict[str, float] = {"low": 220.0, "mid": 440.0, "high": 880.0}
 """Pitch class -> centre frequency in Hz (before the random detune)."""
@@ -112,7 +113,7 @@ def envelope(num_samples: int, sample_rate: int, beeps: int = 0) -> Tensor:
     return gain
 
 
-class ToneDataset(torch.utils.data.Dataset):
+class ToneDataset(Dataset):
     """Random-access dataset of :class:`~mmgrow.protocols.Sample` s.
 
     ``ds[i].media["audio"]`` is ``float32 [N]`` in ``[-1, 1]``, ``ds[i].text`` the caption and
@@ -132,6 +133,9 @@ class ToneDataset(torch.utils.data.Dataset):
         heldout: held-out (pitch, waveform, pattern) triples; default :data:`HELDOUT_COMBOS` restricted
             to the chosen names.
     """
+
+    name: ClassVar[str] = "tones"
+    modalities: ClassVar[tuple[str, ...]] = ("audio",)
 
     def __init__(
         self,
@@ -155,6 +159,7 @@ class ToneDataset(torch.utils.data.Dataset):
             raise ValueError(f"ToneDataset: unknown split {split!r}; expected one of {SPLITS}")
         self.num_samples, self.seconds, self.sample_rate = num_samples, seconds, sample_rate
         self.seed, self.split = seed, split
+        self.skipped: list[dict[str, str]] = []  # a generator never skips anything
         self.length = round(seconds * sample_rate)
         if self.length < 4 * max(BEEP_COUNTS):
             raise ValueError(f"ToneDataset: seconds * sample_rate = {self.length} samples is too short; "
