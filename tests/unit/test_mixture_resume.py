@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 
 from mmgrow.training.cli import build_cli
 
@@ -16,9 +17,9 @@ STEPS = 7
 SOURCES = [{"name": "t2v", "task": "text_to_video", "weight": 1},
            {"name": "cap", "task": "video_to_text", "weight": 1},
            {"name": "extra", "task": "video_to_text", "every": 3}]
-CURRICULUM = [{"until": {"step": 2}, "batch_size": 2, "mixture": {"cap": 0}},
-              {"until": {"step": 5}, "batch_size": 3, "mixture": {"cap": 2}},
-              {"batch_size": 4}]
+CURRICULUM = [{"until": {"step": 2}, "batch_size": 2, "mixture": {"cap": 0}, "length": 160},
+              {"until": {"step": 5}, "batch_size": 3, "mixture": {"cap": 2}, "length": 256},
+              {"batch_size": 4, "length": 320}]
 ARGS = ["--model.dim", "32", "--model.depth", "1", "--data.num_train", "16", "--data.batch_size", "4",
         "--data.num_val", "4", "--data.dataset_args", "{frames: 2, size: 32}", "--data.codec_args",
         "{video: {grid: 4}}", "--data.sources", json.dumps(SOURCES), "--data.curriculum", json.dumps(CURRICULUM),
@@ -39,21 +40,25 @@ class Record(pl.Callback):
         self.batches.append((trainer.global_step, batch.input_ids.shape[0], digest, outputs["loss"].item()))
 
 
-def fit(run: Path, steps: int, ckpt: Path | None = None) -> list[tuple[int, int, str, float]]:
-    cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *ARGS, "--trainer.max_steps", str(steps),
-                     "--trainer.default_root_dir", str(run)], run=False)
+def fit(run: Path, steps: int, *extra: str, ckpt: Path | None = None) -> list[tuple[int, int, str, float]]:
+    cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *ARGS, *extra, "--trainer.max_steps",
+                     str(steps), "--trainer.default_root_dir", str(run)], run=False)
     record = Record()
     cli.trainer.callbacks.append(record)
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=None if ckpt is None else str(ckpt))
     return record.batches
 
 
-def test_stop_mid_stage_and_resume_equals_the_straight_run(tmp_path):
-    straight = fit(tmp_path / "straight", STEPS)
-    # micro-batch k has batch_size of stage_at(k // 2): 2 for steps 0-1, 3 for steps 2-4, 4 after
-    assert [rows for _, rows, _, _ in straight] == [2] * 4 + [3] * 6 + [4] * 4
-    first = fit(tmp_path / "run", 3)  # stops after step 3: in the middle of stage 1 (steps 2-4)
-    second = fit(tmp_path / "run", STEPS, ckpt=tmp_path / "run" / "checkpoints" / "last.ckpt")
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_stop_mid_stage_and_resume_equals_the_straight_run(tmp_path, packed):
+    extra = ["--data.packing", "{length: 160}"] if packed else []
+    straight = fit(tmp_path / "straight", STEPS, *extra)
+    if not packed:  # micro-batch k has batch_size of stage_at(k // 2): 2 for steps 0-1, 3 for steps 2-4, 4 after
+        assert [rows for _, rows, _, _ in straight] == [2] * 4 + [3] * 6 + [4] * 4
+    else:  # every example (< 80 tokens) fits with the others of its batch into one row of the stage's length
+        assert [rows for _, rows, _, _ in straight] == [1] * 14
+    first = fit(tmp_path / "run", 3, *extra)  # stops after step 3: in the middle of stage 1 (steps 2-4)
+    second = fit(tmp_path / "run", STEPS, *extra, ckpt=tmp_path / "run" / "checkpoints" / "last.ckpt")
     resumed = first + second
     assert [h for _, _, h, _ in resumed] == [h for _, _, h, _ in straight], "a different batch sequence"
     assert [loss for *_, loss in resumed] == [loss for *_, loss in straight], "different losses"
