@@ -49,7 +49,7 @@ def fit(run: Path, steps: int, *extra: str, ckpt: Path | None = None) -> list[tu
     return record.batches
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["padded", "packed"])
 def test_stop_mid_stage_and_resume_equals_the_straight_run(tmp_path, packed):
     extra = ["--data.packing", "{length: 160}"] if packed else []
     straight = fit(tmp_path / "straight", STEPS, *extra)
