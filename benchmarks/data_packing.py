@@ -126,7 +126,9 @@ def render(result: dict) -> None:
                  f"{s['padded']['padding_fraction']:.3f}", "1.00"],
                 [f"masked packing, rows of {args.length}", f"{s['packed']['tokens_per_s']:.0f}",
                  f"{s['packed']['padding_fraction']:.3f}", f"{s['ratio_packed_over_padded']:.2f}"]]
-        update_benchmarks_md("data_packing_throughput", "Packing throughput (`benchmarks/data_packing.py throughput`)",
+        tag = "cuda" if "NVIDIA" in result["device"] else "cpu"
+        update_benchmarks_md(f"data_packing_throughput_{tag}", f"Packing throughput, {tag} "
+                             "(`benchmarks/data_packing.py throughput`)",
                              command, result["device"], ["batches", "real tokens/s (median)", "padding fraction",
                                                          "ratio"], rows,
                              note=f"{args.repeats} alternating repeats of {args.steps} steps, 16 mixed-length examples "

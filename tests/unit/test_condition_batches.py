@@ -75,7 +75,7 @@ def test_token_batch_condition_defaults_moves_and_checks():
         assert isinstance(out, TokenBatch) and out.input_ids.device.type == "meta"
         assert (out.condition is None) == (batch.condition is None)
 
-    with pytest.raises(ValueError, match="condition_mask is set but condition is None"):
+    with pytest.raises(ValueError, match="condition_mask / condition_segment_ids are set but condition is None"):
         tiny_batch(condition_mask=mask)
     with pytest.raises(ValueError, match=r"condition must be \[B, S, C\] with B = 2"):
         tiny_batch(condition=torch.randn(3, 3, 4))
@@ -108,7 +108,7 @@ def test_attach_condition_errors():
     enc = WordEncoder()
     packed = tiny_batch()
     packed.segment_ids[0, 3:] = 1  # two examples in row 0
-    with pytest.raises(ValueError, match="cross-attention per packed segment is not supported"):
+    with pytest.raises(ValueError, match="use pack_collate_with_condition for packed rows"):
         attach_condition(packed, ["a", "b"], enc)
     with pytest.raises(ValueError, match="got 1 texts for a batch of 2 rows"):
         attach_condition(tiny_batch(), ["a"], enc)
