@@ -149,7 +149,7 @@ def pack_collate_with_condition(items: Sequence[ConditionedSequence], config: Pa
     each cut to its own valid tokens), ``condition_mask [B, S]`` marks them and
     ``condition_segment_ids [B, S]`` says which example (segment id) each belongs to, so cross-attention
     lets a token see only its own example's condition; an example whose text is None gets none (its
-    tokens get exactly 0 from cross-attention). ``S`` is the longest row's total (at least 1). Naive
+    tokens get what they get alone without a condition: the output bias only). ``S`` is the longest row's total (at least 1). Naive
     packing has no examples to tell apart: it is refused here.
     """
     for item in items:

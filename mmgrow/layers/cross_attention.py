@@ -8,8 +8,9 @@
 ``x [B, T, D]`` are the (normed) hidden states, ``c [B, S, C]`` the conditioning tokens in their own
 width ``C`` (the key/value projections are the connector from the encoder's width to the model's),
 ``M [B, S]`` marks valid conditioning tokens. No positions: the condition is a set seen whole by
-every token. A row whose condition is entirely masked out gets output 0 (an example without a
-caption adds nothing), on every backend.
+every token. A row whose condition is entirely masked out gets attention output 0, so the layer
+returns the output projection's bias ``b_o`` alone -- the same constant for every unconditioned
+token, on every backend (the unconditional branch of classifier-free guidance).
 
 Biases are on by default, as in the DiT / PixArt / Open-Sora blocks this layer mirrors; function-
 preserving growth must zero the output projection's weight *and* bias (:meth:`residual_outputs`).
@@ -28,7 +29,7 @@ class CrossAttention(nn.Module):
     """``x [B, T, D], condition [B, S, C], mask [B, S] | [B, T, S] | None -> y [B, T, D]``.
 
     A ``[B, T, S]`` mask gives each token its own set of conditioning tokens (packed rows: a token
-    sees only its own example's condition); a token with none gets output 0.
+    sees only its own example's condition); a token with none gets the bias ``b_o`` alone.
 
     Args:
         dim: model width ``D``.

@@ -22,7 +22,7 @@ For a single data point the conditional velocity ``v`` equals the marginal one, 
 so a model predicting it has loss and gradient exactly 0 (the test of this objective).
 
 Condition dropout: while training, each row's condition is dropped with probability
-``condition_dropout`` (its ``condition_mask`` set all False: cross-attention then adds exactly 0), which
+``condition_dropout`` (its ``condition_mask`` set all False: cross-attention then adds only its constant output bias), which
 teaches the same network the unconditional velocity that classifier-free guidance needs
 (Ho & Salimans 2022): ``v = v_u + g (v_c - v_u)``. Captions written into the sequence as text tokens
 are not dropped (guidance acts on the cross-attention condition only).
