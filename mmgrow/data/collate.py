@@ -99,6 +99,19 @@ def pad_collate(seqs: Sequence[EncodedSequence], seq_len: int | None = None, tru
     return TokenBatch(**out)
 
 
+def encode_checked(encoder: ConditionEncoder, texts: Sequence[str], owner: str) -> tuple[Tensor, Tensor]:
+    """``encoder.encode(texts)`` checked: embeddings ``[len(texts), S, latent_dim]`` and a bool mask ``[len, S]``."""
+    emb, mask = encoder.encode(list(texts))
+    name, dim, n = type(encoder).__name__, int(encoder.latent_dim), len(texts)
+    if not isinstance(emb, Tensor) or emb.dim() != 3 or emb.shape[0] != n or emb.shape[2] != dim:
+        raise ValueError(f"{owner}: {name}.encode must return embeddings [{n}, S, {dim}] "
+                         f"(latent_dim={dim}), got {tuple(getattr(emb, 'shape', ()))}")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(emb.shape[:2]):
+        raise ValueError(f"{owner}: {name}.encode must return a bool mask {list(emb.shape[:2])}, got "
+                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    return emb, mask
+
+
 def attach_condition(batch: TokenBatch, texts: Sequence[str | None], encoder: ConditionEncoder) -> TokenBatch:
     """``batch`` with ``condition [B, S, C]`` / ``condition_mask [B, S]`` = ``encoder.encode`` of each row's text.
 
@@ -116,14 +129,7 @@ def attach_condition(batch: TokenBatch, texts: Sequence[str | None], encoder: Co
     rows = [b for b, t in enumerate(texts) if t is not None]
     if not rows:
         return replace(batch, condition=torch.zeros(B, 1, dim), condition_mask=torch.zeros(B, 1, dtype=torch.bool))
-    emb, mask = encoder.encode([texts[b] for b in rows])
-    name = type(encoder).__name__
-    if not isinstance(emb, Tensor) or emb.dim() != 3 or emb.shape[0] != len(rows) or emb.shape[2] != dim:
-        raise ValueError(f"attach_condition: {name}.encode must return embeddings [{len(rows)}, S, {dim}] "
-                         f"(latent_dim={dim}), got {tuple(getattr(emb, 'shape', ()))}")
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(emb.shape[:2]):
-        raise ValueError(f"attach_condition: {name}.encode must return a bool mask {list(emb.shape[:2])}, got "
-                         f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+    emb, mask = encode_checked(encoder, [texts[b] for b in rows], "attach_condition")
     condition = emb.new_zeros(B, emb.shape[1], dim)
     condition_mask = torch.zeros(B, emb.shape[1], dtype=torch.bool)
     index = torch.tensor(rows, dtype=torch.long)
@@ -164,14 +170,7 @@ def pack_collate_with_condition(items: Sequence[ConditionedSequence], config: Pa
     present = [i for i, t in enumerate(texts) if t is not None]
     per_item: dict[int, Tensor] = {}
     if present:
-        emb, mask = encoder.encode([texts[i] for i in present])
-        name = type(encoder).__name__
-        if not isinstance(emb, Tensor) or emb.dim() != 3 or emb.shape[0] != len(present) or emb.shape[2] != dim:
-            raise ValueError(f"pack_collate_with_condition: {name}.encode must return embeddings [{len(present)}, S, "
-                             f"{dim}] (latent_dim={dim}), got {tuple(getattr(emb, 'shape', ()))}")
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(emb.shape[:2]):
-            raise ValueError(f"pack_collate_with_condition: {name}.encode must return a bool mask "
-                             f"{list(emb.shape[:2])}, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        emb, mask = encode_checked(encoder, [texts[i] for i in present], "pack_collate_with_condition")
         for j, i in enumerate(present):
             per_item[i] = emb[j][mask[j]]  # [S_i, C]: this example's valid conditioning tokens
     lengths = [sum(per_item[i].shape[0] for i in members if i in per_item) for members in rows]

@@ -27,12 +27,13 @@ TIME_EPS = 1e-6
 """Seconds of slack when comparing presentation times (container time bases round them)."""
 
 
-def import_av() -> Any:
+def import_av(purpose: str = "decoding video or compressed audio", alternative: str = "") -> Any:
+    """The ``av`` module, or an ImportError saying what needs it and how to install it."""
     try:
         import av
     except ImportError as exc:
-        raise ImportError("decoding video or compressed audio needs PyAV, which is not installed; run "
-                          "`pip install mmgrow[video]` (or `pip install av`)") from exc
+        raise ImportError(f"{purpose} needs PyAV, which is not installed; run `pip install mmgrow[video]` "
+                          f"(or `pip install av`){alternative}") from exc
     return av
 
 

@@ -148,12 +148,9 @@ x264 constant quality 12; for mpeg4 a fixed quantiser 2 (``ffmpeg -q:v 2``: qual
 
 
 def _import_av() -> Any:
-    try:
-        import av
-    except ImportError as exc:
-        raise ImportError("writing MP4 needs PyAV, which is not installed; run `pip install mmgrow[video]` "
-                          "(or `pip install av`), or write a GIF with write_gif instead") from exc
-    return av
+    from mmgrow.data.decode_video import import_av
+
+    return import_av("writing MP4", ", or write a GIF with write_gif instead")
 
 
 def mp4_encoder(av: Any, codec: str | None = None) -> str:
