@@ -77,7 +77,11 @@ class CrossAttentionBranch(nn.Module):
 
     def forward(self, x: Tensor, ctx: SeqContext) -> Tensor:
         condition, mask = ctx.condition_source(self.source)
-        if self.source is None and ctx.condition_segment_ids is not None:
+        if ctx.condition_segment_ids is not None:
+            if self.source is not None:  # its tokens carry no example ids: never let examples see each other's
+                raise ValueError(f"CrossAttentionBranch(source={self.source!r}): the batch packs examples with "
+                                 "per-example conditions (condition_segment_ids), but the named condition "
+                                 f"{self.source!r} has no per-example ids; train it one example per row")
             mask = per_example_condition_mask(ctx, mask)
         out = self.attention(self.norm(x), condition, mask)
         if self.gate is not None:

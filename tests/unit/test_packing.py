@@ -332,3 +332,17 @@ def test_naive_packing_refuses_conditions_and_flow_matching_refuses_packed_rows(
     packed = pack_collate(seqs, PackingConfig(sum(len(s) for s in seqs)))
     with pytest.raises(ValueError, match="one time t per row"):
         FlowMatchingObjective(token_space=model.token_space).step(model, packed)
+
+
+def test_a_named_condition_on_packed_conditioned_rows_is_refused() -> None:
+    from mmgrow.data.collate import ConditionedSequence, pack_collate_with_condition
+
+    space = _builder().token_space
+    model = UnifiedModel(token_space=space, dim=DIM, depth=1, cross_attention={"cond_dim": 8, "source": "llm"})
+    seqs = _examples()[:2]
+    packed = pack_collate_with_condition([ConditionedSequence(s, "x") for s in seqs],
+                                         PackingConfig(sum(len(s) for s in seqs)), HashEncoder())
+    objective = AutoregressiveObjective(token_space=space)
+    ctx = objective.context(packed, conditions={"llm": (packed.condition, None)})
+    with pytest.raises(ValueError, match="named condition 'llm' has no per-example ids"):
+        model(packed.input_ids, ctx)
