@@ -35,19 +35,22 @@ def needle(name: str, chars: int, n: int) -> dict:
             "num_train": n, "num_val": 8}
 
 
-SOURCES = [needle("needle_512", 440, 65536), needle("needle_2k", 1900, 16384), needle("needle_8k", 7900, 4096)]
+def sources(chars: list[int]) -> list[dict]:
+    """One needle source per stage: haystacks of ``chars`` characters (~ tokens with the byte codec)."""
+    return [needle("needle_512", chars[0], 65536), needle("needle_2k", chars[1], 16384),
+            needle("needle_8k", chars[2], 4096)]
 
 
-def curricula(s1: int, s2: int, s3: int) -> dict[str, list[dict]]:
+def curricula(s1: int, s2: int, s3: int, batch: int = 16) -> dict[str, list[dict]]:
     return {
         "progressive": [
-            {"name": "512", "until": {"step": s1}, "length": 512, "batch_size": 16, "rope_theta": 1.0e4,
+            {"name": "512", "until": {"step": s1}, "length": 512, "batch_size": batch, "rope_theta": 1.0e4,
              "mixture": {"needle_512": 1, "needle_2k": 0, "needle_8k": 0}},
             {"name": "2k", "until": {"step": s1 + s2}, "length": 2048, "batch_size": 4, "rope_theta": 1.0e5,
              "mixture": {"needle_512": 0.25, "needle_2k": 1, "needle_8k": 0}},
             {"name": "8k", "length": 8192, "batch_size": 1, "rope_theta": 1.0e6, "lr_scale": 0.5,
              "mixture": {"needle_512": 0.25, "needle_2k": 0.5, "needle_8k": 1}}],
-        "short": [{"name": "512", "length": 512, "batch_size": 16, "rope_theta": 1.0e4,
+        "short": [{"name": "512", "length": 512, "batch_size": batch, "rope_theta": 1.0e4,
                    "mixture": {"needle_512": 1, "needle_2k": 0, "needle_8k": 0}}],
     }
 
@@ -59,6 +62,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--block", type=int, default=512, help="blockwise attention tile (queries = keys)")
+    ap.add_argument("--chars", type=int, nargs=3, default=[440, 1900, 7900], help="haystack characters per stage")
+    ap.add_argument("--batch", type=int, default=16, help="examples per step in the 512-token stage")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--only", choices=["progressive", "short"], default=None, help="train one of the two")
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ap.add_argument("--samples", type=int, default=8)
@@ -73,15 +80,18 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     from mmgrow.evaluation.needle import evaluate_needle
 
-    model = {"dim": args.dim, "depth": args.depth, "lr": 2e-3, "warmup_steps": 30,
+    model = {"dim": args.dim, "depth": args.depth, "lr": args.lr, "warmup_steps": 30,
              "mixer": {"class_path": "mmgrow.layers.blockwise.BlockwiseAttention",
                        "init_args": {"num_heads": 4, "query_block": args.block, "key_block": args.block}}}
     steps = sum(args.stages)
     result = {"benchmark": "needle_context", "command": " ".join(["python benchmarks/needle_context.py", *sys.argv[1:]]),
               "device": device_name(args.device), "stages": args.stages, "model": model, "runs": {},
               "samples": args.samples, "depths": args.depths, "lengths": args.lengths}
-    for name, stages in curricula(*args.stages).items():
-        data = {"codecs": {"text": "bytes"}, "sources": SOURCES, "packing": {"length": 512}, "batch_size": 16,
+    for name, stages in curricula(*args.stages, batch=args.batch).items():
+        if args.only not in (None, name):
+            continue
+        data = {"codecs": {"text": "bytes"}, "sources": sources(args.chars), "packing": {"length": 512},
+                "batch_size": args.batch,
                 "seed": 0, "curriculum": stages}
         dm, module, seconds = fit(data, _factory(model), steps, args.device)
         net = module.model.eval()
