@@ -10,6 +10,7 @@ as one line (:mod:`mmgrow.cli_errors`). It sits at the bottom of the layering: n
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,4 +83,15 @@ def utf8_argument(option: str, value: str) -> str:
         char = ord(value[exc.start])
         byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
         raise ValueError(f"{option} is not UTF-8 text: {byte} at character {exc.start}; pass UTF-8 text") from None
+    return value
+
+
+def mapping_with_keys(subject: str, value: Any, allowed: Sequence[str]) -> Mapping[str, Any]:
+    """``value`` if it is a mapping whose keys are all in ``allowed``, else ``ValueError`` naming
+    ``subject`` (e.g. ``"data.sources[2]"``), the unknown keys and the allowed ones."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{subject}: must be a mapping with keys among {list(allowed)}, got {value!r}")  # noqa: TRY004 - a recipe value, reported like every other bad value
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"{subject}: unknown keys {unknown}; expected keys among {list(allowed)}")
     return value

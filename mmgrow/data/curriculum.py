@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mmgrow.checks import finite_number, mapping_with_keys, positive_int
+
 STAGE_FIELDS = ("until", "name", "mixture", "length", "batch_size", "rope_theta", "lr_scale")
 
 
@@ -64,32 +66,20 @@ def _fail(index: int, message: str) -> ValueError:
     return ValueError(f"curriculum stage {index}: {message}")
 
 
-def _positive_int(index: int, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(index, f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _positive_number(index: int, name: str, value: Any) -> float:
     if isinstance(value, str):  # PyYAML reads 1.0e6 (no exponent sign) as a string
         try:
             value = float(value)
         except ValueError:
             raise _fail(index, f"{name} must be a finite number > 0, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise _fail(index, f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return finite_number(f"curriculum stage {index}", name, value, low=0, low_open=True)
 
 
 def _mixture(index: int, value: Any) -> dict[str, float]:
     if not isinstance(value, Mapping) or not value:
         raise _fail(index, f"mixture must be a non-empty mapping source name -> weight, got {value!r}")
-    out = {}
-    for name, weight in value.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise _fail(index, f"mixture[{name!r}] must be a finite number >= 0, got {weight!r}")
-        out[str(name)] = float(weight)
-    return out
+    return {str(name): finite_number(f"curriculum stage {index}", f"mixture[{name!r}]", weight, low=0)
+            for name, weight in value.items()}
 
 
 class CurriculumSchedule:
@@ -115,18 +105,14 @@ class CurriculumSchedule:
                    "rope_theta": None, "lr_scale": 1.0}
         start, tokens = 0, 0
         for i, entry in enumerate(raw):
-            if not isinstance(entry, Mapping):
-                raise _fail(i, f"must be a mapping with keys among {list(STAGE_FIELDS)}, got {entry!r}")
-            unknown = sorted(set(entry) - set(STAGE_FIELDS))
-            if unknown:
-                raise _fail(i, f"unknown keys {unknown}; expected keys among {list(STAGE_FIELDS)}")
+            mapping_with_keys(f"curriculum stage {i}", entry, STAGE_FIELDS)
             settings = {k: v for k, v in entry.items() if k not in ("until", "name")}
             if "mixture" in entry:
                 current["mixture"] = {**(current["mixture"] or {}), **_mixture(i, entry["mixture"])}
             if "length" in entry:
-                current["length"] = _positive_int(i, "length", entry["length"])
+                current["length"] = positive_int(f"curriculum stage {i}", "length", entry["length"])
             if "batch_size" in entry:
-                current["batch_size"] = _positive_int(i, "batch_size", entry["batch_size"])
+                current["batch_size"] = positive_int(f"curriculum stage {i}", "batch_size", entry["batch_size"])
             if "rope_theta" in entry:
                 current["rope_theta"] = _positive_number(i, "rope_theta", entry["rope_theta"])
             if "lr_scale" in entry:
@@ -152,7 +138,7 @@ class CurriculumSchedule:
         if not isinstance(until, Mapping) or len(until) != 1 or next(iter(until)) not in ("step", "tokens"):
             raise _fail(i, f"until must be {{step: N}} or {{tokens: N}}, got {until!r}")
         (kind, value), = until.items()
-        value = _positive_int(i, f"until.{kind}", value)
+        value = positive_int(f"curriculum stage {i}", f"until.{kind}", value)
         if kind == "step":
             end = value
         else:

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmgrow.checks import finite_number, mapping_with_keys, positive_int
+
 SOURCE_FIELDS = ("name", "dataset", "dataset_args", "task", "weight", "every", "num_train", "num_val")
 MIXTURE_FIELDS = ("temperature",)
 
@@ -68,11 +70,7 @@ def parse_sources(entries: Sequence[Mapping[str, Any]], default_dataset: str) ->
                          f"got {entries!r}")
     specs: list[SourceSpec] = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, Mapping):
-            raise _fail(i, f"must be a mapping with keys among {list(SOURCE_FIELDS)}, got {entry!r}")
-        unknown = sorted(set(entry) - set(SOURCE_FIELDS))
-        if unknown:
-            raise _fail(i, f"unknown keys {unknown}; expected keys among {list(SOURCE_FIELDS)}")
+        mapping_with_keys(f"data.sources[{i}]", entry, SOURCE_FIELDS)
         task = entry.get("task")
         if not isinstance(task, str) or not task:
             raise _fail(i, f"needs a task name (`task: text_to_video` ...), got {task!r}")
@@ -87,17 +85,12 @@ def parse_sources(entries: Sequence[Mapping[str, Any]], default_dataset: str) ->
         if "weight" in entry and "every" in entry:
             raise _fail(i, "give either weight (a main source) or every (an extra), not both")
         weight = entry.get("weight")
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
-                                   or not math.isfinite(weight) or weight < 0):
-            raise _fail(i, f"weight must be a finite number >= 0, got {weight!r}")
-        ints = {}
-        for key in ("every", "num_train", "num_val"):
-            value = entry.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise _fail(i, f"{key} must be a positive int, got {value!r}")
-            ints[key] = value
-        specs.append(SourceSpec(name=name, dataset=dataset, task=task, dataset_args=dict(args),
-                                weight=None if weight is None else float(weight), **ints))
+        if weight is not None:
+            weight = finite_number(f"data.sources[{i}]", "weight", weight, low=0)
+        ints = {key: None if entry.get(key) is None else positive_int(f"data.sources[{i}]", key, entry[key])
+                for key in ("every", "num_train", "num_val")}
+        specs.append(SourceSpec(name=name, dataset=dataset, task=task, dataset_args=dict(args), weight=weight,
+                                **ints))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
