@@ -171,8 +171,6 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         """The resolved stages (a single open stage without ``curriculum``)."""
         for stage in self.curriculum.stages:
             check_stage_weights(stage.mixture, list(self.weights), f"curriculum stage {stage.index}")
-            if self.packing is not None and stage.length is None:  # cannot happen: packing always has a length
-                raise ValueError(f"curriculum stage {stage.index}: packing needs a length")
         lengths = [s.length for s in self.curriculum.stages]
         self.eval_length: int | None = None if None in lengths else max(lengths)
         """Row length of the evaluation batches: the longest over the stages (None = pad to the longest)."""

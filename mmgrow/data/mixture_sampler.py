@@ -36,7 +36,6 @@ its own (as ``ResumableSampler`` does); :meth:`set_epoch` is ignored.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
@@ -48,6 +47,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from mmgrow.data.curriculum import CurriculumSchedule
+from mmgrow.data.resumable_sampler import stable_seed
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,7 @@ class Position:
 
 
 def _seed(*parts: Any) -> int:
-    """A 63-bit seed from ``parts`` (stable across runs and platforms)."""
-    return int.from_bytes(hashlib.sha256("/".join(map(str, ("mmgrow.mixture", *parts))).encode()).digest()[:8],
-                          "little") >> 1
+    return stable_seed("mmgrow.mixture", *parts)
 
 
 class MixtureSampler(DistributedSampler):
@@ -127,6 +125,12 @@ class MixtureSampler(DistributedSampler):
 
     def step(self, position: Position) -> tuple[list[tuple[int, int]], int, Position]:
         """``(all ranks' items of batch position.batch, its stage index, the position after it)``."""
+        slots, stage, after = self._draw(position)
+        return [(source, self._index(source, cursor)) for source, cursor in slots], stage, after
+
+    def _draw(self, position: Position) -> tuple[list[tuple[int, int]], int, Position]:
+        """:meth:`step` with ``(source, cursor)`` slots instead of items: only random draws, so advancing the
+        loop-side position never builds a permutation (the index of a slot is looked up where it is served)."""
         k = position.batch
         stage = self.curriculum.stage_at(k // self.accumulate)
         cumulative = self._cumulative[stage.index]
@@ -141,14 +145,15 @@ class MixtureSampler(DistributedSampler):
                 source = min(bisect_right(cumulative, rng.random() * cumulative[-1]), len(cumulative) - 1)
                 main_count += 1
                 pending = [s for s, cnt in self.every.items() if main_count % cnt == 0]
-            items.append((source, self._index(source, cursors[source])))
+            items.append((source, cursors[source]))
             cursors[source] += 1
         return items, stage.index, Position(k + 1, tuple(cursors), main_count, tuple(pending))
 
     def key(self, position: Position) -> tuple[BatchKey, Position]:
         """This rank's key of the batch at ``position`` and the position after it."""
-        items, stage, after = self.step(position)
-        return BatchKey(position.batch, stage, tuple(items[self.rank::self.num_replicas])), after
+        slots, stage, after = self._draw(position)
+        items = tuple((source, self._index(source, cursor)) for source, cursor in slots[self.rank::self.num_replicas])
+        return BatchKey(position.batch, stage, items), after
 
     # -- Sampler / DistributedSampler --------------------------------------------------------------------
     def __len__(self) -> int:
@@ -166,7 +171,7 @@ class MixtureSampler(DistributedSampler):
 
     def advance(self) -> None:
         """The training loop took one more batch (all replicas together)."""
-        self.position = self.step(self.position)[2]
+        self.position = self._draw(self.position)[2]
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored: the position follows consumption (see the module docstring)."""

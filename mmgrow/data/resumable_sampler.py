@@ -35,10 +35,15 @@ import torch
 from torch.utils.data import DistributedSampler
 
 
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit generator seed from ``parts`` joined by ``/`` (SHA-256: the same on every run and platform)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit generator seed for epoch ``epoch`` of a sampler seeded by ``seed`` (stable across runs)."""
-    digest = hashlib.sha256(f"mmgrow.sampler/{seed}/{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return stable_seed("mmgrow.sampler", seed, epoch)
 
 
 class ResumableSampler(DistributedSampler):
