@@ -15,8 +15,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mmgrow.cli_text import plain_text
 
 DEFAULT_CODECS = {"text": "bytes", "video": "pixels"}  # MMDataModule's default (no lightning import here)
@@ -59,17 +57,12 @@ def load_for_evaluation(run: Path) -> tuple[Any, Any, Any, Any, dict]:
     """``(model, objective, builder, condition_encoder, data config)`` of a run directory."""
     import mmgrow
     from mmgrow.data.sequence import SequenceBuilder
-    from mmgrow.protocols import Objective
     from mmgrow.rundir import CONFIG_NAME, WEIGHTS_NAME, check_run
     from mmgrow.training.export import load_model
-    from mmgrow.training.generate_cli import instantiate
+    from mmgrow.training.generate_cli import instantiate, read_run_config, run_objective
 
-    config = run / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: --checkpoint must be the run directory of `mmgrow fit` "
-                                "(it holds config.yaml, model.safetensors and model.yaml)")
+    config, cfg = read_run_config(run)
     check_run(run, (WEIGHTS_NAME, CONFIG_NAME))
-    cfg = yaml.safe_load(config.read_text()) or {}
     data = cfg.get("data") or {}
     codecs = dict(data.get("codecs") or DEFAULT_CODECS)
     codec_args = data.get("codec_args") or {}
@@ -82,14 +75,7 @@ def load_for_evaluation(run: Path) -> tuple[Any, Any, Any, Any, dict]:
     if ours != trained:  # order too: it fixes the id offsets
         raise ValueError(f"{config}: the data section's codecs give the token space {dict(ours)} but the model "
                          f"was trained with {dict(trained)}")
-    objective = instantiate((cfg.get("model") or {}).get("objective"), f"{config.name}: model.objective", Objective)
-    if objective is None:
-        from mmgrow.objectives.autoregressive import AutoregressiveObjective
-
-        objective = AutoregressiveObjective()
-    bind = getattr(objective, "bind", None)
-    if callable(bind):
-        bind(model.token_space)
+    objective = run_objective(config, cfg, model)
     if not getattr(objective, "samples_tokens", True):
         raise ValueError(f"the run's objective {type(objective).__name__} samples no tokens; needle retrieval "
                          "decodes a text answer (train with an objective that does, e.g. autoregressive)")

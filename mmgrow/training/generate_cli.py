@@ -102,24 +102,21 @@ def check_prompt_length(what: str, text: str, limit: int) -> None:
                          "the sampler's memory grows with the square of the sequence")
 
 
-def load_run(run: Path) -> tuple[Any, Any, Any]:
-    """``(model, objective, data module)`` of a run directory."""
-    from mmgrow.data.datamodule import MMDataModule
-    from mmgrow.training.export import load_model
-
+def read_run_config(run: Path) -> tuple[Path, dict[str, Any]]:
+    """``(path, parsed config.yaml)`` of a run directory of ``mmgrow fit`` (a named error otherwise)."""
     config = run / "config.yaml"
-    if not config.exists():
+    if not config.is_file():
         raise FileNotFoundError(f"{config} not found: --checkpoint must be the run directory of `mmgrow fit` "
                                 "(it holds config.yaml, model.safetensors and model.yaml)")
+    return config, yaml.safe_load(config.read_text()) or {}
+
+
+def run_objective(config: Path, cfg: dict[str, Any], model: Any) -> Any:
+    """The run's objective (``model.objective`` of its config, autoregressive by default), bound to the
+    model's token space."""
     from mmgrow.protocols import Objective
 
-    cfg = yaml.safe_load(config.read_text())
-    data_cfg = {k: instantiate(v, f"{config.name}: data.{k}") for k, v in (cfg.get("data") or {}).items()}
-    data_cfg.update(num_train=1, num_val=max(1, int(data_cfg.get("num_val") or 1)))
-    dm = MMDataModule(**data_cfg)
-    model = load_model(run)
-    model.eval()
-    objective = instantiate((cfg.get("model") or {}).get("objective"), f"{config.name}: model.objective", Objective) or None
+    objective = instantiate((cfg.get("model") or {}).get("objective"), f"{config.name}: model.objective", Objective)
     if objective is None:
         from mmgrow.objectives.autoregressive import AutoregressiveObjective
 
@@ -127,7 +124,21 @@ def load_run(run: Path) -> tuple[Any, Any, Any]:
     bind = getattr(objective, "bind", None)
     if callable(bind):
         bind(model.token_space)
-    return model, objective, dm
+    return objective
+
+
+def load_run(run: Path) -> tuple[Any, Any, Any]:
+    """``(model, objective, data module)`` of a run directory."""
+    from mmgrow.data.datamodule import MMDataModule
+    from mmgrow.training.export import load_model
+
+    config, cfg = read_run_config(run)
+    data_cfg = {k: instantiate(v, f"{config.name}: data.{k}") for k, v in (cfg.get("data") or {}).items()}
+    data_cfg.update(num_train=1, num_val=max(1, int(data_cfg.get("num_val") or 1)))
+    dm = MMDataModule(**data_cfg)
+    model = load_model(run)
+    model.eval()
+    return model, run_objective(config, cfg, model), dm
 
 
 def generate_main(argv: list[str]) -> int:
