@@ -527,11 +527,19 @@ class Task(Plugin):
 
     ``modalities``: every modality its segments use (the data module checks it has their codecs);
     ``target_modalities``: the ones it trains the model to generate (sample writers use it).
+
+    ``prompt_template``: the instruction its examples put before the target, with ``{field}``
+    placeholders (documented and tested as golden strings; empty for a task without one).
+    ``scored``: True when :meth:`score` gives a meaningful per-task metric; the task evaluation
+    (:mod:`mmgrow.evaluation.tasks`) then decodes the example's last segment (its one target)
+    greedily after the other segments and scores the prediction.
     """
 
     name: ClassVar[str] = ""
     modalities: ClassVar[Sequence[str]] = ()
     target_modalities: ClassVar[Sequence[str]] = ()
+    prompt_template: ClassVar[str] = ""
+    scored: ClassVar[bool] = False
 
     def segments(self, sample: Sample) -> list[Segment]:
         raise NotImplementedError
@@ -542,6 +550,12 @@ class Task(Plugin):
         ``text_to_video``); an example whose text is only a target gets none (no leaked answer)."""
         return next((s.raw for s in segments if s.modality == "text" and s.role == "input" and isinstance(s.raw, str)),
                     None)
+
+    def score(self, prediction: Any, sample: Sample, target: Segment) -> dict[str, float]:
+        """Metrics in ``[0, 1]`` of the model's decoded ``prediction`` of ``target`` (the last segment
+        of ``segments(sample)``). Default: exact match of text, ``{"accuracy": 1.0}`` when
+        ``str(prediction).strip() == target.raw`` else ``{"accuracy": 0.0}``."""
+        return {"accuracy": float(str(prediction).strip() == target.raw)}
 
 
 # --------------------------------------------------------------------------------------------------

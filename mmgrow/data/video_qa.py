@@ -74,6 +74,8 @@ class VideoQA(Task):
     name: ClassVar[str] = "video_qa"
     modalities: ClassVar[Sequence[str]] = ("video", "text")
     target_modalities: ClassVar[Sequence[str]] = ("text",)
+    prompt_template: ClassVar[str] = "{question}"
+    scored: ClassVar[bool] = True
 
     def __init__(self, kinds: Sequence[str] | None = None) -> None:
         self.kinds = choose_names("VideoQA", "kinds", kinds, tuple(QUESTIONS))
