@@ -54,11 +54,11 @@ def inspect_data(dm: Any, batches: int = 8, step: int = 0, accumulate: int = 1) 
             examples[source] += 1
             tokens[source] += len(getattr(example, "sequence", example))
     stage = dm.curriculum.stage_at(step)
-    every = {s.name: s.every for s in dm.sources if s.is_extra}
+    every = {dm.sources[i].name: cnt for i, cnt in dm.stage_every()[stage.index].items() if cnt}
     shares = expected_shares(stage.mixture, every)
     task_names = [s.task for s in dm.sources]
     by_task = len(set(task_names)) == len(task_names)
-    tasks = {(s.task if by_task else s.name): {"examples": examples[i], "tokens": tokens[i], "weight": shares[s.name]}
+    tasks = {(s.task if by_task else s.name): {"examples": examples[i], "tokens": tokens[i], "weight": shares.get(s.name, 0.0)}
              for i, s in enumerate(dm.sources)}
     skipped = [{"path": str(f.get("path", "")), "reason": str(f.get("reason", ""))} if isinstance(f, dict)
                else {"path": str(f), "reason": ""} for f in dm.skipped_files()]

@@ -10,7 +10,9 @@ A recipe declares (``data.curriculum``)::
 Every field but ``until`` is optional and inherits from the stage before it (the first stage from the
 data module's own settings): ``mixture`` (relative weights by source name; sources not named keep
 theirs), ``length`` (packing length, or the padded sequence length without packing), ``batch_size``
-(examples per step), ``rope_theta`` (the model's RoPE base, None = leave the model's), ``lr_scale``
+(examples per step), ``every`` (``{extra source: cnt}``: the rate of an extra source from this stage on,
+0 = none; UnIVAL adds video at ``cnt = 1`` in its second stage; extras not named keep their declared
+``every``), ``rope_theta`` (the model's RoPE base, None = leave the model's), ``lr_scale``
 (multiplies the optimiser's learning rate, after the scheduler; default 1), ``name`` (for logs).
 
 Step boundaries. A stage ``until: {step: N}`` covers global steps ``[start, N)``. ``until: {tokens: N}``
@@ -37,7 +39,7 @@ from typing import Any
 
 from mmgrow.checks import finite_number, mapping_with_keys, positive_int
 
-STAGE_FIELDS = ("until", "name", "mixture", "length", "batch_size", "rope_theta", "lr_scale")
+STAGE_FIELDS = ("until", "name", "mixture", "every", "length", "batch_size", "rope_theta", "lr_scale")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Stage:
     start: int
     end: int | None
     mixture: dict[str, float] | None = None
+    every: dict[str, int] = field(default_factory=dict)
+    """Extras whose rate this stage (or an earlier one) overrides: ``{source: cnt}``, 0 = off."""
     length: int | None = None
     batch_size: int = 1
     rope_theta: float | None = None
@@ -73,6 +77,18 @@ def _positive_number(index: int, name: str, value: Any) -> float:
         except ValueError:
             raise _fail(index, f"{name} must be a finite number > 0, got {value!r}") from None
     return finite_number(f"curriculum stage {index}", name, value, low=0, low_open=True)
+
+
+def _every(index: int, value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping) or not value:
+        raise _fail(index, f"every must be a non-empty mapping extra source name -> cnt (0 = off), got {value!r}")
+    out = {}
+    for name, cnt in value.items():
+        if isinstance(cnt, bool) or not isinstance(cnt, int) or cnt < 0:
+            raise _fail(index, f"every[{name!r}] must be an int >= 0 (one item every cnt main items; 0 = none in "
+                               f"this stage), got {cnt!r}")
+        out[str(name)] = cnt
+    return out
 
 
 def _mixture(index: int, value: Any) -> dict[str, float]:
@@ -101,14 +117,16 @@ class CurriculumSchedule:
             raise ValueError(f"curriculum must be a list of stages (mappings), got {type(stages).__name__}")
         raw = list(stages or [{}])
         resolved: list[Stage] = []
-        current = {"mixture": dict(mixture) if mixture else None, "length": length, "batch_size": batch_size,
-                   "rope_theta": None, "lr_scale": 1.0}
+        current = {"mixture": dict(mixture) if mixture else None, "every": {}, "length": length,
+                   "batch_size": batch_size, "rope_theta": None, "lr_scale": 1.0}
         start, tokens = 0, 0
         for i, entry in enumerate(raw):
             mapping_with_keys(f"curriculum stage {i}", entry, STAGE_FIELDS)
             settings = {k: v for k, v in entry.items() if k not in ("until", "name")}
             if "mixture" in entry:
                 current["mixture"] = {**(current["mixture"] or {}), **_mixture(i, entry["mixture"])}
+            if "every" in entry:
+                current["every"] = {**current["every"], **_every(i, entry["every"])}
             if "length" in entry:
                 current["length"] = positive_int(f"curriculum stage {i}", "length", entry["length"])
             if "batch_size" in entry:
@@ -178,5 +196,6 @@ class CurriculumSchedule:
     def describe(self) -> list[dict[str, Any]]:
         """One JSON-ready dict per stage (name, steps, settings)."""
         return [{"name": s.name, "start_step": s.start, "end_step": s.end, "batch_size": s.batch_size,
-                 "length": s.length, "rope_theta": s.rope_theta, "lr_scale": s.lr_scale, "mixture": s.mixture}
+                 "length": s.length, "rope_theta": s.rope_theta, "lr_scale": s.lr_scale, "mixture": s.mixture,
+                 **({"every": s.every} if s.every else {})}
                 for s in self.stages]

@@ -169,8 +169,13 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         """The declared weights of the main sources (before any curriculum stage)."""
         self.curriculum = CurriculumSchedule(curriculum, batch_size=batch_size, length=length, mixture=self.weights)
         """The resolved stages (a single open stage without ``curriculum``)."""
+        extras = [s.name for s in specs if s.is_extra]
         for stage in self.curriculum.stages:
             check_stage_weights(stage.mixture, list(self.weights), f"curriculum stage {stage.index}")
+            unknown = sorted(set(stage.every) - set(extras))
+            if unknown:
+                raise ValueError(f"curriculum stage {stage.index}: every names {unknown}, which are not extra sources "
+                                 f"(sources with `every`); extras: {extras}")
         lengths = [s.length for s in self.curriculum.stages]
         self.eval_length: int | None = None if None in lengths else max(lengths)
         """Row length of the evaluation batches: the longest over the stages (None = pad to the longest)."""
@@ -242,10 +247,15 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         per_epoch = math.ceil(sum(distinct.values()) / (self.batch_size * num_replicas))
         stage_weights = [[0.0 if s.is_extra else stage.mixture.get(s.name, 0.0) for s in self.sources]
                          for stage in self.curriculum.stages]
-        return MixtureSampler(names, [len(ds) for ds in self.source_sets["train"]],
-                              {i: s.every for i, s in enumerate(self.sources) if s.is_extra}, stage_weights,
+        return MixtureSampler(names, [len(ds) for ds in self.source_sets["train"]], self.stage_every(), stage_weights,
                               self.curriculum, per_epoch, seed=self.seed, num_replicas=num_replicas, rank=rank,
                               accumulate=accumulate)
+
+    def stage_every(self) -> list[dict[int, int]]:
+        """Per curriculum stage, ``{source position: cnt}`` of the extras (a stage's ``every`` over the
+        sources' declared rates; 0 = off in that stage)."""
+        return [{i: stage.every.get(s.name, s.every) for i, s in enumerate(self.sources) if s.is_extra}
+                for stage in self.curriculum.stages]
 
     def train_sampler(self) -> MixtureSampler:
         sampler = super().train_sampler()

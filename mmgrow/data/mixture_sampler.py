@@ -82,7 +82,8 @@ class MixtureSampler(DistributedSampler):
     Args:
         names: source names (checked on resume; they seed the per-source permutations).
         sizes: training samples per source.
-        every: ``{source position: cnt}`` of the extras.
+        every: ``{source position: cnt}`` of the extras, one dict for every stage or per curriculum stage
+            (a list; ``cnt = 0`` = the extra is off in that stage).
         stage_weights: per curriculum stage, one weight per source (0 for extras).
         curriculum: the stages (batch size per stage).
         batches_per_epoch: Lightning's epoch length in batches.
@@ -91,7 +92,7 @@ class MixtureSampler(DistributedSampler):
             belongs to step ``k // accumulate``.
     """
 
-    def __init__(self, names: Sequence[str], sizes: Sequence[int], every: dict[int, int],
+    def __init__(self, names: Sequence[str], sizes: Sequence[int], every: dict[int, int] | Sequence[dict[int, int]],
                  stage_weights: Sequence[Sequence[float]], curriculum: CurriculumSchedule, batches_per_epoch: int,
                  seed: int = 0, num_replicas: int = 1, rank: int = 0, accumulate: int = 1) -> None:
         if not 0 <= rank < num_replicas:
@@ -101,7 +102,10 @@ class MixtureSampler(DistributedSampler):
         if any(int(n) < 1 for n in sizes):
             raise ValueError(f"MixtureSampler: every source needs >= 1 sample, got sizes {dict(zip(names, sizes))}")
         self.names, self.sizes = list(names), [int(n) for n in sizes]
-        self.every = dict(every)
+        per_stage = [every] * len(curriculum) if isinstance(every, dict) else list(every)
+        if len(per_stage) != len(curriculum):
+            raise ValueError(f"MixtureSampler: {len(per_stage)} extra-rate dicts for {len(curriculum)} stages")
+        self.stage_every = [{s: int(cnt) for s, cnt in e.items() if cnt} for e in per_stage]
         self._cumulative = [list(cumulative_sum(float(w) for w in weights)) for weights in stage_weights]
         self.curriculum, self.batches_per_epoch = curriculum, int(batches_per_epoch)
         self.seed, self.num_replicas, self.rank, self.accumulate = int(seed), num_replicas, rank, int(accumulate)
@@ -144,7 +148,7 @@ class MixtureSampler(DistributedSampler):
                 # bisect over the cumulative weights: P(source) = w / sum(w); weight-0 sources are never hit
                 source = min(bisect_right(cumulative, rng.random() * cumulative[-1]), len(cumulative) - 1)
                 main_count += 1
-                pending = [s for s, cnt in self.every.items() if main_count % cnt == 0]
+                pending = [s for s, cnt in self.stage_every[stage.index].items() if main_count % cnt == 0]
             items.append((source, cursors[source]))
             cursors[source] += 1
         return items, stage.index, Position(k + 1, tuple(cursors), main_count, tuple(pending))

@@ -174,6 +174,7 @@ class RunSummary(pl.Callback):
             "device": str(pl_module.device),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "growth": getattr(pl_module, "growth_summary", None),
+            "tasks": getattr(pl_module, "task_results", None),
             **skipped_media(trainer),
         }
 

@@ -258,6 +258,7 @@ def _make_cli_class(links: list[tuple[str, str]]):
     from mmgrow.training.divergence import DivergenceGuard
     from mmgrow.training.progress import StepProgressBar
     from mmgrow.training.samples import GenerateCaptions, GenerateSamples
+    from mmgrow.training.task_callback import TaskEvaluation
 
     class MMGrowCLI(LightningCLI):
         """LightningCLI with mmgrow's links, run directory and evidence callbacks."""
@@ -297,6 +298,7 @@ def _make_cli_class(links: list[tuple[str, str]]):
                 (c, c) for c in (RunSummary, ExportWeights, PlotMetrics, GenerateSamples, GenerateCaptions)]
             wanted.append((DivergenceGuard, DivergenceGuard))
             wanted.append((Curriculum, Curriculum))  # RoPE theta / lr scale per curriculum stage; no-op without one
+            wanted.append((TaskEvaluation, TaskEvaluation))  # per-task metrics; no-op without scored tasks
             if config.get("enable_checkpointing", True) is not False:
                 # last.ckpt every 100 steps and at every epoch end, including the one max_steps cuts short:
                 # the final state whatever the validation schedule (resumable, equal to model.safetensors).

@@ -154,6 +154,27 @@ def test_curriculum_switches_batch_size_length_and_mixture_at_the_declared_step(
         small_dm(curriculum=[{"until": {"step": 2}}, {"mixture": {"t2v": 1}}])
 
 
+def test_a_stage_turns_an_extra_on_or_changes_its_rate_at_the_declared_step():
+    # UnIVAL: stage 1 image-text only, stage 2 adds video at cnt 1. Here the extra `cap` (video_to_text) is off
+    # for steps [0, 3), then follows every main item; the sampler's counts obey floor(K / cnt) per stage.
+    sources = [{"name": "t2v", "task": "text_to_video"}, {"name": "cap", "task": "video_to_text", "every": 4}]
+    stages = [{"until": {"step": 3}, "every": {"cap": 0}}, {"every": {"cap": 1}}]
+    dm = small_dm(sources=sources, curriculum=stages, batch_size=4)
+    assert dm.stage_every() == [{1: 0}, {1: 1}]
+    sampler = dm.train_sampler()
+    position, per_batch = sampler.position, []
+    for _ in range(8):
+        items, stage, position = sampler.step(position)
+        per_batch.append((stage, [src for src, _ in items]))
+    assert all(sources == [0] * 4 for stage, sources in per_batch if stage == 0) and per_batch[2][0] == 0
+    later = [src for stage, sources in per_batch if stage == 1 for src in sources]
+    assert per_batch[3][0] == 1 and later == [0, 1] * (len(later) // 2)  # one extra right after each main item
+    with pytest.raises(ValueError, match=r"curriculum stage 1: every names \['t2v'\], which are not extra sources"):
+        small_dm(sources=sources, curriculum=[{"until": {"step": 2}}, {"every": {"t2v": 2}}])
+    with pytest.raises(ValueError, match=r"every\['cap'\] must be an int >= 0"):
+        small_dm(sources=sources, curriculum=[{"every": {"cap": -1}}])
+
+
 def run_stream(dm, batches, stop=None, num_workers=0):
     """Batches a training loop takes (advancing the loop-side position like on_before_batch_transfer); with
     ``stop`` also the data module's state after ``stop`` batches."""
