@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "grow": ("mmgrow.training.grow_cli:grow_main", "grow a trained model offline into a new model directory"),
     "generate": ("mmgrow.training.generate_cli:generate_main", "videos (GIF + MP4) from a trained run and prompts"),
     "evaluate": ("mmgrow.training.evaluate_cli:evaluate_main",
-                 "evaluate a trained run: `evaluate needle` (retrieval accuracy by context length and depth)"),
+                 "evaluate a trained run: `evaluate tasks` (per-task metrics), `evaluate needle` (retrieval by length and depth)"),
     "data": ("mmgrow.data_cli:data_main", "inspect a recipe's data: task shares, tokens, rows, padding, skipped files"),
 }
 """``name -> ("module:function", one-line help)``; the function takes the arguments after the name

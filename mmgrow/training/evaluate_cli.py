@@ -1,4 +1,11 @@
-"""``mmgrow evaluate needle --checkpoint RUN --lengths 256 1024 --depths 0 0.5 1``: long-context retrieval.
+"""``mmgrow evaluate needle|tasks --checkpoint RUN ...``: long-context retrieval, or per-task metrics.
+
+``mmgrow evaluate tasks --checkpoint RUN [--splits val heldout] [--samples 32]`` scores every scored task of
+the run's data sources (:mod:`mmgrow.evaluation.tasks`: exact match, caption attributes, IoU ...) and
+writes ``tasks.json`` and the table ``tasks.md`` into ``--out`` (default ``RUN/eval/tasks-<n>``); it
+works on any directory holding a recipe ``config.yaml`` and weights, e.g. the output of ``mmgrow merge``.
+
+``mmgrow evaluate needle --checkpoint RUN --lengths 256 1024 --depths 0 0.5 1``: long-context retrieval.
 
 Reads a run directory of ``mmgrow fit`` (a completed save: ``model.safetensors`` + ``model.yaml`` and
 ``config.yaml``, checked against its manifest), rebuilds the codecs of its data section
@@ -34,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--kind", choices=("text", "video"), default="text", help="haystack of text or of video frames")
     n.add_argument("--seed", type=int, default=0, help="seeds the needle examples")
     n.add_argument("--out", help="output directory (default RUN/eval/needle-<n>)")
+    t = sub.add_parser("tasks", help="per-task metrics of the run's scored tasks (JSON + Markdown table)",
+                       description="Per-task metrics (exact match, caption attributes, IoU ...) of a trained run.")
+    t.add_argument("--checkpoint", required=True, help="run directory of `mmgrow fit` (model.safetensors, config.yaml)")
+    t.add_argument("--splits", nargs="+", choices=("train", "val", "heldout"), default=["val", "heldout"],
+                   help="data splits to score")
+    t.add_argument("--samples", type=int, default=32, help="items scored per source and split")
+    t.add_argument("--out", help="output directory (default RUN/eval/tasks-<n>)")
     return p
 
 
@@ -96,9 +110,39 @@ def run_needle(args: argparse.Namespace) -> list[Path]:
     return list(write_needle_results(result, out))
 
 
+def run_tasks(args: argparse.Namespace) -> list[Path]:
+    """Score the run's tasks and write ``tasks.json`` / ``tasks.md``; returns their paths."""
+    import json
+
+    from mmgrow.checks import positive_int
+    from mmgrow.evaluation.needle import next_eval_dir
+    from mmgrow.evaluation.tasks import evaluate_tasks, tasks_table
+    from mmgrow.rundir import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, check_run
+    from mmgrow.training.generate_cli import load_run
+
+    positive_int("", "--samples", args.samples)
+    run = Path(args.checkpoint)
+    if not run.is_dir():
+        raise FileNotFoundError(f"--checkpoint {run} is not a directory; give the run directory of `mmgrow fit`")
+    check_run(run, (WEIGHTS_NAME, CONFIG_NAME))
+    model, objective, dm = load_run(run, num_val=args.samples)
+    if not any(getattr(t, "scored", False) for t in dm.tasks):
+        raise ValueError(f"{run}: none of the run's tasks ({[t.name for t in dm.tasks]}) is scored; per-task metrics "
+                         "need tasks such as video_qa, image_qa, grounding, audio_caption")
+    results = {split: evaluate_tasks(model, objective, dm, split, args.samples) for split in args.splits}
+    out = Path(args.out) if args.out else next_eval_dir(run, "tasks")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "tasks.json", json.dumps(results, indent=2).encode())
+    atomic_write_bytes(out / "tasks.md", tasks_table(results).encode())
+    return [out / "tasks.json", out / "tasks.md"]
+
+
 def evaluate_main(argv: list[str]) -> int:
     """Bad input raises (reported in one line by :func:`mmgrow.cli_errors.run_command`)."""
     args = build_parser().parse_args(argv)
+    if args.evaluation == "tasks":
+        print("\n".join(str(p) for p in run_tasks(args)))
+        return 0
     check_needle_arguments(args)
     print("\n".join(str(p) for p in run_needle(args)))
     return 0
