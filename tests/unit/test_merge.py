@@ -343,6 +343,8 @@ def test_sweep_on_two_tiny_real_runs(tmp_path, monkeypatch):
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--sweep", "--points", "3", "--batches", "2",
                  "--weights", "0.5,0.5", "--out", str(out)]) == 0
     result = json.loads((out / "merge_sweep.json").read_text())
+    assert len(result["splits"]["val"]["loss"]) == 3
+    assert result["splits"]["val"]["loss"][0] != result["splits"]["val"]["loss"][-1]  # the runs differ
     for index, name in ((0, "a"), (-1, "b")):
         model, objective, dm = load_run(tmp_path / name)
         for split in ("val", "heldout"):
