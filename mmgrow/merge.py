@@ -231,7 +231,8 @@ def prepare_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
 
 def write_merged(sources: Sequence[MergeSource], weights: Sequence[float], merged: Mapping[str, Tensor], out: Path,
                  normalized: bool = False) -> Path:
-    """Write the merged model into ``out`` as a sealed run directory and return it:
+    """Write the merged model into ``out`` as a sealed run directory; return the path of its ``manifest.json``.
+    The first source's model receives the merged weights (no second copy of the model is made):
 
     ``model.safetensors`` + ``model.yaml`` (the common config), ``merge.json`` (``runs`` as absolute paths,
     ``weights``, ``normalized``, ``tensors``, ``parameters``) and, when the first run has one, its
