@@ -1,4 +1,4 @@
-"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow``, ``generate``, ``evaluate`` or the Lightning CLI.
+"""``mmgrow`` / ``python -m mmgrow``: dispatches to the plugin tools, ``grow``, ``generate``, ``evaluate``, ``merge`` or the Lightning CLI.
 
 ``mmgrow`` alone or ``mmgrow --help`` prints :data:`SUBCOMMANDS` without importing Lightning (the
 subcommands' own ``--help`` goes to each of them: ``mmgrow fit --help`` is LightningCLI's).
@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("mmgrow.training.evaluate_cli:evaluate_main",
                  "evaluate a trained run: `evaluate tasks` (per-task metrics), `evaluate needle` (retrieval by length and depth)"),
     "data": ("mmgrow.data_cli:data_main", "inspect a recipe's data: task shares, tokens, rows, padding, skipped files"),
+    "merge": ("mmgrow.training.merge_cli:merge_main", "average the weights of runs of one architecture; --sweep: A..B"),
 }
 """``name -> ("module:function", one-line help)``; the function takes the arguments after the name
 (the Lightning subcommands take them including the name)."""

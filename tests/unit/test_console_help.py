@@ -24,7 +24,8 @@ def test_top_level_help_lists_every_subcommand_without_importing_lightning():
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["rc"] == 0 and not result["lightning"]
     listed = [line.split()[0] for line in result["help"].splitlines() if line.startswith("  ")]
-    assert listed == ["fit", "validate", "test", "predict", "plugins", "grow", "generate", "evaluate", "data"] == list(SUBCOMMANDS)
+    assert listed == ["fit", "validate", "test", "predict", "plugins", "grow", "generate", "evaluate", "data",
+                      "merge"] == list(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("name", list(SUBCOMMANDS))
@@ -40,7 +41,7 @@ def test_no_arguments_print_the_help_and_fail(capsys):
     assert "plugins" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("tool", ["grow", "generate", "evaluate"])
+@pytest.mark.parametrize("tool", ["grow", "generate", "evaluate", "merge"])
 def test_tool_help_is_plain_text(tool, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([tool, "--help"])
