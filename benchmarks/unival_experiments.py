@@ -147,7 +147,7 @@ def main() -> None:
 def interpolation(data: dict, model: dict, base: str, args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tunes A (image_qa) and B (grounding) from ``base``; both tasks along ``lam``."""
     from mmgrow.evaluation.tasks import evaluate_tasks
-    from mmgrow.merge import interpolate
+    from mmgrow.merge import merge_state_dicts
 
     by_name = {s["name"]: s for s in data["sources"]}
     tuned = {}
@@ -165,7 +165,7 @@ def interpolation(data: dict, model: dict, base: str, args: argparse.Namespace) 
     net = module.model
     curve = []
     for lam in args.lambdas:
-        merged = interpolate([tuned["image_qa"]["state"], tuned["grounding"]["state"]], [1.0 - lam, lam])
+        merged = merge_state_dicts([tuned["image_qa"]["state"], tuned["grounding"]["state"]], [1.0 - lam, lam])
         net.load_state_dict(merged)
         net.eval()
         curve.append({"lambda": lam, **{split: evaluate_tasks(net, module.objective, dm, split, args.samples)
