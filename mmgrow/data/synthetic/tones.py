@@ -84,6 +84,27 @@ def caption(pitch: str, waveform: str, pattern: str, beeps: int = 0) -> str:
     return f"a {pitch} {waveform} tone {pattern}"
 
 
+def parse_caption(text: str) -> dict[str, str | None]:
+    """Read ``{"pitch", "waveform", "pattern"}`` back from a caption slot by slot, so a caption that is
+    partly wrong still yields the attributes it states correctly.
+
+    The grammar of :func:`caption` is ``"a <pitch> <waveform> <tail>"``. The stripped text is split on
+    single spaces; ``pitch`` is word 2 and ``waveform`` word 3 when they are valid names, and ``pattern``
+    is read from the rest (words 4 onwards joined by spaces): ``"tone rising"`` / ``"tone falling"`` ->
+    that pattern, ``"tone held steady"`` -> ``"steady"``, ``"tone, two beeps"`` / ``"tone, three beeps"``
+    -> ``"beeps"``. A slot holding anything else is None. (The beep count is not an attribute here.)
+
+    ``parse_caption("a high sine tone, two beeps")`` -> ``{"pitch": "high", "waveform": "sine", "pattern": "beeps"}``;
+    ``parse_caption("a loud sine tone rising")`` -> ``{"pitch": None, "waveform": "sine", "pattern": "rising"}``.
+    """
+    words = str(text).strip().split(" ")
+    tails = {"tone rising": "rising", "tone falling": "falling", "tone held steady": "steady"}
+    tails.update({f"tone, {NUMBER_WORDS[b]} beeps": "beeps" for b in BEEP_COUNTS})
+    return {"pitch": words[1] if len(words) > 1 and words[1] in PITCHES else None,
+            "waveform": words[2] if len(words) > 2 and words[2] in WAVEFORMS else None,
+            "pattern": tails.get(" ".join(words[3:]))}
+
+
 def questions(meta: dict) -> list[tuple[str, str, str]]:
     """``(kind, question, answer)`` for every :data:`QUESTIONS` kind that applies to a tone with this meta
     (``{"pitch", "waveform", "pattern", "beeps"}``): pitch, waveform and pattern always, in that order, then
