@@ -220,3 +220,20 @@ def test_sequence_builder_puts_spectrogram_latents_at_the_audio_positions():
     assert text.decode(seq.input_ids[spans[1]] - offset) == "what does the audio describe?"
     assert text.decode(seq.input_ids[spans[2]] - offset) == "a high triangle tone falling"
     assert seq.loss_mask.tolist() == [0.0] * spans[2].start + [1.0] * (len(seq) - spans[2].start)
+
+
+def test_data_module_batches_audio_tasks_with_latents():
+    from mmgrow.data.datamodule import MMDataModule
+
+    dm = MMDataModule(tasks=["audio_caption", "audio_qa", "text_lm"], codecs={"text": "bytes", "audio": "spectrogram"},
+                      dataset="tones", dataset_args={"seconds": 0.1}, num_train=6, num_val=3, batch_size=6)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    audio = batch.modality_ids == dm.builder.token_space.index("audio")
+    frames = SpectrogramCodec().num_frames(800)
+    # every example of audio_caption / audio_qa opens with its clip's frames; text_lm has none
+    per_row = audio.sum(1).tolist()
+    assert set(per_row) <= {0, frames} and frames in per_row, per_row
+    assert batch.latents.shape == (*batch.input_ids.shape, 32)
+    assert bool((batch.latents[~audio] == 0).all()) and bool((batch.latents[audio] != 0).any())
+    assert not bool((batch.loss_mask[audio] != 0).any()) and bool((batch.loss_mask[~audio] != 0).any())
