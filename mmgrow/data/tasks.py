@@ -5,6 +5,8 @@
 ``conditioned_video``: the DiT setup: the sequence is the video alone (``[video target]``) and the caption
 conditions it only through the data module's ``condition_encoder`` (cross-attention), so classifier-free
 guidance can drop it.
+``text_lm``: plain language modelling on the sample's text (``[text target]``, no instruction), scored
+by its loss only.
 """
 
 from __future__ import annotations
@@ -61,3 +63,25 @@ class ConditionedVideo(Task):
         if not isinstance(sample.text, str) or not sample.text.strip():
             raise ValueError(f"{self.name}: the sample's caption is empty; a conditioned video needs a caption")
         return sample.text
+
+
+class TextLM(Task):
+    """``[Segment("text", sample.text, "target")]``: next-token prediction over the whole text.
+
+    No instruction (``prompt_template`` is empty) and no decoded metric (``scored`` is False): the
+    task is evaluated by its loss. An empty or non-string text is an error (nothing to model).
+    """
+
+    name: ClassVar[str] = "text_lm"
+    modalities: ClassVar[Sequence[str]] = ("text",)
+    target_modalities: ClassVar[Sequence[str]] = ("text",)
+    prompt_template: ClassVar[str] = ""
+    scored: ClassVar[bool] = False
+
+    def segments(self, sample: Sample) -> list[Segment]:
+        if not isinstance(sample, Sample):
+            raise TypeError(f"{self.name}: expected an mmgrow.protocols.Sample, got {type(sample).__name__}")
+        if not isinstance(sample.text, str) or not sample.text.strip():
+            raise ValueError(f"{self.name}: the sample's text is empty ({sample.text!r}); language modelling needs "
+                             "a non-empty text")
+        return [Segment("text", sample.text, "target")]

@@ -10,6 +10,14 @@ of one tone, described by three attributes, with a caption naming them::
 
     "a low sine tone rising", "a mid triangle tone held steady", "a high square tone, two beeps"
 
+Every sample also carries questions about itself (``meta["questions"]``, :func:`questions`), one per
+attribute, answered in one word (the beeps question only for the beeps pattern)::
+
+    pitch     "what pitch is the tone?"     low | mid | high
+    waveform  "what waveform is the tone?"  sine | square | triangle | sawtooth
+    pattern   "what does the tone do?"      rising | falling | steady | beeps
+    beeps     "how many beeps?"             two | three
+
 The frequency track ``f(t)`` is integrated into a phase ``phi(t) = 2 pi sum_{s <= t} f(s) / sr``
 (so glides have no discontinuities), the waveform is a function of the phase fraction
 ``u = phi / 2 pi mod 1``, and a 5 ms linear fade at every onset and offset avoids clicks. The peak
@@ -50,6 +58,14 @@ HELDOUT_COMBOS: tuple[tuple[str, str, str], ...] = (
 )
 """(pitch, waveform, pattern) triples that appear only in the ``"heldout"`` split."""
 
+QUESTIONS: dict[str, str] = {
+    "pitch": "what pitch is the tone?",
+    "waveform": "what waveform is the tone?",
+    "pattern": "what does the tone do?",
+    "beeps": "how many beeps?",
+}
+"""Question kind -> question text, in the order :func:`questions` asks them."""
+
 SPLITS = ("train", "val", "heldout")
 DETUNE_SEMITONES = 2.0
 GLIDE_OCTAVES = 1.0
@@ -66,6 +82,48 @@ def caption(pitch: str, waveform: str, pattern: str, beeps: int = 0) -> str:
     if pattern == "steady":
         return f"a {pitch} {waveform} tone held steady"
     return f"a {pitch} {waveform} tone {pattern}"
+
+
+def parse_caption(text: str) -> dict[str, str | None]:
+    """Read ``{"pitch", "waveform", "pattern"}`` back from a caption slot by slot, so a caption that is
+    partly wrong still yields the attributes it states correctly.
+
+    The grammar of :func:`caption` is ``"a <pitch> <waveform> <tail>"``. The stripped text is split on
+    single spaces; ``pitch`` is word 2 and ``waveform`` word 3 when they are valid names, and ``pattern``
+    is read from the rest (words 4 onwards joined by spaces): ``"tone rising"`` / ``"tone falling"`` ->
+    that pattern, ``"tone held steady"`` -> ``"steady"``, ``"tone, two beeps"`` / ``"tone, three beeps"``
+    -> ``"beeps"``. A slot holding anything else is None. (The beep count is not an attribute here.)
+
+    ``parse_caption("a high sine tone, two beeps")`` -> ``{"pitch": "high", "waveform": "sine", "pattern": "beeps"}``;
+    ``parse_caption("a loud sine tone rising")`` -> ``{"pitch": None, "waveform": "sine", "pattern": "rising"}``.
+    """
+    words = str(text).strip().split(" ")
+    tails = {"tone rising": "rising", "tone falling": "falling", "tone held steady": "steady"}
+    tails.update({f"tone, {NUMBER_WORDS[b]} beeps": "beeps" for b in BEEP_COUNTS})
+    return {"pitch": words[1] if len(words) > 1 and words[1] in PITCHES else None,
+            "waveform": words[2] if len(words) > 2 and words[2] in WAVEFORMS else None,
+            "pattern": tails.get(" ".join(words[3:]))}
+
+
+def questions(meta: dict) -> list[tuple[str, str, str]]:
+    """``(kind, question, answer)`` for every :data:`QUESTIONS` kind that applies to a tone with this meta
+    (``{"pitch", "waveform", "pattern", "beeps"}``): pitch, waveform and pattern always, in that order, then
+    beeps (answered ``"two"`` / ``"three"``) only when the pattern is ``"beeps"``.
+
+    ``questions({"pitch": "low", "waveform": "sine", "pattern": "beeps", "beeps": 2})[-1]``
+    -> ``("beeps", "how many beeps?", "two")``.
+    """
+    missing = [k for k in ("pitch", "waveform", "pattern") if k not in meta]
+    if missing:
+        raise KeyError(f"tones.questions: meta lacks {missing}; expected a tones meta with pitch, waveform, pattern "
+                       f"(and beeps for the beeps pattern), got keys {sorted(meta)}")
+    out = [(kind, QUESTIONS[kind], str(meta[kind])) for kind in ("pitch", "waveform", "pattern")]
+    if meta["pattern"] == "beeps":
+        if meta.get("beeps") not in NUMBER_WORDS:
+            raise ValueError(f"tones.questions: a beeps tone needs meta 'beeps' in {sorted(NUMBER_WORDS)}, "
+                             f"got {meta.get('beeps')!r}")
+        out.append(("beeps", QUESTIONS["beeps"], NUMBER_WORDS[meta["beeps"]]))
+    return out
 
 
 def oscillator(waveform: str, phase_fraction: Tensor) -> Tensor:
@@ -117,8 +175,9 @@ class ToneDataset(Dataset):
     """Random-access dataset of :class:`~mmgrow.protocols.Sample` s.
 
     ``ds[i].media["audio"]`` is ``float32 [N]`` in ``[-1, 1]``, ``ds[i].text`` the caption and
-    ``ds[i].meta`` ``{"pitch", "waveform", "pattern", "beeps", "frequency", "amplitude"}`` (``beeps`` is
-    0 unless the pattern is ``"beeps"``; ``frequency`` is the detuned centre in Hz).
+    ``ds[i].meta`` ``{"pitch", "waveform", "pattern", "beeps", "frequency", "amplitude", "questions"}``
+    (``beeps`` is 0 unless the pattern is ``"beeps"``; ``frequency`` is the detuned centre in Hz;
+    ``questions`` is :func:`questions` as ``[{"kind", "question", "answer"}, ...]``).
 
     Args:
         num_samples: length of the dataset.
@@ -204,6 +263,8 @@ class ToneDataset(Dataset):
         audio = self.synthesize(waveform, pattern, centre, amplitude, beeps, start_phase)
         meta = {"pitch": pitch, "waveform": waveform, "pattern": pattern, "beeps": beeps,
                 "frequency": centre, "amplitude": amplitude}
+        # JSON-friendly (a list of plain dicts), so data inspect and run records can write it as is
+        meta["questions"] = [{"kind": k, "question": q, "answer": a} for k, q, a in questions(meta)]
         return Sample(media={"audio": audio}, text=caption(pitch, waveform, pattern, beeps), meta=meta)
 
     def synthesize(self, waveform: str, pattern: str, centre: float, amplitude: float = 0.8, beeps: int = 0,
