@@ -32,12 +32,10 @@ them; left out when neither gives all three).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import torch
-
+from mmgrow.data.content_hash import content_hash as sample_hash
 from mmgrow.data.synthetic.combinations import choose_names
 from mmgrow.data.synthetic.tones import QUESTIONS, parse_caption
 from mmgrow.protocols import Sample, Segment, Task
@@ -48,12 +46,7 @@ ATTRIBUTES: tuple[str, ...] = ("pitch", "waveform", "pattern")
 
 def content_hash(sample: Sample) -> int:
     """The stable 64-bit hash that picks a sample's question (module docstring)."""
-    h = hashlib.sha256(sample.text.encode("utf-8"))
-    for key in sorted(sample.meta):
-        h.update(f"\n{key}={sample.meta[key]}".encode())
-    audio = torch.as_tensor(sample.media["audio"]).to(torch.float32).contiguous()
-    h.update(audio.numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "big")
+    return sample_hash(sample, "audio")
 
 
 def audio_of(sample: Any, task: str):

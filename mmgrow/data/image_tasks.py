@@ -22,14 +22,12 @@ example in every process and worker (no ``PYTHONHASHSEED``).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import torch
-
+from mmgrow.data.content_hash import content_hash as sample_hash
 from mmgrow.data.synthetic.combinations import choose_names
 from mmgrow.data.synthetic.scenes import scene_caption
 from mmgrow.data.synthetic.shapes import COLOURS, SHAPES
@@ -60,11 +58,7 @@ CAPTION_ATTRIBUTES = ("shape", "colour", "position")
 
 def image_hash(sample: Sample) -> int:
     """The stable 64-bit hash behind every choice of these tasks (module docstring)."""
-    h = hashlib.sha256(sample.text.encode("utf-8"))
-    for key in sorted(sample.meta):
-        h.update(f"\n{key}={sample.meta[key]}".encode())
-    h.update(torch.as_tensor(sample.media["image"]).contiguous().numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "big")
+    return sample_hash(sample, "image")
 
 
 def scene_objects(sample: Sample, task: str) -> list[dict[str, Any]]:

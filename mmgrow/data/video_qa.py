@@ -26,12 +26,10 @@ false``) each combination always gets the same kind.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import ClassVar
 
-import torch
-
+from mmgrow.data.content_hash import content_hash as sample_hash
 from mmgrow.data.synthetic.combinations import choose_names
 from mmgrow.protocols import Sample, Segment, Task
 
@@ -48,12 +46,7 @@ _META_KEY = {"colour": "colour", "direction": "motion", "shape": "shape"}
 
 def content_hash(sample: Sample) -> int:
     """The stable 64-bit hash that picks a sample's question kind (module docstring)."""
-    h = hashlib.sha256(sample.text.encode("utf-8"))
-    for key in sorted(sample.meta):
-        h.update(f"\n{key}={sample.meta[key]}".encode())
-    video = torch.as_tensor(sample.media["video"]).contiguous()
-    h.update(video.numpy().tobytes())
-    return int.from_bytes(h.digest()[:8], "big")
+    return sample_hash(sample, "video")
 
 
 def answer_of(kind: str, sample: Sample) -> str:
