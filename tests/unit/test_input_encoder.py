@@ -106,7 +106,7 @@ def manual_greedy(model, ids, latents, modality, steps):
 @pytest.mark.parametrize("stateful", [True, False])
 def test_generate_with_latents_equals_manual_greedy_loop(stateful, monkeypatch):
     torch.manual_seed(1)
-    b, batch = audio_caption_batch(seed=3, rows=2)
+    b = builder()
     model = UnifiedModel(token_space=b.token_space, dim=16, depth=2, init_std=0.5,
                          continuous=b.continuous).eval()
     if not stateful:
