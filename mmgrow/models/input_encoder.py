@@ -133,6 +133,11 @@ class TimmImageEncoder(nn.Module):
                              f"image in {self.tokens_per_item} rows; expected >= ceil(3*H*W/n) = {need}")
         self.latent_dim = latent_dim
         self.proj = nn.Linear(features, dim)
+        self.restore_frozen()
+
+    def restore_frozen(self) -> None:
+        """With ``frozen``: the timm network's parameters get ``requires_grad=False`` and it goes to eval mode
+        (the training module calls this again after its ``train_parameters`` policy set every parameter)."""
         if self.frozen:
             self.net.requires_grad_(False)
             self.net.eval()

@@ -225,6 +225,11 @@ class MMGrowModule(pl.LightningModule):
         hp = self.hparams
         self.growth_stage = prepare_stage(self.model, self.model_config(), hp.init_from, self.growth,
                                           hp.train_parameters, keep_before=hp.measure_growth_jump)
+        # train_parameters sets requires_grad on every parameter; modules that keep part of themselves fixed
+        # (a frozen timm image encoder) freeze it again.
+        for sub in self.model.modules():
+            if callable(getattr(sub, "restore_frozen", None)):
+                sub.restore_frozen()
         stage = self.growth_stage
         self.growth_summary = {
             "history": stage.history, "frozen_parameters": len(stage.frozen),

@@ -132,11 +132,14 @@ def test_model_yaml_round_trip_rebuilds_the_encoder(tmp_path):
     from mmgrow.training.export import load_model
     from mmgrow.training.module import MMGrowModule
 
-    codec = TimmImageCodec(**VIT)
+    codec = TimmImageCodec(**VIT, frozen=True)
     builder, batch = caption_batch(codec)
     module = MMGrowModule(vocab=builder.token_space.to_dict(), dim=16, depth=1, continuous=builder.continuous,
                           input_encoders={"image": codec.input_encoder_spec()})
     module.configure_model()
+    # train_parameters="all" does not unfreeze the frozen timm network; the projection trains
+    encoder = module.model.input_encoders["image"]
+    assert not any(p.requires_grad for p in encoder.net.parameters()) and encoder.proj.weight.requires_grad
     config = module.model_config()
     assert config["input_encoders"] == {"image": codec.input_encoder_spec()}
     save_model(module.model, config, tmp_path)
