@@ -482,8 +482,13 @@ class Objective(Plugin):
         return batch.context()
 
     def step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """One training / evaluation step: ``loss(model(batch.input_ids, context(batch)), batch)``."""
-        return self.loss(model(batch.input_ids, self.context(batch)), batch)
+        """One training / evaluation step: ``loss(model(batch.input_ids, context(batch)), batch)``.
+
+        A batch with ``latents [B, T, C]`` (continuous *inputs*: image / audio features before text
+        targets) hands them to the model as ``latents=``; without them the model is called as before."""
+        latents = getattr(batch, "latents", None)
+        extra = {} if latents is None else {"latents": latents}
+        return self.loss(model(batch.input_ids, self.context(batch), **extra), batch)
 
     def loss(self, output: ModelOutput, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

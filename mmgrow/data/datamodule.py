@@ -135,6 +135,11 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         self.vocab: dict[str, int] = self.token_space.to_dict()
         self.continuous: dict[str, int] = dict(self.builder.continuous)
         """``{modality: latent_dim}`` of the continuous codecs (linked into ``model.continuous``)."""
+        self.input_encoders: dict[str, dict] = {
+            m: c.input_encoder_spec() for m, c in self.codecs.items()
+            if m in self.continuous and callable(getattr(c, "input_encoder_spec", None))}
+        """``{modality: {class_path, init_args}}`` of the continuous codecs that ship a trainable input encoder
+        (linked into ``model.input_encoders``)."""
 
         if condition_encoder is not None and not isinstance(condition_encoder, ConditionEncoder):
             raise TypeError(f"MMDataModule: condition_encoder must have latent_dim and encode(list[str]) -> "

@@ -17,6 +17,21 @@ norm gains 1. A module that needs its own initialisation (a mixer's SSM decay ra
 projection that must start at 0 ...) defines ``init_weights(init_std: float)``; the model calls it
 instead of applying the default to that module and its children. A branch with gates (memory,
 cross-attention) defines ``reset_gates()``; its other parameters get the default.
+
+UnIVAL options (``docs/unival.md``):
+
+* ``input_encoders={modality: {"class_path": ..., "init_args": {...}}}``: a continuous modality whose
+  codec ships a trainable encoder (a timm CNN / ViT over images) reads its latents through it
+  instead of the plain ``Linear(C, D)``. The encoder is built as ``cls(dim=D, latent_dim=C,
+  **init_args)`` and maps one item's latents ``[M, n, C] -> [M, n, D]`` (``n = tokens_per_item``);
+  the model gathers the modality's positions row-major (each item a whole run of ``n`` positions),
+  runs the encoder and scatters ``[M * n, D]`` back, added to the latent slot's embedding.
+* ``modality_embeddings=True``: a learned type embedding per modality,
+  ``x_t += E_type[modality(t)]`` (``nn.Embedding(num_modalities, D)``, default init).
+* ``head="shared"``: one ``nn.Linear(D, token_space.total)`` over every global id (UnIVAL's single
+  vocabulary); the objective's cross-entropy then takes the softmax over all ids (:attr:`shared_head`).
+  ``logits(h, m)`` still returns the modality's slice ``W[off_m : off_m + V_m] h``. Continuous
+  modalities keep their :class:`~mmgrow.models.timestep.LatentHead` in both modes.
 """
 
 from __future__ import annotations
@@ -34,6 +49,9 @@ from mmgrow.models.modulation import ModulationConfig
 from mmgrow.models.timestep import FinalModulation, LatentHead, TimestepEmbedding
 from mmgrow.protocols import MixerCapabilityError, MixerFactory, MixerState, ModelOutput, SeqContext
 from mmgrow.tokenspace import TokenSpace
+
+HEADS = ("per_modality", "shared")
+"""``UnifiedModel(head=...)``: a head per modality (LWM) or one head over the whole token space (UnIVAL)."""
 
 
 def initialise(module: nn.Module, init_std: float) -> None:
@@ -79,6 +97,10 @@ class UnifiedModel(nn.Module):
             final norm.
         continuous: ``{modality: latent_dim}`` of the continuous modalities (each must be in the
             token space, where it holds its latent slot), or None.
+        input_encoders: ``{modality: {"class_path", "init_args"}}`` trainable encoders of continuous
+            modalities (module docstring); class paths are imported only when trusted (:mod:`mmgrow.trust`).
+        modality_embeddings: add a learned embedding of each position's modality to its input.
+        head: ``"per_modality"`` (default) or ``"shared"`` (:data:`HEADS`; module docstring).
     """
 
     def __init__(self, *, token_space: dict[str, int] | TokenSpace, dim: int = 256, depth: int = 4,
@@ -87,7 +109,8 @@ class UnifiedModel(nn.Module):
                  memory: MixerFactory | None = None, memory_placement: MemoryPlacement | dict | None = None,
                  cross_attention: CrossAttentionConfig | dict | None = None,
                  modulation: ModulationConfig | dict | None = None,
-                 continuous: dict[str, int] | None = None) -> None:
+                 continuous: dict[str, int] | None = None, input_encoders: dict[str, dict] | None = None,
+                 modality_embeddings: bool = False, head: str = "per_modality") -> None:
         super().__init__()
         if isinstance(token_space, dict):
             token_space = TokenSpace.from_dict(token_space)
@@ -98,6 +121,10 @@ class UnifiedModel(nn.Module):
                 raise ValueError(f"UnifiedModel: modality name {m!r} cannot name a head (empty or contains '.')")
         if init_std <= 0:
             raise ValueError(f"UnifiedModel: init_std must be positive, got {init_std}")
+        if head not in HEADS:
+            raise ValueError(f"UnifiedModel: head must be one of {HEADS}, got {head!r}")
+        if not isinstance(modality_embeddings, bool):
+            raise TypeError(f"UnifiedModel: modality_embeddings must be a bool, got {modality_embeddings!r}")
         self.token_space = token_space
         self.dim = dim
         self.init_std = init_std
@@ -114,9 +141,18 @@ class UnifiedModel(nn.Module):
             if isinstance(width, bool) or not isinstance(width, int) or width < 1:
                 raise ValueError(f"UnifiedModel: continuous[{m!r}] must be a positive latent width, got {width!r}")
         self.continuous = continuous
-        self.latent_in = nn.ModuleDict({m: nn.Linear(c, dim) for m, c in continuous.items()})
+        self.input_encoder_specs = build_input_encoder_specs(input_encoders, continuous)
+        self.input_encoders = nn.ModuleDict({m: build_input_encoder(m, spec, dim, continuous[m])
+                                             for m, spec in self.input_encoder_specs.items()})
+        # A modality read through its encoder gets no plain Linear: an unused parameter would break DDP.
+        self.latent_in = nn.ModuleDict({m: nn.Linear(c, dim) for m, c in continuous.items()
+                                        if m not in self.input_encoders})
+        self.modality_embedding = nn.Embedding(len(token_space.modalities), dim) if modality_embeddings else None
+        self.head_kind = head
+        self.vocab_head = nn.Linear(dim, token_space.total, bias=False) if head == "shared" else None
         self.heads = nn.ModuleDict({m: LatentHead(dim, continuous[m]) if m in continuous else
-                                    nn.Linear(dim, n, bias=False) for m, n in token_space.sizes})
+                                    nn.Linear(dim, n, bias=False) for m, n in token_space.sizes
+                                    if m in continuous or head == "per_modality"})
         self.timestep_embedding: TimestepEmbedding | None = None
         self.final_modulation: FinalModulation | None = None
         if self.backbone.blocks and self.blocks[0].modulation is not None:
@@ -139,6 +175,12 @@ class UnifiedModel(nn.Module):
     @property
     def modalities(self) -> list[str]:
         return self.token_space.modalities
+
+    @property
+    def shared_head(self) -> bool:
+        """True when discrete modalities share one head over all global ids (``head="shared"``): the
+        autoregressive objective then takes its softmax over the whole token space (:meth:`vocabulary_logits`)."""
+        return self.vocab_head is not None
 
     @property
     def supports_state(self) -> bool:
@@ -173,8 +215,12 @@ class UnifiedModel(nn.Module):
         """
         self._check_inputs(input_ids, ctx)
         x = self.embed(input_ids)
-        if self.continuous:
-            x = self._add_latents(x, input_ids, ctx, latents)
+        if self.continuous or self.modality_embedding is not None:
+            modality = ctx.modality_ids if ctx.modality_ids is not None else self.token_space.modality_of(input_ids)
+            if self.modality_embedding is not None:
+                x = x + self.modality_embedding(modality)
+            if self.continuous:
+                x = self._add_latents(x, input_ids, modality, latents)
         x, new_states = self.backbone(x, ctx, states)
         hidden = self.norm(x)
         if self.final_modulation is not None:
@@ -184,10 +230,10 @@ class UnifiedModel(nn.Module):
             hidden = self.final_modulation(hidden, ctx.timestep)
         return ModelOutput(hidden=hidden, logits=self.logits, states=new_states)
 
-    def _add_latents(self, x: Tensor, input_ids: Tensor, ctx: SeqContext, latents: Tensor | None) -> Tensor:
-        """``x [B, T, D] + sum_m [modality(t) = m] Linear_m(latents[..., :C_m])``."""
-        modality = ctx.modality_ids if ctx.modality_ids is not None else self.token_space.modality_of(input_ids)
-        for m, proj in self.latent_in.items():
+    def _add_latents(self, x: Tensor, input_ids: Tensor, modality: Tensor, latents: Tensor | None) -> Tensor:
+        """``x [B, T, D] + sum_m [modality(t) = m] in_m(latents[..., :C_m])`` with ``in_m`` the plain
+        ``Linear(C_m, D)`` or, for a modality with an input encoder, the encoder over whole items."""
+        for m in self.continuous:
             here = modality == self.token_space.index(m)  # [B, T]
             if not bool(here.any()):
                 continue
@@ -197,8 +243,33 @@ class UnifiedModel(nn.Module):
                 raise ValueError(f"UnifiedModel: the sequence holds continuous {m!r} positions, so latents must be "
                                  f"float [B, T, >= {width}] with [B, T] = {tuple(input_ids.shape)}, got "
                                  f"{None if latents is None else tuple(latents.shape)}")
-            x = x + here[..., None].to(x.dtype) * proj(latents[..., :width].to(x.dtype))
+            if m in self.input_encoders:
+                x = x + self._encode_items(m, here, latents[..., :width].to(x.dtype))
+            else:
+                x = x + here[..., None].to(x.dtype) * self.latent_in[m](latents[..., :width].to(x.dtype))
         return x
+
+    def _encode_items(self, modality: str, here: Tensor, latents: Tensor) -> Tensor:
+        """``[B, T, D]``: the encoder's output at ``here [B, T]`` positions, zeros elsewhere.
+
+        The positions of each row are taken in order and cut into items of ``n = tokens_per_item``
+        consecutive positions (a codec writes an item as one contiguous run), so ``latents[here]
+        [M * n, C] -> [M, n, C] -> encoder -> [M, n, D] -> [M * n, D]`` and back in the same order."""
+        encoder = self.input_encoders[modality]
+        n = int(encoder.tokens_per_item)
+        per_row = here.sum(dim=1)
+        if bool((per_row % n != 0).any()):
+            raise ValueError(f"UnifiedModel: input encoder of {modality!r} reads whole items of tokens_per_item={n} "
+                             f"positions, but rows hold {per_row.tolist()} {modality!r} positions (not multiples of "
+                             f"{n}); keep every item whole in a row (no truncation inside an item)")
+        values = latents[here]                                              # [M * n, C], row-major
+        out = encoder(values.reshape(-1, n, values.shape[-1]))              # [M, n, D]
+        if tuple(out.shape) != (values.shape[0] // n, n, self.dim):
+            raise ValueError(f"UnifiedModel: input encoder of {modality!r} returned {tuple(out.shape)}, expected "
+                             f"[{values.shape[0] // n}, {n}, {self.dim}] ([M, tokens_per_item, dim])")
+        out = out.reshape(-1, self.dim).to(latents.dtype)
+        return torch.zeros(*here.shape, self.dim, dtype=out.dtype, device=out.device).masked_scatter(
+            here[..., None].expand(*here.shape, self.dim), out)
 
     def embed_timestep(self, t: Tensor) -> Tensor:
         """``t [B]`` in ``[0, 1]`` -> ``[B, W]``, the ``ctx.timestep`` the modulated blocks read."""
@@ -210,9 +281,20 @@ class UnifiedModel(nn.Module):
     def logits(self, hidden: Tensor, modality: str) -> Tensor:
         """``hidden [..., D] -> [..., V_modality]`` logits over the *local* ids of ``modality`` (for a
         continuous modality: its prediction ``[..., C]``)."""
-        if modality not in self.heads:
+        if modality in self.heads:
+            return self.heads[modality](hidden)
+        if self.vocab_head is None or modality not in self.token_space.modalities:
             raise KeyError(f"UnifiedModel has no head for modality {modality!r}; modalities: {self.modalities}")
-        return self.heads[modality](hidden)
+        # The shared head's rows of this modality: sampling from them is sampling restricted to it.
+        offset = self.token_space.offset(modality)
+        return nn.functional.linear(hidden, self.vocab_head.weight[offset: offset + self.token_space.size(modality)])
+
+    def vocabulary_logits(self, hidden: Tensor) -> Tensor:
+        """``hidden [..., D] -> [..., token_space.total]`` logits over every global id (shared head only)."""
+        if self.vocab_head is None:
+            raise ValueError("UnifiedModel.vocabulary_logits: the model has a head per modality (head='per_modality'); "
+                             "logits over all ids need head='shared'")
+        return self.vocab_head(hidden)
 
     def init_states(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> list[MixerState]:
         """One empty decoding state per layer."""
@@ -234,5 +316,35 @@ class UnifiedModel(nn.Module):
         non-embedding ``N`` of scaling laws)."""
         skip = set()
         if exclude_embeddings:
-            skip = {id(p) for p in (*self.embed.parameters(), *self.heads.parameters())}
+            tables = [self.embed, self.heads, self.vocab_head, self.modality_embedding]
+            skip = {id(p) for t in tables if t is not None for p in t.parameters()}
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+
+def build_input_encoder_specs(specs: dict[str, dict] | None, continuous: dict[str, int]) -> dict[str, dict]:
+    """Checked, plain copies of ``input_encoders`` (what ``model.yaml`` stores)."""
+    out: dict[str, dict] = {}
+    for m, spec in (specs or {}).items():
+        if m not in continuous:
+            raise ValueError(f"UnifiedModel: input_encoders[{m!r}] given, but {m!r} is not a continuous modality "
+                             f"(continuous: {sorted(continuous)}); an input encoder reads a continuous codec's latents")
+        if not isinstance(spec, dict) or not isinstance(spec.get("class_path"), str) \
+                or not isinstance(spec.get("init_args") or {}, dict):
+            raise TypeError(f"UnifiedModel: input_encoders[{m!r}] must be {{'class_path': str, 'init_args': dict}}, "
+                            f"got {spec!r}")
+        out[m] = {"class_path": spec["class_path"], "init_args": dict(spec.get("init_args") or {})}
+    return out
+
+
+def build_input_encoder(modality: str, spec: dict, dim: int, latent_dim: int) -> nn.Module:
+    """``cls(dim=dim, latent_dim=latent_dim, **init_args)`` for a trusted ``class_path`` (it may come from a
+    file: :func:`mmgrow.trust.trusted_class` checks it before importing), with a positive ``tokens_per_item``."""
+    from mmgrow.trust import trusted_class
+
+    cls = trusted_class(spec["class_path"], nn.Module, f"input_encoders[{modality!r}].class_path")
+    encoder = cls(dim=dim, latent_dim=latent_dim, **spec["init_args"])
+    n = getattr(encoder, "tokens_per_item", None)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise TypeError(f"UnifiedModel: input encoder {spec['class_path']} of {modality!r} must set tokens_per_item "
+                        f"to a positive int (latent rows per item), got {n!r}")
+    return encoder

@@ -19,6 +19,11 @@ where ``P`` is the set of modalities with at least one target of positive weight
 modalities get weight 1 unless ``modality_weights`` says otherwise, so by default every modality
 present contributes the same share, whatever its token count -- LWM's ``0.5 * (vision + text)``.
 
+With a shared head (a model with ``shared_head = True``, UnIVAL's single vocabulary) the softmax runs
+over every global id instead, ``CE_t = -log softmax(W h_{t-1})[y_t]``, so the modalities compete;
+``L_m`` and the weights are unchanged (grouped by the target's modality). Accuracy is then top-1 over
+all ids. Continuous modalities keep their own heads.
+
 Targets are per predicting position. :func:`next_token_targets` turns a batch into ``[B, T]``
 tensors aligned with the position that predicts them (``t`` carries token ``t+1``'s id, modality,
 weight and whether it is a target; the last column is never one). The loss consumes only those and
@@ -111,6 +116,16 @@ def next_token_targets(batch: TokenBatch) -> NextTokenTargets:
     return NextTokenTargets(ids=_shift_left(batch.input_ids, 0), modality=_shift_left(batch.modality_ids, 0),
                             weight=_shift_left(batch.loss_mask * batch.example_weight, 0.0),
                             valid=_shift_left(target_mask(batch), False))
+
+
+def shared_vocabulary(output: ModelOutput) -> tuple[Callable[[Tensor], Tensor], set[str]] | None:
+    """``(vocabulary_logits, continuous modalities)`` when the model behind ``output.logits`` declares
+    ``shared_head = True`` (one head over all global ids), else None. The capability is read from the
+    model that owns the ``logits`` method, so the loss needs no extra argument."""
+    owner = getattr(output.logits, "__self__", None)
+    if not getattr(owner, "shared_head", False):
+        return None
+    return owner.vocabulary_logits, set(getattr(owner, "continuous", {}) or {})
 
 
 def single_example_rows(segment_ids: Tensor) -> bool:
@@ -267,6 +282,7 @@ class AutoregressiveObjective(Objective):
         valid, next_modality = targets.valid, targets.modality
 
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)  # the sums, as the CE: float32 at least
+        shared = shared_vocabulary(output)
         # Per modality: sum w*CE (differentiable), sum w, number of targets, correct top-1 predictions.
         numerators: list[Tensor] = []
         stats: list[Tensor] = []
@@ -279,9 +295,14 @@ class AutoregressiveObjective(Objective):
                 numerators.append(hidden[:0].sum().to(acc_dtype))
                 stats.append(torch.zeros(3, dtype=torch.float64, device=hidden.device))
                 continue
-            local = space.to_local(targets.ids[sel], modality)
-            size = space.size(modality)
-            logits = output.logits(hidden[sel], modality)
+            if shared is not None and modality not in shared[1]:
+                # One softmax over every global id: the modalities compete (shared head, module docstring).
+                local, size = targets.ids[sel], space.total
+                logits = shared[0](hidden[sel])
+            else:
+                local = space.to_local(targets.ids[sel], modality)
+                size = space.size(modality)
+                logits = output.logits(hidden[sel], modality)
             if tuple(logits.shape) != (count, size):
                 raise ValueError(f"output.logits(h, {modality!r}) returned {tuple(logits.shape)}, expected "
                                  f"[{count}, {size}] (one row per target, the modality's vocabulary)")
@@ -338,7 +359,7 @@ class AutoregressiveObjective(Objective):
                  modality_ids: Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
                  greedy: bool = False, constraint: Constraint | None = None,
                  generator: torch.Generator | None = None, condition: Tensor | None = None,
-                 condition_mask: Tensor | None = None) -> Tensor:
+                 condition_mask: Tensor | None = None, latents: Tensor | None = None) -> Tensor:
         """Sample ``max_new_tokens`` tokens of ``modality`` after ``prompt_ids``.
 
         ``prompt_ids [B, T0]`` global ids (``T0 >= 1``), ``modality_ids [B, T0]`` (default: derived
@@ -351,7 +372,10 @@ class AutoregressiveObjective(Objective):
         filtering and sampling from ``softmax(logits / temperature)`` with ``generator``.
         The model runs in eval mode (restored afterwards) without gradients. ``condition [B, S, C]``
         and ``condition_mask [B, S]`` (text-encoder embeddings of the prompt) are handed to every
-        step's context, for models with cross-attention branches.
+        step's context, for models with cross-attention branches. ``latents [B, T0, C]`` are the values
+        of the prompt's continuous positions (image / audio features read as inputs); the prefill reads
+        them, and the sampled tokens are discrete, so re-run steps append zero rows and stateful steps
+        pass none.
         """
         space: TokenSpace = _as_token_space(model.token_space)
         if modality not in space.modalities:
@@ -370,6 +394,10 @@ class AutoregressiveObjective(Objective):
             modality_ids = space.modality_of(prompt_ids)
         elif tuple(modality_ids.shape) != (batch_size, prompt_len):
             raise ValueError(f"modality_ids must be [B, T0] = {(batch_size, prompt_len)}, got {tuple(modality_ids.shape)}")
+        if latents is not None and (latents.dim() != 3 or tuple(latents.shape[:2]) != (batch_size, prompt_len)
+                                    or not latents.is_floating_point()):
+            raise ValueError(f"latents must be float [B, T0, C] with [B, T0] = {(batch_size, prompt_len)} (the "
+                             f"prompt), got {latents.dtype} {tuple(latents.shape)}")
         if max_new_tokens == 0:
             return prompt_ids.new_zeros(batch_size, 0)
 
@@ -386,7 +414,9 @@ class AutoregressiveObjective(Objective):
                 param = next(model.parameters())
                 states = model.init_states(batch_size, device, param.dtype)
             cond = {"condition": condition, "condition_mask": condition_mask}
-            out = model(ids, self._decode_context(mods, 0, **cond), states=states)
+            lat = None if latents is None else latents.to(device)
+            extra = {} if lat is None else {"latents": lat}
+            out = model(ids, self._decode_context(mods, 0, **cond), states=states, **extra)
             generated = []
             for step in range(max_new_tokens):
                 logits = out.logits(out.hidden[:, -1], modality)          # [B, V]
@@ -404,7 +434,10 @@ class AutoregressiveObjective(Objective):
                 else:
                     ids = torch.cat([ids, next_ids], dim=1)
                     mods = torch.cat([mods, new_modality], dim=1)
-                    out = model(ids, self._decode_context(mods, 0, **cond), states=None)
+                    if lat is not None:  # the new token is discrete: a zero row
+                        lat = torch.cat([lat, lat.new_zeros(batch_size, 1, lat.shape[2])], dim=1)
+                        extra = {"latents": lat}
+                    out = model(ids, self._decode_context(mods, 0, **cond), states=None, **extra)
             return torch.stack(generated, dim=1)
         finally:
             model.train(was_training)

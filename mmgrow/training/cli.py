@@ -197,7 +197,8 @@ def check_ckpt_path(ckpt_path: Any) -> None:
     check_checkpoint_file(ckpt_path, what="--ckpt_path")
 
 
-DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (("vocab", "vocab"), ("continuous", "continuous"))
+DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (("vocab", "vocab"), ("continuous", "continuous"),
+                                                    ("input_encoders", "input_encoders"))
 """``(data attribute, model argument)`` pairs linked at instantiation when the model class takes the argument."""
 
 

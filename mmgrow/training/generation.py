@@ -91,13 +91,17 @@ def sample_discrete(model: nn.Module, objective: Objective, builder: SequenceBui
     codec = builder.codecs[modality]
     device = next(model.parameters()).device
     space = model.token_space
-    ids = builder.build(prompt).input_ids
+    seq = builder.build(prompt)
     prefix = codec.generation_prefix()
-    ids = torch.cat([ids, space.to_global(prefix, modality)])[None].to(device)
+    ids = torch.cat([seq.input_ids, space.to_global(prefix, modality)])[None].to(device)
+    extra = _condition(condition_text, condition_encoder, device)
+    if seq.latents is not None:  # continuous inputs (image / audio features); the prefix ids are discrete
+        pad = seq.latents.new_zeros(len(prefix), seq.latents.shape[1])
+        extra["latents"] = torch.cat([seq.latents, pad])[None].to(device)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     new = objective.generate(model, ids, modality=modality, max_new_tokens=max_new_tokens, greedy=settings.greedy,
                              temperature=settings.temperature, top_k=settings.top_k, constraint=constraint,
-                             generator=generator, **_condition(condition_text, condition_encoder, device))[0].cpu()
+                             generator=generator, **extra)[0].cpu()
     return codec.decode(torch.cat([prefix, new[: codec.generation_length(new)]]))
 
 

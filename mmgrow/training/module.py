@@ -80,6 +80,11 @@ class MMGrowModule(pl.LightningModule):
             ``{kind: adaln_zero, cond_dim: 128}`` (:class:`~mmgrow.models.modulation.ModulationConfig`);
             None = none. Use with the ``flow_matching`` objective.
         continuous: ``{modality: latent_dim}`` of continuous codecs (linked from ``data.continuous``).
+        input_encoders: ``{modality: {class_path, init_args}}`` trainable encoders of continuous codecs that
+            ship one (e.g. ``timm_image``; linked from ``data.input_encoders``).
+        modality_embeddings: add a learned embedding of each position's modality (UnIVAL).
+        head: ``"per_modality"`` (a head per modality, LWM) or ``"shared"`` (one head and one softmax over
+            the whole token space, UnIVAL).
     """
 
     def __init__(
@@ -105,6 +110,9 @@ class MMGrowModule(pl.LightningModule):
         measure_growth_jump: bool = True,
         modulation: ModulationConfig | None = None,
         continuous: dict[str, int] | None = None,
+        input_encoders: dict[str, dict] | None = None,
+        modality_embeddings: bool = False,
+        head: str = "per_modality",
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -137,6 +145,11 @@ class MMGrowModule(pl.LightningModule):
             modulation = ModulationConfig(**modulation)
         self.modulation = modulation
         self.continuous = dict(continuous or {})
+        self.input_encoders = {m: dict(spec) for m, spec in (input_encoders or {}).items()}
+        from mmgrow.models.unified import HEADS
+
+        if head not in HEADS:
+            raise ValueError(f"MMGrowModule: head must be one of {HEADS}, got {head!r}")
         if objective is None:
             from mmgrow.objectives.autoregressive import AutoregressiveObjective
 
@@ -167,9 +180,22 @@ class MMGrowModule(pl.LightningModule):
             cfg["modulation"] = dataclasses.asdict(self.modulation)
         if self.continuous:
             cfg["continuous"] = dict(self.continuous)
+        cfg.update(self._unival_options())
         if self.growth_stage is not None and self.growth_stage.history:
             cfg["growth"] = self.growth_stage.history
         return cfg
+
+    def _unival_options(self) -> dict[str, Any]:
+        """The UnIVAL model options that differ from the defaults (so older ``model.yaml`` files stay as they were)."""
+        out: dict[str, Any] = {}
+        if self.input_encoders:
+            out["input_encoders"] = {m: {"class_path": s["class_path"], "init_args": dict(s.get("init_args") or {})}
+                                     for m, s in self.input_encoders.items()}
+        if self.hparams.modality_embeddings:
+            out["modality_embeddings"] = True
+        if self.hparams.head != "per_modality":
+            out["head"] = self.hparams.head
+        return out
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -191,6 +217,7 @@ class MMGrowModule(pl.LightningModule):
             kwargs["modulation"] = self.modulation
         if self.continuous:
             kwargs["continuous"] = self.continuous
+        kwargs.update(self._unival_options())
         self.model = UnifiedModel(**kwargs)
         bind = getattr(self.objective, "bind", None)
         if callable(bind):
@@ -198,6 +225,11 @@ class MMGrowModule(pl.LightningModule):
         hp = self.hparams
         self.growth_stage = prepare_stage(self.model, self.model_config(), hp.init_from, self.growth,
                                           hp.train_parameters, keep_before=hp.measure_growth_jump)
+        # train_parameters sets requires_grad on every parameter; modules that keep part of themselves fixed
+        # (a frozen timm image encoder) freeze it again.
+        for sub in self.model.modules():
+            if callable(getattr(sub, "restore_frozen", None)):
+                sub.restore_frozen()
         stage = self.growth_stage
         self.growth_summary = {
             "history": stage.history, "frozen_parameters": len(stage.frozen),
