@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _data_runs import device_name, fit  # noqa: E402
+from _data_runs import device_name, fit
 
 MULTITASK = ROOT / "recipes" / "unival" / "multitask_cpu.yaml"
 FINETUNE = ROOT / "recipes" / "unival" / "finetune_audio_cpu.yaml"
@@ -182,7 +182,7 @@ def _cell(result: dict, split: str, source: str) -> str:
     if r is None:
         return "-"
     extra = {k: v for k, v in r.items() if k not in ("task", "samples", "accuracy")}
-    name, value = main_metric(r)
+    _, value = main_metric(r)
     tail = "".join(f" ({k} {v:.2f})" for k, v in extra.items())
     return f"{value:.2f}{tail}"
 
