@@ -44,13 +44,7 @@ def qa_example(task: Task, sample: Sample) -> QAExample:
 
 def decode_answer(model: Any, objective: Any, builder: Any, example: QAExample, condition_encoder: Any = None) -> str:
     """The model's greedy answer to ``example`` (module docstring), decoded to text."""
-    from mmgrow.training.generation import SamplerSettings, sample_discrete
-
-    codec = builder.codecs["text"]
-    budget = len(codec.encode(example.answer)) - len(codec.generation_prefix()) + 1
-    return sample_discrete(model, objective, builder, example.prompt, "text", max(budget, 1),
-                           condition_text=example.condition_text, condition_encoder=condition_encoder,
-                           settings=SamplerSettings(greedy=True))
+    return answers(model, objective, builder, [example], condition_encoder)[0]
 
 
 def is_correct(predicted: str, answer: str) -> bool:
@@ -60,8 +54,13 @@ def is_correct(predicted: str, answer: str) -> bool:
 
 def answers(model: Any, objective: Any, builder: Any, examples: Iterable[QAExample],
             condition_encoder: Any = None) -> list[str]:
-    """:func:`decode_answer` for each example, in order."""
-    return [decode_answer(model, objective, builder, e, condition_encoder) for e in examples]
+    """:func:`decode_answer` for each example, in order (prompts of one length decode as one batch:
+    :func:`mmgrow.evaluation.tasks.decode_targets`)."""
+    from mmgrow.evaluation.tasks import decode_targets
+
+    examples = list(examples)
+    pairs = [(e.prompt, Segment("text", e.answer, "target")) for e in examples]
+    return decode_targets(model, objective, builder, pairs, [e.condition_text for e in examples], condition_encoder)
 
 
 def greedy_answer_accuracy(model: Any, objective: Any, builder: Any, examples: Sequence[QAExample],

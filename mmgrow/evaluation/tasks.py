@@ -3,7 +3,8 @@
 A task with ``scored = True`` (:class:`~mmgrow.protocols.Task`) ends its segments with its one target
 (the answer, the caption, the box ...). The model sees the other segments, opens the target with its
 codec's ``generation_prefix`` and decodes greedily (:func:`~mmgrow.training.generation.sample_discrete`)
-for at most ``len(encode(target)) - len(prefix) + 1`` tokens (one of slack), cut at the codec's
+for at most ``len(encode(target)) - len(prefix) + 1`` tokens (one of slack; examples with prompts of one
+length decode as one batch), cut at the codec's
 ``generation_length`` and decoded to a raw item (a string, a box ...); ``task.score(prediction, sample,
 target)`` turns it into metrics in ``[0, 1]`` (exact match for questions and matching, attribute
 match for captions, IoU for grounding). The budget comes from the true target's length, which keeps
@@ -34,37 +35,57 @@ def split_target(task: Task, sample: Sample) -> tuple[list[Segment], Segment]:
     return segments[:-1], segments[-1]
 
 
-def decode_target(model: Any, objective: Any, builder: Any, prompt: list[Segment], target: Segment,
-                  condition_text: str | None = None, condition_encoder: Any = None) -> Any:
-    """The model's greedy prediction of ``target``'s item after ``prompt`` (module docstring), decoded."""
-    from mmgrow.training.generation import SamplerSettings, sample_discrete
+def target_budget(codec: Any, target: Segment) -> int:
+    """Tokens decoded for ``target``: ``len(encode(target)) - len(prefix) + 1`` (one of slack), at least 1."""
+    return max(len(codec.encode(target.raw)) - len(codec.generation_prefix()) + 1, 1)
 
-    codec = builder.codecs.get(target.modality)
-    if codec is None or getattr(codec, "kind", "discrete") != "discrete":
-        raise ValueError(f"cannot decode a {target.modality!r} target: scored tasks need a discrete codec for their "
-                         f"target modality (codecs: {sorted(builder.codecs)})")
-    budget = len(codec.encode(target.raw)) - len(codec.generation_prefix()) + 1
-    return sample_discrete(model, objective, builder, prompt, target.modality, max(budget, 1),
-                           condition_text=condition_text, condition_encoder=condition_encoder,
-                           settings=SamplerSettings(greedy=True))
+
+def decode_targets(model: Any, objective: Any, builder: Any, examples: list[tuple[list[Segment], Segment]],
+                   condition_texts: list[str | None] | None = None, condition_encoder: Any = None,
+                   batch_size: int = 64) -> list[Any]:
+    """The model's greedy predictions of each example's target after its prompt (module docstring), decoded,
+    in order. Examples whose prompts encode to the same length and whose targets share a modality decode
+    together in batches of up to ``batch_size`` rows (no padding, so each row gets what it would alone)."""
+    from mmgrow.training.generation import SamplerSettings, sample_discrete_batch
+
+    texts = list(condition_texts or [None] * len(examples))
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (prompt, target) in enumerate(examples):
+        codec = builder.codecs.get(target.modality)
+        if codec is None or getattr(codec, "kind", "discrete") != "discrete":
+            raise ValueError(f"cannot decode a {target.modality!r} target: scored tasks need a discrete codec for "
+                             f"their target modality (codecs: {sorted(builder.codecs)})")
+        groups.setdefault((target.modality, len(builder.build(prompt))), []).append(i)
+    out: list[Any] = [None] * len(examples)
+    for (modality, _), members in groups.items():
+        codec = builder.codecs[modality]
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            decoded = sample_discrete_batch(
+                model, objective, builder, [examples[i][0] for i in chunk], modality,
+                [target_budget(codec, examples[i][1]) for i in chunk], condition_texts=[texts[i] for i in chunk],
+                condition_encoder=condition_encoder, settings=SamplerSettings(greedy=True))
+            for i, item in zip(chunk, decoded):
+                out[i] = item
+    return out
 
 
 def evaluate_task(model: Any, objective: Any, builder: Any, task: Task, dataset: Any, num_samples: int,
-                  condition_encoder: Any = None) -> dict[str, Any]:
+                  condition_encoder: Any = None, batch_size: int = 64) -> dict[str, Any]:
     """Mean of ``task.score`` over the first ``num_samples`` items of ``dataset``:
     ``{"task": name, "samples": n, <metric>: mean, ...}`` (a metric a sample does not report is
-    averaged over the samples that do)."""
+    averaged over the samples that do). Decoding is batched (:func:`decode_targets`)."""
     n = min(int(num_samples), len(dataset))
     if n < 1:
         raise ValueError(f"evaluate_task: no samples to score for task {task.name!r} (dataset of {len(dataset)}, "
                          f"num_samples={num_samples})")
+    samples = [dataset[i] for i in range(n)]
+    examples = [split_target(task, s) for s in samples]
+    texts = [task.condition_text(s, prompt) for s, (prompt, _) in zip(samples, examples)]
+    predictions = decode_targets(model, objective, builder, examples, texts, condition_encoder, batch_size)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for i in range(n):
-        sample = dataset[i]
-        prompt, target = split_target(task, sample)
-        prediction = decode_target(model, objective, builder, prompt, target, task.condition_text(sample, prompt),
-                                   condition_encoder)
+    for sample, (_, target), prediction in zip(samples, examples, predictions):
         for name, value in task.score(prediction, sample, target).items():
             sums[name] = sums.get(name, 0.0) + float(value)
             counts[name] = counts.get(name, 0) + 1

@@ -45,13 +45,6 @@ class SamplerSettings:
     seed: int = 0
 
 
-def _condition(text: str | None, encoder: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    if encoder is None or text is None:
-        return {}
-    emb, mask = encoder.encode([text])
-    return {"condition": emb.to(device), "condition_mask": mask.to(device)}
-
-
 def sample_continuous(model: nn.Module, objective: Objective, builder: SequenceBuilder, segments: list[Segment], *,
                       condition_text: str | None = None, condition_encoder: Any = None,
                       settings: SamplerSettings | None = None) -> list[Any]:
@@ -87,22 +80,52 @@ def sample_discrete(model: nn.Module, objective: Objective, builder: SequenceBui
                     modality: str, max_new_tokens: int, *, constraint: Any = None, condition_text: str | None = None,
                     condition_encoder: Any = None, settings: SamplerSettings | None = None) -> Any:
     """One decoded item of ``modality`` sampled token by token after the ``prompt`` segments."""
+    return sample_discrete_batch(model, objective, builder, [prompt], modality, [max_new_tokens],
+                                 constraint=constraint, condition_texts=[condition_text],
+                                 condition_encoder=condition_encoder, settings=settings)[0]
+
+
+def sample_discrete_batch(model: nn.Module, objective: Objective, builder: SequenceBuilder,
+                          prompts: list[list[Segment]], modality: str, max_new_tokens: list[int], *,
+                          constraint: Any = None, condition_texts: list[str | None] | None = None,
+                          condition_encoder: Any = None, settings: SamplerSettings | None = None) -> list[Any]:
+    """:func:`sample_discrete` for several prompts whose sequences have the same length, as one batch.
+
+    Row ``b`` is cut to its own ``max_new_tokens[b]`` (the batch decodes the longest), then at the codec's
+    ``generation_length``: each row's tokens are those it would get alone (rows never interact; the
+    model runs ``[B, T]`` without padding). A condition encoder needs a condition text for every row.
+    """
     settings = settings or SamplerSettings()
+    if len(max_new_tokens) != len(prompts) or not prompts:
+        raise ValueError(f"sample_discrete_batch: {len(prompts)} prompts but {len(max_new_tokens)} token budgets")
     codec = builder.codecs[modality]
     device = next(model.parameters()).device
     space = model.token_space
-    seq = builder.build(prompt)
     prefix = codec.generation_prefix()
-    ids = torch.cat([seq.input_ids, space.to_global(prefix, modality)])[None].to(device)
-    extra = _condition(condition_text, condition_encoder, device)
-    if seq.latents is not None:  # continuous inputs (image / audio features); the prefix ids are discrete
-        pad = seq.latents.new_zeros(len(prefix), seq.latents.shape[1])
-        extra["latents"] = torch.cat([seq.latents, pad])[None].to(device)
+    seqs = [builder.build(p) for p in prompts]
+    if len({len(q) for q in seqs}) != 1:
+        raise ValueError(f"sample_discrete_batch: the prompts encode to different lengths {sorted({len(q) for q in seqs})}; "
+                         "batch prompts of one length (there is no padding)")
+    ids = torch.stack([torch.cat([q.input_ids, space.to_global(prefix, modality)]) for q in seqs]).to(device)
+    extra: dict[str, torch.Tensor] = {}
+    texts = list(condition_texts or [None] * len(prompts))
+    if condition_encoder is not None and any(t is not None for t in texts):
+        if any(t is None for t in texts):
+            raise ValueError("sample_discrete_batch: with a condition encoder every prompt needs a condition text")
+        emb, mask = condition_encoder.encode(texts)
+        extra = {"condition": emb.to(device), "condition_mask": mask.to(device)}
+    if seqs[0].latents is not None:  # continuous inputs (image / audio features); the prefix ids are discrete
+        pad = seqs[0].latents.new_zeros(len(prefix), seqs[0].latents.shape[1])
+        extra["latents"] = torch.stack([torch.cat([q.latents, pad]) for q in seqs]).to(device)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    new = objective.generate(model, ids, modality=modality, max_new_tokens=max_new_tokens, greedy=settings.greedy,
+    new = objective.generate(model, ids, modality=modality, max_new_tokens=max(max_new_tokens), greedy=settings.greedy,
                              temperature=settings.temperature, top_k=settings.top_k, constraint=constraint,
-                             generator=generator, **extra)[0].cpu()
-    return codec.decode(torch.cat([prefix, new[: codec.generation_length(new)]]))
+                             generator=generator, **extra).cpu()
+    out = []
+    for row, budget in zip(new, max_new_tokens):
+        row = row[:budget]
+        out.append(codec.decode(torch.cat([prefix, row[: codec.generation_length(row)]])))
+    return out
 
 
 def write_video_files(frames: Any, stem: str | Path, fps: float = 4) -> list[Path]:

@@ -41,12 +41,15 @@ def test_json_png_and_exact_fractions(run, tmp_path, monkeypatch):
     right_per_depth = {0.0: 3, 0.5: 1, 1.0: 0}
     calls: dict[tuple, int] = {}
 
-    def fake(model, objective, builder, example, condition_encoder=None):
+    def one(example):
         key = (example.meta["length"], example.meta["depth"])
         calls[key] = calls.get(key, 0) + 1
         return f" {example.answer}\n" if calls[key] <= right_per_depth[example.meta["depth"]] else example.answer + "0"
 
-    monkeypatch.setattr(qa, "decode_answer", fake)
+    def fake(model, objective, builder, examples, condition_encoder=None):
+        return [one(e) for e in examples]
+
+    monkeypatch.setattr(qa, "answers", fake)
     out = tmp_path / "out"
     assert main(["evaluate", "needle", "--checkpoint", str(run), "--lengths", "64", "128", "--depths", "0", "0.5", "1",
                  "--samples", "3", "--out", str(out)]) == 0
@@ -105,7 +108,7 @@ class ScriptedObjective:
 
     def generate(self, model, ids, *, modality, max_new_tokens, **kw):
         out = torch.cat([self.ids, torch.full((max_new_tokens,), ByteTokenizer().eos_id)])[:max_new_tokens]
-        return out[None]
+        return out[None].expand(ids.shape[0], -1)
 
 
 class Stub(nn.Module):
@@ -124,9 +127,14 @@ def test_decoded_answer_is_exact_match(said, right):
                                      [example, example]) == float(right)
 
 
+def per_example(answer):
+    """A stand-in for ``qa.answers`` that answers each example with ``answer(example)``."""
+    return lambda model, objective, builder, examples, condition_encoder=None: [answer(e) for e in examples]
+
+
 def test_video_qa_accuracy_per_kind(monkeypatch):
     """A decoder that knows only colours scores 1 on colour questions, 0 elsewhere, and the colour share overall."""
-    monkeypatch.setattr(qa, "decode_answer", lambda m, o, b, e, c=None: e.answer if "colour" in e.prompt[1].raw else "?")
+    monkeypatch.setattr(qa, "answers", per_example(lambda e: e.answer if "colour" in e.prompt[1].raw else "?"))
     builder = SequenceBuilder({"text": ByteTokenizer(), "video": PixelTokenizer(grid=8)})
     ds = ShapesDataset(num_samples=40, frames=3, size=16, grid=8)
     score = qa.video_qa_accuracy(None, None, builder, ds)
@@ -138,7 +146,7 @@ def test_video_qa_accuracy_per_kind(monkeypatch):
 def test_callback_writes_the_grid_at_fit_end(tmp_path, monkeypatch):
     from mmgrow.training.needle_callback import NeedleEvaluation
 
-    monkeypatch.setattr(qa, "decode_answer", lambda m, o, b, e, c=None: e.answer if e.meta["depth"] == 0 else "")
+    monkeypatch.setattr(qa, "answers", per_example(lambda e: e.answer if e.meta["depth"] == 0 else ""))
     cli = build_cli(["--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--trainer.default_root_dir",
                      str(tmp_path)], run=False)
     cli.trainer.callbacks.append(NeedleEvaluation(lengths=[40, 60], depths=[0, 1], samples=2))

@@ -11,7 +11,7 @@ from mmgrow.data.sequence import SequenceBuilder
 from mmgrow.data.synthetic.shapes import ShapesDataset
 from mmgrow.data.video_qa import VideoQA
 from mmgrow.evaluation.qa import video_qa_accuracy
-from mmgrow.evaluation.tasks import evaluate_task, split_target, tasks_table
+from mmgrow.evaluation.tasks import decode_targets, evaluate_task, split_target, tasks_table
 from mmgrow.models.unified import UnifiedModel
 from mmgrow.objectives.autoregressive import AutoregressiveObjective
 from mmgrow.protocols import Segment, Task
@@ -26,10 +26,19 @@ def tiny():
     return builder, model, AutoregressiveObjective().bind(model.token_space)
 
 
-def test_video_qa_accuracy_agrees_with_the_independent_scorer():
+def test_batched_decoding_equals_decoding_each_example_alone():
     builder, model, objective = tiny()
+    torch.manual_seed(1)
+    for p in model.parameters():  # a sharper random model, so predictions differ between examples
+        p.data.mul_(8)
     ds = ShapesDataset(num_samples=12, frames=2, size=16, grid=4, seed=3, split="val")
-    ours = evaluate_task(model, objective, builder, VideoQA(), ds, 12)
+    task = VideoQA()
+    examples = [split_target(task, ds[i]) for i in range(12)]
+    assert len({len(builder.build(p)) for p, _ in examples}) > 1  # several prompt lengths: several groups
+    batched = decode_targets(model, objective, builder, examples, batch_size=64)
+    alone = decode_targets(model, objective, builder, examples, batch_size=1)
+    assert batched == alone and len(set(batched)) > 1
+    ours = evaluate_task(model, objective, builder, task, ds, 12)
     theirs = video_qa_accuracy(model, objective, builder, ds)
     assert ours["samples"] == theirs["samples"] == 12 and ours["accuracy"] == theirs["accuracy"]
 
