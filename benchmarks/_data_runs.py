@@ -22,13 +22,15 @@ def device_name(device: str) -> str:
 
 
 def build(data: dict[str, Any], model: dict[str, Any]):
-    """``(datamodule, module)`` as the CLI would link them (``data.vocab -> model.vocab``)."""
+    """``(datamodule, module)`` as the CLI links them (``data.<x> -> model.<y>`` for every pair of
+    :data:`mmgrow.training.cli.DATA_TO_MODEL_LINKS`: vocabulary, continuous latent widths, input encoders)."""
     from mmgrow.data.datamodule import MMDataModule
+    from mmgrow.training.cli import DATA_TO_MODEL_LINKS
     from mmgrow.training.module import MMGrowModule
 
     torch.manual_seed(0)
     dm = MMDataModule(**data)
-    module = MMGrowModule(vocab=dm.vocab, **model)
+    module = MMGrowModule(**{y: getattr(dm, x) for x, y in DATA_TO_MODEL_LINKS}, **model)
     return dm, module
 
 

@@ -56,7 +56,7 @@ def recipe(path: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
     model["objective"] = mmgrow.create("objectives", objective["class_path"], **(objective.get("init_args") or {}))
     model.pop("init_from", None)
     model.update(dim=args.dim, depth=args.depth)
-    data.update(batch_size=args.batch, num_val=args.samples)
+    data.update(batch_size=args.batch, num_val=args.samples, num_workers=args.workers)
     return data, model
 
 
@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=("balance", "transfer", "interpolation"),
                     default=["balance", "transfer", "interpolation"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers building the training batches")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "unival.json"))
     args = ap.parse_args()
 
@@ -123,10 +124,18 @@ def main() -> None:
     result: dict[str, Any] = {"command": "python benchmarks/unival_experiments.py " + " ".join(sys.argv[1:]),
                               "device": device_name(args.device), "args": vars(args)}
     tmp = Path(tempfile.mkdtemp(prefix="unival-"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def keep() -> None:  # after every run: a run cut short still leaves what it measured
+        out.write_text(json.dumps(result, indent=2))
+
     _, pretrained, result["balanced_curriculum"] = train("balanced+curriculum", data, model, args.steps, args)
     base = save(pretrained, tmp / "pretrained")
+    keep()
     if "balance" in args.only:
         result["flat"] = train("flat", flat(data), model, args.steps, args)[2]
+        keep()
 
     audio_data, audio_model = recipe(FINETUNE, args)
     if "transfer" in args.only:
@@ -134,13 +143,12 @@ def main() -> None:
                                                 args.finetune_steps, args)[2]
         result["audio_from_scratch"] = train("audio from scratch", audio_data, audio_model, args.finetune_steps,
                                              args)[2]
+        keep()
 
     if "interpolation" in args.only:
         result["interpolation"] = interpolation(data, model, base, args)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    keep()
     print(render(result))
 
 

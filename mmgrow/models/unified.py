@@ -215,8 +215,13 @@ class UnifiedModel(nn.Module):
         """
         self._check_inputs(input_ids, ctx)
         x = self.embed(input_ids)
-        if self.continuous or self.modality_embedding is not None:
+        modality = None
+        if latents is not None:
             modality = ctx.modality_ids if ctx.modality_ids is not None else self.token_space.modality_of(input_ids)
+            self._check_latents_are_read(modality, latents)
+        if self.continuous or self.modality_embedding is not None:
+            if modality is None:
+                modality = ctx.modality_ids if ctx.modality_ids is not None else self.token_space.modality_of(input_ids)
             if self.modality_embedding is not None:
                 x = x + self.modality_embedding(modality)
             if self.continuous:
@@ -229,6 +234,23 @@ class UnifiedModel(nn.Module):
                                  "ctx.timestep = model.embed_timestep(t) for timesteps t [B] in [0, 1]")
             hidden = self.final_modulation(hidden, ctx.timestep)
         return ModelOutput(hidden=hidden, logits=self.logits, states=new_states)
+
+    def _check_latents_are_read(self, modality: Tensor, latents: Tensor) -> None:
+        """Non-zero ``latents`` at a position whose modality the model does not read as continuous would be
+        dropped without a trace (a model built without ``continuous=data.continuous``): a named error."""
+        if latents.dim() != 3 or tuple(latents.shape[:2]) != tuple(modality.shape):
+            raise ValueError(f"UnifiedModel: latents must be float [B, T, C] with [B, T] = {tuple(modality.shape)}, "
+                             f"got {tuple(latents.shape)}")
+        read = torch.zeros_like(modality, dtype=torch.bool)
+        for m in self.continuous:
+            read |= modality == self.token_space.index(m)
+        stray = (latents != 0).any(dim=-1) & ~read
+        if bool(stray.any()):
+            names = sorted({self.token_space.modalities[int(i)] for i in modality[stray].unique()})
+            raise ValueError(f"UnifiedModel: latents carry values at {names} positions, but the model reads latents "
+                             f"only for its continuous modalities {sorted(self.continuous)}; build it with "
+                             "continuous=data.continuous (the CLI links it; by hand: "
+                             "MMGrowModule(vocab=dm.vocab, continuous=dm.continuous, ...))")
 
     def _add_latents(self, x: Tensor, input_ids: Tensor, modality: Tensor, latents: Tensor | None) -> Tensor:
         """``x [B, T, D] + sum_m [modality(t) = m] in_m(latents[..., :C_m])`` with ``in_m`` the plain

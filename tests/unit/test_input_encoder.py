@@ -141,7 +141,7 @@ def test_input_encoder_runs_on_whole_items_and_scatters_back_in_order(monkeypatc
     # row 0: text, 2 items of audio (4 positions) split by text; row 1: one item at the end
     audio = 7
     ids = torch.tensor([[1, audio, audio, 2, audio, audio], [3, 4, 5, 6, audio, audio]])
-    latents = torch.randn(2, 6, 3, dtype=torch.float64)
+    latents = torch.randn(2, 6, 3, dtype=torch.float64) * (ids == audio)[..., None]  # zeros at discrete tokens
     ctx = SeqContext(positions=torch.arange(6).expand(2, 6).contiguous(), mask=MaskSpec(causal=True))
     model.backbone = nn.Identity()  # read the input embedding directly
     model.backbone.forward = lambda x, ctx, states: (x, None)
@@ -175,3 +175,22 @@ def test_input_encoder_errors_are_named(monkeypatch):
     with pytest.raises(TypeError, match="class_path"):
         UnifiedModel(token_space={"text": 7, "audio": 1}, dim=8, depth=1, continuous={"audio": 3},
                      input_encoders={"audio": {"init_args": {}}})
+
+
+def test_latents_the_model_would_not_read_are_a_named_error():
+    """A model built without ``continuous`` (e.g. by hand, forgetting the CLI's data.continuous link) must not
+    silently drop the audio features of a batch."""
+    from mmgrow.models.unified import UnifiedModel
+    from mmgrow.protocols import SeqContext
+
+    space = {"text": 8, "audio": 1}
+    model = UnifiedModel(token_space=space, dim=16, depth=1)
+    ids = torch.tensor([[0, 8, 8, 3]])
+    latents = torch.zeros(1, 4, 2)
+    ctx = SeqContext.simple(1, 4)
+    model(ids, ctx, latents=latents)  # all zeros: nothing is lost
+    latents[0, 1:3] = 1.0
+    with pytest.raises(ValueError, match=r"latents carry values at \['audio'\] positions.*continuous=data.continuous"):
+        model(ids, ctx, latents=latents)
+    reading = UnifiedModel(token_space=space, dim=16, depth=1, continuous={"audio": 2})
+    assert reading(ids, ctx, latents=latents).hidden.shape == (1, 4, 16)
