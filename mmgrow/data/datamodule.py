@@ -84,7 +84,7 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         condition_encoder: an object with ``latent_dim`` and ``encode(list[str]) -> (emb [B, S, C],
             mask [B, S])`` (:class:`~mmgrow.data.collate.ConditionEncoder`); None = no conditioning.
             Its output width is :attr:`condition_dim` (link it to the model's cross-attention).
-        sources: ``[{name, dataset, dataset_args, task, weight | every, num_train, num_val}, ...]``
+        sources: ``[{name, dataset, dataset_args, task, task_args, weight | every, num_train, num_val}, ...]``
             (:mod:`mmgrow.data.mixture`); None = one source per entry of ``tasks``.
         mixture: ``{temperature: T}``: sources without a ``weight`` are balanced by size^(1/T).
         packing: ``{length: L, mode, algorithm, weighting}`` (``PackingConfig``); None = one example per row.
@@ -154,7 +154,7 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         else:
             specs = parse_sources(sources, dataset)
         self.sources: list[SourceSpec] = specs
-        self.tasks: list[Task] = [mmgrow.create("tasks", s.task) for s in specs]
+        self.tasks: list[Task] = [mmgrow.create("tasks", s.task, **s.task_args) for s in specs]
         """One task per source (source order)."""
         for spec, task in zip(specs, self.tasks):
             missing = [m for m in task.modalities if m not in self.codecs]

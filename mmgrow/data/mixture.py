@@ -6,6 +6,7 @@ A *source* is one dataset read through one task (``data.sources`` in a recipe)::
       - {name: t2v, dataset: shapes, task: text_to_video, weight: 3}
       - {name: cap, dataset: shapes, task: video_to_text}                 # weight from the temperature
       - {name: qa,  dataset: shapes, task: video_qa, every: 4}            # one extra item every 4
+      - {name: col, dataset: shapes, task: video_qa, task_args: {kinds: [colour]}, weight: 1}  # task arguments
     mixture: {temperature: 2.0}
 
 **Main sources** (no ``every``) are drawn at random, source ``k`` with probability
@@ -35,7 +36,7 @@ from typing import Any
 
 from mmgrow.checks import finite_number, mapping_with_keys, positive_int
 
-SOURCE_FIELDS = ("name", "dataset", "dataset_args", "task", "weight", "every", "num_train", "num_val")
+SOURCE_FIELDS = ("name", "dataset", "dataset_args", "task", "task_args", "weight", "every", "num_train", "num_val")
 MIXTURE_FIELDS = ("temperature",)
 
 
@@ -47,6 +48,7 @@ class SourceSpec:
     dataset: str
     task: str
     dataset_args: dict[str, Any] = field(default_factory=dict)
+    task_args: dict[str, Any] = field(default_factory=dict)
     weight: float | None = None
     every: int | None = None
     num_train: int | None = None
@@ -80,8 +82,10 @@ def parse_sources(entries: Sequence[Mapping[str, Any]], default_dataset: str) ->
             if not isinstance(value, str) or not value:
                 raise _fail(i, f"{key} must be a non-empty string, got {value!r}")
         args = entry.get("dataset_args") or {}
-        if not isinstance(args, Mapping):
-            raise _fail(i, f"dataset_args must be a mapping, got {args!r}")
+        task_args = entry.get("task_args") or {}
+        for key, value in (("dataset_args", args), ("task_args", task_args)):
+            if not isinstance(value, Mapping):
+                raise _fail(i, f"{key} must be a mapping, got {value!r}")
         if "weight" in entry and "every" in entry:
             raise _fail(i, "give either weight (a main source) or every (an extra), not both")
         weight = entry.get("weight")
@@ -89,8 +93,8 @@ def parse_sources(entries: Sequence[Mapping[str, Any]], default_dataset: str) ->
             weight = finite_number(f"data.sources[{i}]", "weight", weight, low=0)
         ints = {key: None if entry.get(key) is None else positive_int(f"data.sources[{i}]", key, entry[key])
                 for key in ("every", "num_train", "num_val")}
-        specs.append(SourceSpec(name=name, dataset=dataset, task=task, dataset_args=dict(args), weight=weight,
-                                **ints))
+        specs.append(SourceSpec(name=name, dataset=dataset, task=task, dataset_args=dict(args),
+                                task_args=dict(task_args), weight=weight, **ints))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -249,3 +249,14 @@ def test_skipped_files_of_every_distinct_dataset_once():
     dm.source_sets["train"][2].skipped = [{"path": "b.wav", "reason": "truncated"}]
     dm.source_sets["val"][2].skipped = [{"path": "c.png", "reason": "unsupported"}]
     assert [f["path"] for f in dm.skipped_files()] == ["a.mp4", "b.wav", "c.png"]
+
+
+def test_task_args_configure_a_source_task():
+    dm = small_dm(sources=[{"name": "t2v", "task": "text_to_video"},
+                           {"name": "colour", "task": "video_qa", "task_args": {"kinds": ["colour"]}}])
+    assert dm.tasks[1].kinds == ("colour",)
+    assert {dm.tasks[1].kind_of(dm.source_sets["val"][1][i]) for i in range(4)} == {"colour"}
+    with pytest.raises(ValueError, match=r"data.sources\[0\]: task_args must be a mapping"):
+        small_dm(sources=[{"task": "video_qa", "task_args": ["colour"]}])
+    with pytest.raises(ValueError, match="kinds"):
+        small_dm(sources=[{"task": "video_qa", "task_args": {"kinds": ["smell"]}}])
