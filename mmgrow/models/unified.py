@@ -72,6 +72,12 @@ def initialise(module: nn.Module, init_std: float) -> None:
         initialise(child, init_std)
 
 
+def _zero_touch(module: nn.Module) -> Tensor | float:
+    """``0 * sum`` of ``module``'s trainable parameters: exactly zero, but in the autograd graph."""
+    params = [p.sum() for p in module.parameters() if p.requires_grad]
+    return torch.stack(params).sum() * 0.0 if params else 0.0
+
+
 class UnifiedModel(nn.Module):
     """``input_ids [B, T]`` (global ids) + :class:`SeqContext` -> :class:`ModelOutput`.
 
@@ -258,6 +264,10 @@ class UnifiedModel(nn.Module):
         for m in self.continuous:
             here = modality == self.token_space.index(m)  # [B, T]
             if not bool(here.any()):
+                # Absent from this batch (audio before its fine-tune ...): its input weights still join the
+                # graph, with an exact zero, so data parallelism gets a (zero) gradient for every parameter
+                # each step instead of needing find_unused_parameters.
+                x = x + _zero_touch(self.input_encoders[m] if m in self.input_encoders else self.latent_in[m])
                 continue
             width = self.continuous[m]
             if latents is None or latents.dim() != 3 or tuple(latents.shape[:2]) != tuple(input_ids.shape) \

@@ -194,3 +194,25 @@ def test_latents_the_model_would_not_read_are_a_named_error():
         model(ids, ctx, latents=latents)
     reading = UnifiedModel(token_space=space, dim=16, depth=1, continuous={"audio": 2})
     assert reading(ids, ctx, latents=latents).hidden.shape == (1, 4, 16)
+
+
+def test_an_absent_continuous_modality_still_gets_zero_gradients(monkeypatch):
+    """Data parallelism needs a gradient for every trainable parameter each step: a batch without audio
+    (pre-training before the audio fine-tune) must give the audio input weights exact zeros, not None,
+    and leave the output unchanged."""
+    from mmgrow.models import unified
+    from mmgrow.protocols import SeqContext
+
+    torch.manual_seed(0)
+    space = {"text": 8, "audio": 1}
+    model = unified.UnifiedModel(token_space=space, dim=16, depth=1, continuous={"audio": 2})
+    ids = torch.tensor([[0, 3, 5, 2]])  # text only
+    ctx = SeqContext.simple(1, 4)
+    out = model(ids, ctx, latents=torch.zeros(1, 4, 2)).hidden
+    with monkeypatch.context() as m:
+        m.setattr(unified, "_zero_touch", lambda module: 0.0)
+        untouched = model(ids, ctx, latents=torch.zeros(1, 4, 2)).hidden
+    torch.testing.assert_close(out, untouched, rtol=0, atol=0)
+    out.sum().backward()
+    for name, p in model.latent_in.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
