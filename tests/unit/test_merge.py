@@ -327,15 +327,17 @@ def test_sweep_arguments_are_checked_before_loading(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_on_two_tiny_real_runs(tmp_path, monkeypatch):
-    """Two 6-step fits of the quickstart recipe (different seeds), then a 3-point sweep: its end points'
-    losses are each run's own validation loss, computed here independently of the sweep."""
+    """Two 6-step fits of the quickstart recipe with a video-QA task (different seeds), then a 3-point sweep:
+    its end points' losses and task accuracies are each run's own, computed here independently of the sweep."""
+    from mmgrow.evaluation.tasks import evaluate_tasks
     from mmgrow.training.generate_cli import load_run
     from mmgrow.training.merge_cli import split_loss
 
     monkeypatch.chdir(ROOT)
     short = ["--model.dim", "16", "--model.depth", "1", "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
              "--trainer.limit_val_batches", "1", "--data.num_train", "16", "--data.num_val", "4", "--data.batch_size",
-             "2", "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
+             "2", "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
+             "--data.tasks", "[text_to_video, video_qa]"]  # video_qa is scored: the sweep has task metrics
     for name, seed in (("a", 0), ("b", 1)):
         assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *short, "--seed_everything", str(seed),
                      "--trainer.default_root_dir", str(tmp_path / name)]) == 0
@@ -350,5 +352,7 @@ def test_sweep_on_two_tiny_real_runs(tmp_path, monkeypatch):
         for split in ("val", "heldout"):
             assert result["splits"][split]["loss"][index] == pytest.approx(split_loss(model, objective, dm, split, 2),
                                                                           rel=1e-6)
+            own = evaluate_tasks(model, objective, dm, split, 16)["video_qa"]  # each run scored on its own
+            assert result["splits"][split]["tasks"]["video_qa"]["accuracy"][index] == own["accuracy"]
     check_run(out)  # --weights with --sweep: the merged model is written and sealed too
     load_run(out)
