@@ -12,7 +12,8 @@ unless ``--force``.
 ``--sweep`` (exactly two runs) evaluates ``(1 - lambda) * A + lambda * B`` for ``--points`` values of
 lambda evenly spaced in [0, 1], on each split of ``--splits``: the objective's loss (mean over at most
 ``--batches`` evaluation batches of the first run's data section) and every scored task's metrics
-(at most ``--samples`` examples each). It writes ``merge_sweep.json`` and ``merge_sweep.png`` into
+(at most ``--samples`` examples each) of the first run's sources and of the second run's sources with
+other names (two task fine-tunes are scored on both tasks). It writes ``merge_sweep.json`` and ``merge_sweep.png`` into
 ``DIR`` and no weights, unless ``--weights`` is given too (then the merge with those weights is
 written as well).
 """
@@ -122,6 +123,8 @@ def run_sweep(sources: Sequence[Any], out: Path, points: int, splits: Sequence[s
     unknown = [s for s in splits if s not in dm.source_sets]
     if unknown:
         raise ValueError(f"--splits: unknown split(s) {unknown}; the run's data has {sorted(dm.source_sets)}")
+    # The tasks of both runs are scored (two task fine-tunes each know only their own task); the loss is A's.
+    scored = [dm] + [other for other in second_data(sources[1].path) if _new_sources(other, dm)]
     grid = lambdas(points)
     result: dict[str, Any] = {"runs": [str(s.path.resolve()) for s in sources], "lambdas": grid,
                               "batches": batches, "samples": samples,
@@ -132,15 +135,36 @@ def run_sweep(sources: Sequence[Any], out: Path, points: int, splits: Sequence[s
         for split in splits:
             record = result["splits"][split]
             record["loss"].append(split_loss(model, objective, dm, split, batches))
-            for source, metrics in task_eval.evaluate_tasks(model, objective, dm, split=split,
-                                                            num_samples=samples).items():
-                per_task = record["tasks"].setdefault(source, {})
-                for name, value in metrics.items():
-                    if name not in ("task", "samples"):
-                        per_task.setdefault(name, []).append(float(value))
+            for data in scored:
+                for source, metrics in task_eval.evaluate_tasks(model, objective, data, split=split,
+                                                                num_samples=samples).items():
+                    if data is not dm and source in _source_names(dm):
+                        continue  # the first run's source of that name is already scored
+                    per_task = record["tasks"].setdefault(source, {})
+                    for name, value in metrics.items():
+                        if name not in ("task", "samples"):
+                            per_task.setdefault(name, []).append(float(value))
     atomic_write_bytes(out / SWEEP_RECORD, strict_json(result))
     plot_sweep(result, out / SWEEP_PLOT)
     return [out / SWEEP_RECORD, out / SWEEP_PLOT]
+
+
+def second_data(run: Path) -> list[Any]:
+    """The data module of the second run's recipe (``[]`` for a model directory without ``config.yaml``)."""
+    from mmgrow.training.generate_cli import load_run
+
+    if not (Path(run) / "config.yaml").is_file():
+        return []
+    return [load_run(Path(run))[2]]
+
+
+def _source_names(datamodule: Any) -> set[str]:
+    return {s.name for s in getattr(datamodule, "sources", [])}
+
+
+def _new_sources(other: Any, first: Any) -> bool:
+    """Whether ``other`` has a source (by name) that ``first`` lacks."""
+    return bool(_source_names(other) - _source_names(first))
 
 
 def plot_sweep(result: dict[str, Any], path: Path) -> Path:

@@ -327,8 +327,9 @@ def test_sweep_arguments_are_checked_before_loading(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_on_two_tiny_real_runs(tmp_path, monkeypatch):
-    """Two 6-step fits of the quickstart recipe with a video-QA task (different seeds), then a 3-point sweep:
-    its end points' losses and task accuracies are each run's own, computed here independently of the sweep."""
+    """Two 6-step fits of the quickstart recipe with video-QA tasks (different seeds; B asks only colour
+    questions, as its own source), then a 3-point sweep: its end points' losses (on A's data) and the
+    accuracies of both runs' tasks are each run's own, computed here independently of the sweep."""
     from mmgrow.evaluation.tasks import evaluate_tasks
     from mmgrow.training.generate_cli import load_run
     from mmgrow.training.merge_cli import split_loss
@@ -336,23 +337,29 @@ def test_sweep_on_two_tiny_real_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     short = ["--model.dim", "16", "--model.depth", "1", "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
              "--trainer.limit_val_batches", "1", "--data.num_train", "16", "--data.num_val", "4", "--data.batch_size",
-             "2", "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
-             "--data.tasks", "[text_to_video, video_qa]"]  # video_qa is scored: the sweep has task metrics
+             "2", "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]
+    data = {"a": ["--data.tasks", "[text_to_video, video_qa]"],  # video_qa is scored: the sweep has task metrics
+            "b": ["--data.sources", ("[{task: text_to_video}, {name: colour_qa, task: video_qa, "
+                                     "task_args: {kinds: [colour]}}]")]}
     for name, seed in (("a", 0), ("b", 1)):
-        assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *short, "--seed_everything", str(seed),
-                     "--trainer.default_root_dir", str(tmp_path / name)]) == 0
+        assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *short, *data[name], "--seed_everything",
+                     str(seed), "--trainer.default_root_dir", str(tmp_path / name)]) == 0
     out = tmp_path / "sweep"
     assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--sweep", "--points", "3", "--batches", "2",
                  "--weights", "0.5,0.5", "--out", str(out)]) == 0
     result = json.loads((out / "merge_sweep.json").read_text())
     assert len(result["splits"]["val"]["loss"]) == 3
     assert result["splits"]["val"]["loss"][0] != result["splits"]["val"]["loss"][-1]  # the runs differ
+    dm_a, dm_b = load_run(tmp_path / "a")[2], load_run(tmp_path / "b")[2]
     for index, name in ((0, "a"), (-1, "b")):
-        model, objective, dm = load_run(tmp_path / name)
+        model, objective, _ = load_run(tmp_path / name)
         for split in ("val", "heldout"):
-            assert result["splits"][split]["loss"][index] == pytest.approx(split_loss(model, objective, dm, split, 2),
-                                                                          rel=1e-6)
-            own = evaluate_tasks(model, objective, dm, split, 16)["video_qa"]  # each run scored on its own
-            assert result["splits"][split]["tasks"]["video_qa"]["accuracy"][index] == own["accuracy"]
+            tasks = result["splits"][split]["tasks"]
+            assert set(tasks) == {"video_qa", "colour_qa"}  # both runs' scored sources
+            assert result["splits"][split]["loss"][index] == pytest.approx(
+                split_loss(model, objective, dm_a, split, 2), rel=1e-6)
+            for source, dm in (("video_qa", dm_a), ("colour_qa", dm_b)):
+                own = evaluate_tasks(model, objective, dm, split, 16)[source]
+                assert tasks[source]["accuracy"][index] == own["accuracy"]
     check_run(out)  # --weights with --sweep: the merged model is written and sealed too
     load_run(out)
