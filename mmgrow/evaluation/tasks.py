@@ -50,12 +50,14 @@ def decode_targets(model: Any, objective: Any, builder: Any, examples: list[tupl
 
     texts = list(condition_texts or [None] * len(examples))
     groups: dict[tuple[str, int], list[int]] = {}
+    encoded = []
     for i, (prompt, target) in enumerate(examples):
         codec = builder.codecs.get(target.modality)
         if codec is None or getattr(codec, "kind", "discrete") != "discrete":
             raise ValueError(f"cannot decode a {target.modality!r} target: scored tasks need a discrete codec for "
                              f"their target modality (codecs: {sorted(builder.codecs)})")
-        groups.setdefault((target.modality, len(builder.build(prompt))), []).append(i)
+        encoded.append(builder.build(prompt))  # once: grouped by length, then decoded
+        groups.setdefault((target.modality, len(encoded[-1])), []).append(i)
     out: list[Any] = [None] * len(examples)
     for (modality, _), members in groups.items():
         codec = builder.codecs[modality]
@@ -64,7 +66,8 @@ def decode_targets(model: Any, objective: Any, builder: Any, examples: list[tupl
             decoded = sample_discrete_batch(
                 model, objective, builder, [examples[i][0] for i in chunk], modality,
                 [target_budget(codec, examples[i][1]) for i in chunk], condition_texts=[texts[i] for i in chunk],
-                condition_encoder=condition_encoder, settings=SamplerSettings(greedy=True))
+                condition_encoder=condition_encoder, settings=SamplerSettings(greedy=True),
+                encoded=[encoded[i] for i in chunk])
             for i, item in zip(chunk, decoded):
                 out[i] = item
     return out

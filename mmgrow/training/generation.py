@@ -88,12 +88,14 @@ def sample_discrete(model: nn.Module, objective: Objective, builder: SequenceBui
 def sample_discrete_batch(model: nn.Module, objective: Objective, builder: SequenceBuilder,
                           prompts: list[list[Segment]], modality: str, max_new_tokens: list[int], *,
                           constraint: Any = None, condition_texts: list[str | None] | None = None,
-                          condition_encoder: Any = None, settings: SamplerSettings | None = None) -> list[Any]:
+                          condition_encoder: Any = None, settings: SamplerSettings | None = None,
+                          encoded: list[Any] | None = None) -> list[Any]:
     """:func:`sample_discrete` for several prompts whose sequences have the same length, as one batch.
 
     Row ``b`` is cut to its own ``max_new_tokens[b]`` (the batch decodes the longest), then at the codec's
     ``generation_length``: each row's tokens are those it would get alone (rows never interact; the
     model runs ``[B, T]`` without padding). A condition encoder needs a condition text for every row.
+    ``encoded``: the prompts' ``builder.build`` results when the caller has them already.
     """
     settings = settings or SamplerSettings()
     if len(max_new_tokens) != len(prompts) or not prompts:
@@ -102,7 +104,7 @@ def sample_discrete_batch(model: nn.Module, objective: Objective, builder: Seque
     device = next(model.parameters()).device
     space = model.token_space
     prefix = codec.generation_prefix()
-    seqs = [builder.build(p) for p in prompts]
+    seqs = encoded if encoded is not None else [builder.build(p) for p in prompts]
     if len({len(q) for q in seqs}) != 1:
         raise ValueError(f"sample_discrete_batch: the prompts encode to different lengths {sorted({len(q) for q in seqs})}; "
                          "batch prompts of one length (there is no padding)")
