@@ -200,18 +200,17 @@ def render(result: dict) -> str:
     from _report import markdown_table
 
     parts = [f"Device: {result['device']}. Command: `{result['command']}`.", ""]
+    def side_by_side(runs: dict) -> list[str]:  # one row per task and split, one column per run
+        sources = list(next(iter(runs.values()))["tasks"]["val"])
+        rows = [[src, split, *[_cell(r, split, src) for r in runs.values()]]
+                for split in ("val", "heldout") for src in sources]
+        return [markdown_table(["task", "split", *runs], rows), ""]
+
     if "flat" in result:
-        runs = {"balanced + curriculum": result["balanced_curriculum"], "flat mixture": result["flat"]}
-        sources = list(result["balanced_curriculum"]["tasks"]["val"])
-        rows = [[src, split, *[_cell(r, split, src) for r in runs.values()]]
-                for split in ("val", "heldout") for src in sources]
-        parts += [markdown_table(["task", "split", *runs], rows), ""]
+        parts += side_by_side({"balanced + curriculum": result["balanced_curriculum"], "flat mixture": result["flat"]})
     if "audio_from_scratch" in result:
-        runs = {"from multitask model": result["audio_from_pretrained"], "from scratch": result["audio_from_scratch"]}
-        sources = list(result["audio_from_scratch"]["tasks"]["val"])
-        rows = [[src, split, *[_cell(r, split, src) for r in runs.values()]]
-                for split in ("val", "heldout") for src in sources]
-        parts += [markdown_table(["task", "split", *runs], rows), ""]
+        parts += side_by_side({"from multitask model": result["audio_from_pretrained"],
+                               "from scratch": result["audio_from_scratch"]})
     if "interpolation" in result:
         from mmgrow.evaluation.tasks import main_metric
 

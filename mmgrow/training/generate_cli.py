@@ -127,16 +127,23 @@ def run_objective(config: Path, cfg: dict[str, Any], model: Any) -> Any:
     return objective
 
 
-def load_run(run: Path, num_val: int | None = None) -> tuple[Any, Any, Any]:
-    """``(model, objective, data module)`` of a run directory (``num_val``: evaluation split size, default
-    the run's own)."""
+def load_run_data(run: Path, num_val: int | None = None) -> Any:
+    """The data module of a run directory's recipe, for evaluation (one training sample; ``num_val``:
+    evaluation split size, default the run's own)."""
     from mmgrow.data.datamodule import MMDataModule
-    from mmgrow.training.export import load_model
 
     config, cfg = read_run_config(run)
     data_cfg = {k: instantiate(v, f"{config.name}: data.{k}") for k, v in (cfg.get("data") or {}).items()}
     data_cfg.update(num_train=1, num_val=max(1, int(num_val or data_cfg.get("num_val") or 1)))
-    dm = MMDataModule(**data_cfg)
+    return MMDataModule(**data_cfg)
+
+
+def load_run(run: Path, num_val: int | None = None) -> tuple[Any, Any, Any]:
+    """``(model, objective, data module)`` of a run directory (``num_val`` as :func:`load_run_data`)."""
+    from mmgrow.training.export import load_model
+
+    config, cfg = read_run_config(run)
+    dm = load_run_data(run, num_val)
     model = load_model(run)
     model.eval()
     return model, run_objective(config, cfg, model), dm

@@ -151,11 +151,11 @@ def run_sweep(sources: Sequence[Any], out: Path, points: int, splits: Sequence[s
 
 def second_data(run: Path) -> list[Any]:
     """The data module of the second run's recipe (``[]`` for a model directory without ``config.yaml``)."""
-    from mmgrow.training.generate_cli import load_run
+    from mmgrow.training.generate_cli import load_run_data
 
     if not (Path(run) / "config.yaml").is_file():
         return []
-    return [load_run(Path(run))[2]]
+    return [load_run_data(Path(run))]
 
 
 def _source_names(datamodule: Any) -> set[str]:

@@ -288,6 +288,7 @@ def test_sweep_evaluates_the_interpolated_weights(tmp_path, monkeypatch):
     key = "heads.text.weight"
     assert key in a and not torch.equal(a[key], b[key])
     monkeypatch.setattr(generate_cli, "load_run", lambda run: (a_model, _MeanObjective(), _Data()))
+    monkeypatch.setattr(generate_cli, "load_run_data", lambda run: _Data())
     calls = []
 
     def fake_tasks(model, objective, datamodule, split="val", num_samples=32):
