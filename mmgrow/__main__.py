@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                  "evaluate a trained run: `evaluate tasks` (per-task metrics), `evaluate needle` (retrieval by length and depth)"),
     "data": ("mmgrow.data_cli:data_main", "inspect a recipe's data: task shares, tokens, rows, padding, skipped files"),
     "merge": ("mmgrow.training.merge_cli:merge_main", "average the weights of runs of one architecture; --sweep: A..B"),
+    "scaling": ("mmgrow.scaling.cli:scaling_main",
+                "scaling laws: `scaling sweep` (run a grid), `scaling fit`, `scaling predict`, `scaling plot`"),
 }
 """``name -> ("module:function", one-line help)``; the function takes the arguments after the name
 (the Lightning subcommands take them including the name)."""

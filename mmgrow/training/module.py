@@ -85,6 +85,11 @@ class MMGrowModule(pl.LightningModule):
         modality_embeddings: add a learned embedding of each position's modality (UnIVAL).
         head: ``"per_modality"`` (a head per modality, LWM) or ``"shared"`` (one head and one softmax over
             the whole token space, UnIVAL).
+        eval_seed: validation and test batches draw an objective's noise (flow matching's timesteps and
+            noise) from ``torch.manual_seed(eval_seed + batch_idx)`` in a forked RNG, so the validation
+            loss is a deterministic function of the weights: comparable across steps and runs (a
+            learning-rate sweep reads differences of a fraction of a percent), and training's random
+            stream is untouched by validation. None = draw from the global RNG.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class MMGrowModule(pl.LightningModule):
         input_encoders: dict[str, dict] | None = None,
         modality_embeddings: bool = False,
         head: str = "per_modality",
+        eval_seed: int | None = 0,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -130,6 +136,8 @@ class MMGrowModule(pl.LightningModule):
         if mlp_chunk is not None:
             positive_int("MMGrowModule", "mlp_chunk", mlp_chunk)
         check_optimizer_hparams("MMGrowModule", lr, weight_decay, betas, warmup_steps, min_lr_ratio)
+        if eval_seed is not None:
+            int_at_least("MMGrowModule", "eval_seed", eval_seed, 0)
         self.save_hyperparameters(ignore=["objective", "growth"])
         self.growth = [strategy_from_spec(s) for s in growth or []]  # bad specs fail here, not mid-setup
         self.vocab = dict(vocab)
@@ -303,10 +311,19 @@ class MMGrowModule(pl.LightningModule):
         self.growth_summary["loss_jump"] = values
 
     def validation_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
+        return self._seeded_step(batch, batch_idx, "val")
 
     def test_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
+        return self._seeded_step(batch, batch_idx, "test")
+
+    def _seeded_step(self, batch: TokenBatch, batch_idx: int, stage: str) -> torch.Tensor:
+        """An evaluation step whose random draws depend only on ``eval_seed`` and the batch (see ``eval_seed``)."""
+        seed = self.hparams.get("eval_seed", 0)  # absent from the hyperparameters of older checkpoints
+        if seed is None:
+            return self._step(batch, stage)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(int(seed) + int(batch_idx))
+            return self._step(batch, stage)
 
     def predict_step(self, batch: TokenBatch, batch_idx: int) -> dict[str, torch.Tensor]:
         """The objective's loss and metrics of each batch (e.g. held-out loss per modality)."""
