@@ -101,9 +101,16 @@ class RunSummary(pl.Callback):
     rate. ``tokens_seen`` is summed over ranks too; it survives a resume through the checkpoint,
     which holds rank 0's own count for every rank to restore, so after resuming a multi-rank run
     it is approximate (exact when the ranks saw equally many tokens).
+
+    ``val_history`` lists every validation of the run (``step``, ``tokens``: ``tokens_seen`` then, ``loss``:
+    ``val/loss``), kept across resumes: with a constant learning rate the loss after ``T`` tokens of a longer
+    run is the loss of a ``T``-token run, which is how a scaling sweep reads several budgets from one run.
+    The fields a scaling-law fit reads (non-embedding parameters, tokens per step, learning rate, FLOPs) come
+    from :func:`~mmgrow.training.scaling_record.scaling_fields`.
     """
 
     def __init__(self) -> None:
+        self.val_history: list[dict[str, Any]] = []
         self.train_time = 0.0
         self.tokens = 0
         self.fit_start = 0.0
@@ -141,6 +148,23 @@ class RunSummary(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._last = None
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not hasattr(pl_module, "tokens_seen"):
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        tokens = trainer.strategy.reduce(torch.tensor(float(pl_module.tokens_seen), device=pl_module.device),
+                                         reduce_op="sum")  # every rank is here: validation ends on all of them
+        step = int(trainer.global_step)
+        self.val_history = [h for h in self.val_history if h["step"] != step]  # a re-validation replaces it
+        self.val_history.append({"step": step, "tokens": int(tokens),
+                                 "loss": float(loss) if torch.is_tensor(loss) else None})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_history": list(self.val_history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.val_history = list(state_dict.get("val_history", []))
+
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, collective: bool = True) -> dict[str, Any]:
         """The run's numbers; collective under data parallelism (call it on every rank) unless ``collective``
         is False (this rank's numbers: after an exception the ranks may not all be here)."""
@@ -155,6 +179,8 @@ class RunSummary(pl.Callback):
         # State after the longest training row: what decoding that row would hold per example.
         seq_len = self.max_seq_len
         state = sum(m.state_size(seq_len) for m in model.modules() if isinstance(m, SequenceMixer))
+        from mmgrow.training.scaling_record import scaling_fields
+
         return {
             "status": "complete",
             "final_train_loss": metrics.get("train/loss"),
@@ -175,6 +201,9 @@ class RunSummary(pl.Callback):
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "growth": getattr(pl_module, "growth_summary", None),
             "tasks": getattr(pl_module, "task_results", None),
+            **scaling_fields(model, pl_module.hparams, int(total_tokens), int(trainer.global_step), int(seq_len),
+                             trainer.max_steps),
+            "val_history": list(self.val_history),
             **skipped_media(trainer),
         }
 
