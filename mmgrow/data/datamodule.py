@@ -79,6 +79,9 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         seq_len: without packing, pad every batch to this length (an example longer than it is an
             error), or None to pad each batch to its longest example.
         batch_size: examples per batch and replica (a curriculum stage may change it).
+        eval_batch_size: examples per validation/test batch (None = ``batch_size``). A scaling sweep fixes it so
+            that runs with different training batch sizes are validated on identical batches (with the
+            module's seeded evaluation noise, identical draws too).
         num_workers: DataLoader workers (they build and collate the batches).
         seed: seeds the dataset splits, the source orders and the mixture draws.
         condition_encoder: an object with ``latent_dim`` and ``encode(list[str]) -> (emb [B, S, C],
@@ -109,6 +112,7 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         mixture: dict | None = None,
         packing: dict | None = None,
         curriculum: list[dict] | None = None,
+        eval_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         # The encoder object (possibly a whole frozen language model) stays out of the hyperparameters
@@ -120,6 +124,9 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
             raise ValueError(f"MMDataModule: seq_len must be a positive int or None, got {seq_len!r}")
         positive_int("MMDataModule", "batch_size", batch_size)
+        if eval_batch_size is not None:
+            positive_int("MMDataModule", "eval_batch_size", eval_batch_size)
+        self.eval_batch_size = eval_batch_size
         positive_int("MMDataModule", "num_train", num_train)
         positive_int("MMDataModule", "num_val", num_val)  # also sizes the held-out split: an empty one breaks test
         int_at_least("MMDataModule", "num_workers", num_workers, 0)
@@ -273,8 +280,8 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         sampler.advance()
 
     def eval_keys(self, split: str) -> list[BatchKey]:
-        """The evaluation batches of ``split``: every source's items in order, ``batch_size`` per batch
-        (sources sharing one dataset instance take its items round-robin)."""
+        """The evaluation batches of ``split``: every source's items in order, ``eval_batch_size`` (else
+        ``batch_size``) per batch (sources sharing one dataset instance take its items round-robin)."""
         groups: dict[int, list[int]] = {}
         for position, ds in enumerate(self.source_sets[split]):
             groups.setdefault(id(ds), []).append(position)
@@ -282,7 +289,8 @@ class MMDataModule(ResumableTrainData, pl.LightningDataModule):
         for members in groups.values():
             ds = self.source_sets[split][members[0]]
             items.extend((members[i % len(members)], i) for i in range(len(ds)))
-        return [BatchKey(-1, None, tuple(items[i:i + self.batch_size])) for i in range(0, len(items), self.batch_size)]
+        size = self.eval_batch_size or self.batch_size
+        return [BatchKey(-1, None, tuple(items[i:i + size])) for i in range(0, len(items), size)]
 
     # -- loaders -----------------------------------------------------------------------------------------
     def _loader(self, split: str, sampler: Any) -> DataLoader:
