@@ -33,7 +33,7 @@ def _positive_array(x, name: str) -> np.ndarray:
     bad = ~(np.isfinite(arr) & (arr > 0))
     if np.any(bad):
         first = np.flatnonzero(bad.ravel())[0]
-        raise ValueError(f"{name}: expected positive finite values, got {arr.ravel()[first]!r} "
+        raise ValueError(f"{name}: expected positive finite values, got {float(arr.ravel()[first])!r} "
                          f"(at index {first})")
     return arr
 
