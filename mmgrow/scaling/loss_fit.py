@@ -41,7 +41,7 @@ EXPONENT_GRID = np.linspace(0.05, 1.5, 30)  # alpha and beta values tried by var
 N_STARTS = 4
 LBFGS_MAXITER = 30
 # Refits only need to resolve the spread between resamples (noise >> 1e-9), not machine precision.
-BOOTSTRAP_TOL = 1e-8
+BOOTSTRAP_TOL = 1e-7
 _EXP_BOUNDS = (1e-3, 4.0)
 
 
@@ -65,19 +65,30 @@ class _Problem:
     def residuals(self, x: np.ndarray) -> np.ndarray:
         return np.log(self.parts(x)[3]) - self.log_loss
 
-    def jacobian(self, x: np.ndarray) -> np.ndarray:
+    def residuals_and_jacobian(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         big_e, term_n, term_t, pred = self.parts(x)
-        return np.column_stack([np.full_like(pred, big_e), term_n, term_t, -self.u * term_n,
-                                -self.v * term_t]) / pred[:, None]
+        jac = np.empty((len(pred), 5))
+        jac[:, 0] = big_e
+        jac[:, 1] = term_n
+        jac[:, 2] = term_t
+        jac[:, 3] = -self.u * term_n
+        jac[:, 4] = -self.v * term_t
+        return np.log(pred) - self.log_loss, jac / pred[:, None]
+
+    def huber(self, r: np.ndarray) -> float:
+        """sum Huber_delta(r) / delta**2 (the scale keeps L-BFGS tolerances meaningful)."""
+        d = self.delta
+        a = np.abs(r)
+        return float(np.where(a <= d, 0.5 * r * r, d * (a - 0.5 * d)).sum() / (d * d))
+
+    def value(self, x: np.ndarray) -> float:
+        return self.huber(self.residuals(x))
 
     def objective(self, x: np.ndarray) -> tuple[float, np.ndarray]:
-        """sum Huber_delta(r) / delta**2 and its gradient (the scale keeps L-BFGS tolerances meaningful)."""
-        r = self.residuals(x)
+        """The objective and its gradient J^T psi(r) / delta**2, psi(r) = clip(r, -delta, delta)."""
+        r, jac = self.residuals_and_jacobian(x)
         d = self.delta
-        small = np.abs(r) <= d
-        value = np.where(small, 0.5 * r ** 2, d * (np.abs(r) - 0.5 * d)).sum() / d ** 2
-        grad = self.jacobian(x).T @ np.clip(r, -d, d) / d ** 2
-        return float(value), grad
+        return self.huber(r), jac.T @ np.clip(r, -d, d) / (d * d)
 
 
 def _varpro_starts(problem: _Problem, loss: np.ndarray) -> list[np.ndarray]:
@@ -91,7 +102,7 @@ def _varpro_starts(problem: _Problem, loss: np.ndarray) -> list[np.ndarray]:
             design = np.column_stack([np.ones_like(loss), col_n, np.exp(-beta * problem.v)]) * w[:, None]
             coef, _ = nnls(design, np.ones_like(loss))
             x = np.array([*np.log(np.maximum(coef, floor)), alpha, beta])
-            candidates.append((problem.objective(x)[0], x))
+            candidates.append((problem.value(x), x))
     candidates.sort(key=lambda item: item[0])
     return [x for _, x in candidates[:N_STARTS]]
 
@@ -107,18 +118,17 @@ def _gauss_newton(problem: _Problem, x0: np.ndarray, bounds: list[tuple[float, f
     min(1, delta / |r|)); 5x5 solves, a step is taken only when it lowers the objective."""
     lo, hi = np.array(bounds).T
     x = np.clip(x0, lo, hi)
-    f = problem.objective(x)[0]
+    f = problem.value(x)
     damping = 1e-6
     for _ in range(max_iter):
-        r = problem.residuals(x)
-        jac = problem.jacobian(x)
+        r, jac = problem.residuals_and_jacobian(x)
         w = np.minimum(1.0, problem.delta / np.maximum(np.abs(r), 1e-300))
         jtw = jac.T * w
         hess, grad = jtw @ jac, jtw @ r
+        diag = np.diag(np.diag(hess) + 1e-12)
         while True:
-            step = np.linalg.solve(hess + damping * np.diag(np.diag(hess) + 1e-12), -grad)
-            x_new = np.clip(x + step, lo, hi)
-            f_new = problem.objective(x_new)[0]
+            x_new = np.clip(x + np.linalg.solve(hess + damping * diag, -grad), lo, hi)
+            f_new = problem.value(x_new)
             if f_new <= f or damping > 1e12:
                 break
             damping *= 10.0
@@ -175,7 +185,7 @@ def fit_loss_law(params, tokens, loss, units: Units, *, form: str = "chinchilla"
         res = minimize(problem.objective, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                        options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": LBFGS_MAXITER})
         x = _gauss_newton(problem, res.x, bounds, tol=1e-14)
-        f = problem.objective(x)[0]
+        f = problem.value(x)
         if f < best_f:
             best_x, best_f = x, f
 
