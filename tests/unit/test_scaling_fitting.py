@@ -97,12 +97,16 @@ def test_huber_resists_one_bad_run_where_squares_do_not():
 
 # ---------------------------------------------------------------- bootstrap
 def _coverage_power(reps: int = 40, level: float = 0.9) -> np.ndarray:
+    # 6 sizes x 6 budgets: with n = 36 points the percentile bootstrap's small-sample under-coverage
+    # (its spread is sqrt((n - 3) / n) of the true one) stays small
+    n = np.repeat([1.7e7, 3.2e7, 5.7e7, 9e7, 1.3e8, 2.6e8], 6)
+    t = np.tile([2e9, 4e9, 6e9, 8e9, 1e10, 1.2e10], 6)
     hits = np.zeros(3)
-    clean = VIDEO_BATCH(GRID_N, GRID_T)
+    clean = VIDEO_BATCH(n, t)
     for rep in range(reps):
         rng = np.random.default_rng(1000 + rep)
         noisy = clean * np.exp(0.005 * rng.standard_normal(len(clean)))  # 0.5 % multiplicative noise
-        iv = fit_power_law(GRID_N, GRID_T, noisy, BILLIONS, bootstrap=200, seed=rep).intervals(level)
+        iv = fit_power_law(n, t, noisy, BILLIONS, bootstrap=200, seed=rep).intervals(level)
         hits += [iv[k][0] <= VIDEO_BATCH.constants[k] <= iv[k][1] for k in VIDEO_BATCH.parameters]
     return hits / reps
 
@@ -110,7 +114,7 @@ def _coverage_power(reps: int = 40, level: float = 0.9) -> np.ndarray:
 def test_power_law_bootstrap_coverage_near_nominal():
     coverage = _coverage_power()
     print(f"power-law 90% bootstrap coverage over 40 noisy repetitions (coef, n_exp, t_exp): {coverage}")
-    # binomial(40, 0.9): 0.75..0.99 holds with probability > 0.99; these seeds give 0.85 / 0.825 / 0.875
+    # binomial(40, 0.9): 0.75..0.99 holds with probability > 0.99
     assert np.all((coverage >= 0.75) & (coverage <= 0.99))
 
 
@@ -121,7 +125,7 @@ def test_loss_law_bootstrap_coverage_near_nominal():
     for rep in range(reps):
         rng = np.random.default_rng(2000 + rep)
         noisy = clean * np.exp(0.005 * rng.standard_normal(len(clean)))
-        iv = fit_loss_law(n, t, noisy, Units(), bootstrap=40, seed=rep).intervals(0.9)
+        iv = fit_loss_law(n, t, noisy, Units(), bootstrap=30, seed=rep).intervals(0.9)
         hits += [iv[k][0] <= CHINCHILLA.constants[k] <= iv[k][1] for k in CHINCHILLA.parameters]
     coverage = hits / reps
     print(f"loss-law 90% bootstrap coverage (E, A, B, alpha, beta): {coverage}")
