@@ -79,13 +79,17 @@ def _quadratic_1d(x: np.ndarray, z: np.ndarray) -> tuple[float, float] | str:
     return float(vx), float(c0 + c1 * vx + c2 * vx * vx)
 
 
-def cell_optimum(lr, batch_size, loss, *, band: float = 0.0025) -> CellOptimum:
+def cell_optimum(lr, batch_size, loss, *, band: float = 0.0025, radius: int = 1) -> CellOptimum:
     """Locate a cell's optimum between grid points (see the module docstring).
 
     lr, batch_size (tokens per step) and loss are per-run arrays of one (N, T) cell. The quadratic uses the
-    best run's 3 x 3 block of grid neighbours (5 x 5 when that holds < 6 runs); the vertex must lie inside
-    the whole grid's (lr, B) range. Noise-free bowl data -> optimum to 1e-3 relative (exact for a quadric).
+    runs within ``radius`` grid steps of the best one (a 3 x 3 block for radius 1; one step wider when that
+    holds < 6 runs); the vertex must lie inside the whole grid's (lr, B) range. A larger radius averages more
+    noise but assumes the bowl is quadratic further out. Noise-free bowl data -> optimum to 1e-3 relative
+    (exact for a quadric).
     """
+    if radius < 1:
+        raise ValueError(f"cell_optimum: radius={radius!r}; expected >= 1 grid step")
     cols = columns(lr=lr, batch_size=batch_size, loss=loss)
     x, y, z = np.log(cols["lr"]), np.log(cols["batch_size"]), cols["loss"]
     best = int(np.argmin(z))
@@ -100,9 +104,9 @@ def cell_optimum(lr, batch_size, loss, *, band: float = 0.0025) -> CellOptimum:
 
     # 1. quadratic in (log lr, log B) around the best run
     if len(lr_levels) >= 3 and len(b_levels) >= 3:
-        for radius in (1, 2):
-            mask = _window(lr_index, lr_index[best], len(lr_levels), radius) \
-                & _window(b_index, b_index[best], len(b_levels), radius)
+        for r in (radius, radius + 1):
+            mask = _window(lr_index, lr_index[best], len(lr_levels), r) \
+                & _window(b_index, b_index[best], len(b_levels), r)
             if mask.sum() >= 6:
                 break
         result = _quadratic_2d(x[mask], y[mask], z[mask]) if mask.sum() >= 6 else \
@@ -120,7 +124,7 @@ def cell_optimum(lr, batch_size, loss, *, band: float = 0.0025) -> CellOptimum:
 
     # 2. parabola in log lr at the best run's batch size
     same_b = b_index == b_index[best]
-    window = same_b & _window(lr_index, lr_index[best], len(lr_levels), 1)
+    window = same_b & _window(lr_index, lr_index[best], len(lr_levels), radius)
     if len(np.unique(lr_index[window])) < 3:
         window = same_b
     result = _quadratic_1d(x[window], z[window])

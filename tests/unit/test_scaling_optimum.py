@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mmgrow.scaling.fitting import fit_power_law
-from mmgrow.scaling.laws import PowerLaw
+from mmgrow.scaling.fitting import fit_compute_power_law, fit_power_law
+from mmgrow.scaling.laws import ComputePowerLaw, PowerLaw
 from mmgrow.scaling.optimum import cell_optimum, near_optimal_band
 from mmgrow.scaling.units import Units
 
@@ -106,3 +106,43 @@ def test_hyperparameter_laws_recovered_through_cell_optima_not_best_cells():
         print(f"{key}: best-cell fit {best.constants} (abs errors {errors})")
         # argmin alone: an exponent off by several hundredths (measured: lr n_exp 0.025, batch n_exp 0.076)
         assert max(errors["n_exp"], errors["t_exp"]) > 0.02
+
+
+def _deepseek_sweep(noise: float, radius: int, seed: int):
+    """DeepSeek-style compute laws: per budget, a fixed 10 x 7 (lr, batch) grid, loss a bowl whose minimum
+    follows eta_opt(C) and B_opt(C), times exp(noise * N(0, 1)). Returns the c_exp errors of the laws fitted
+    through cell optima and through best cells."""
+    lr_law = ComputePowerLaw({"coef": 0.3118, "c_exp": -0.1250})
+    b_law = ComputePowerLaw({"coef": 0.2920, "c_exp": 0.3271})
+    lr, batch = grid(3e-4 * 1.4 ** np.arange(10), 3e4 * 2.0 ** np.arange(7))
+    budgets = np.geomspace(1e17, 2e19, 8)
+    rng = np.random.default_rng(seed)
+    optima, bests = [], []
+    for c in budgets:
+        x, y = np.log(lr / lr_law(c)), np.log(batch / b_law(c))
+        loss = 2.0 * (1 + 0.01 * x * x + 0.005 * y * y + 0.003 * x * y) * np.exp(noise * rng.standard_normal(len(lr)))
+        opt = cell_optimum(lr, batch, loss, radius=radius)
+        optima.append((opt.lr, opt.batch_size))
+        bests.append((lr[opt.best_run], batch[opt.best_run]))
+    errors = []
+    for points in (np.array(optima), np.array(bests)):
+        errors.append([fit_compute_power_law(budgets, points[:, i], Units()).law.constants["c_exp"] - truth
+                       for i, truth in ((0, -0.1250), (1, 0.3271))])
+    return np.array(errors)
+
+
+def test_deepseek_compute_laws_recovered_through_cell_optima():
+    optimum_err, best_err = _deepseek_sweep(noise=0.0, radius=1, seed=0)
+    assert np.all(np.abs(optimum_err) < 1e-9)
+    print(f"best-cell c_exp errors (lr, batch): {best_err}")
+    assert np.max(np.abs(best_err)) > 0.02  # measured: -0.0020 (lr), -0.0328 (batch)
+
+
+def test_noisy_bowls_wider_quadratic_window_keeps_exponents_within_a_hundredth():
+    # 0.1 % multiplicative noise on a bowl as flat as the paper's Fig. 4 (1 % per e-fold in lr): the 3 x 3
+    # quadratic (radius 1) chases noise; radius 2 (5 x 5) averages it. RMS over 5 sweeps.
+    rms = {r: np.sqrt(np.mean([_deepseek_sweep(0.001, r, seed) ** 2 for seed in range(5)], axis=0))
+           for r in (1, 2)}
+    print(f"RMS c_exp error (lr, batch) [optima, best cells]: radius 1 {rms[1].tolist()}, radius 2 {rms[2].tolist()}")
+    assert np.all(rms[2][0] < 0.01)
+    assert np.all(rms[2][0] < rms[2][1])  # optima beat best cells on both laws
