@@ -110,7 +110,9 @@ class Law:
         if not isinstance(d.get("constants"), dict):
             expected = list(Law._registry[form].parameters)
             raise ValueError(f"law form {form!r}: 'constants' must be a mapping of {expected}")  # noqa: TRY004
-        units = Units.from_dict(d["units"]) if "units" in d else Units()
+        units = Units.from_dict(d["units"]) if "units" in d else _RAW_UNITS
+        if not isinstance(d.get("confirmed", True), bool):
+            raise ValueError(f"law form {form!r}: 'confirmed' must be true or false, got {d['confirmed']!r}")  # noqa: TRY004
         return Law._registry[form](d["constants"], units=units, provenance=d.get("provenance", ""),
                                    confirmed=d.get("confirmed", True))
 

@@ -193,15 +193,18 @@ def fit_loss_law(params, tokens, loss, units: Units, *, form: str = "chinchilla"
     for name, value in (("alpha", best_x[3]), ("beta", best_x[4])):
         if min(abs(value - _EXP_BOUNDS[0]), abs(value - _EXP_BOUNDS[1])) < 1e-6:
             notes.append(f"{name}={value:.4g} at its bound {_EXP_BOUNDS}: the data do not pin it down")
+    if np.exp(best_x[0]) < 1e-6 * float(cols["loss"].min()):
+        notes.append("E ~ 0 (< 1e-6 of the smallest loss): the runs show no irreducible loss; E is not determined")
     convert = LOSS_FORMS[form]
     provenance = f"fit_loss_law on {n_pts} points (Huber delta={delta:g} on log loss, variable projection + L-BFGS)"
     law = convert(_to_chinchilla(best_x, mu_n, mu_t, units, provenance))
 
     def refit(idx: np.ndarray) -> np.ndarray | None:
-        if distinct(cols["params"][idx]) < 2 or distinct(cols["tokens"][idx]) < 2:
+        if len(np.unique(idx)) < 5 or distinct(cols["params"][idx]) < 2 or distinct(cols["tokens"][idx]) < 2:
             return None
         sub = _Problem(log_n[idx], log_t[idx], cols["loss"][idx], delta, mu_n, mu_t)
-        fitted = convert(_to_chinchilla(_gauss_newton(sub, best_x, bounds, BOOTSTRAP_TOL), mu_n, mu_t, units, provenance))
+        x = _gauss_newton(sub, best_x, bounds, BOOTSTRAP_TOL)
+        fitted = convert(_to_chinchilla(x, mu_n, mu_t, units, provenance))
         return np.array([fitted.constants[p] for p in fitted.parameters])
 
     return FitResult(law=law, residual=float(np.sqrt(np.mean(problem.residuals(best_x) ** 2))), n_points=n_pts,

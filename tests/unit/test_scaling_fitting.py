@@ -198,3 +198,13 @@ def test_bad_input_errors_name_the_problem():
         fit_power_law(GRID_N[:3], GRID_T[:3], [1.0, 0.0, 2.0], Units())
     with pytest.raises(ValueError, match="one compute budget"):
         fit_compute_power_law([1e18, 1e18], [1.0, 2.0], Units())
+
+
+def test_no_irreducible_term_is_noted():
+    # Kaplan-like data with E = 0: the fit still matches the surface and says E is not determined
+    truth = ChinchillaLoss({"E": 0.0, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28})
+    n, t, loss = isoflop_data(truth, budgets=np.geomspace(1e18, 1e21, 4), points=8, spread=10.0)
+    fit = fit_loss_law(n, t, loss, Units())
+    assert fit.law.constants["E"] < 1e-9 * loss.min()
+    assert fit.law.constants["alpha"] == pytest.approx(0.34, rel=1e-3)
+    assert any("irreducible" in note for note in fit.notes)

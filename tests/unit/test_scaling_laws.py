@@ -232,3 +232,10 @@ def test_preset_errors_and_copies():
     assert PRESETS["chinchilla_epoch"].constants["E"] == 1.8172
     assert set(PRESETS) >= {"video_dit_lr", "video_dit_batch", "video_dit_loss", "chinchilla_rounded",
                             "chinchilla_epoch", "deepseek_lr", "deepseek_batch", "kaplan_joint"}
+
+
+def test_from_dict_rejects_non_boolean_confirmed():
+    d = ChinchillaLoss(CHINCHILLA).to_dict()
+    d["confirmed"] = "false"  # bool("false") would be True: refuse rather than guess
+    with pytest.raises(ValueError, match="'confirmed' must be true or false"):
+        Law.from_dict(d)
