@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from mmgrow.scaling.units import Units
+from mmgrow.scaling.units import UnitMismatchError, Units
 
 _LAW_KEYS = ("form", "constants", "units", "provenance", "confirmed")
 _RAW_UNITS = Units()  # raw counts, non-embedding N, C = 6 N T
@@ -189,6 +189,9 @@ class LossLaw(Law):
         raise NotImplementedError
 
     def _check_flops(self, flops) -> float:
+        if self.units.flops != "6NT":
+            raise UnitMismatchError(f"compute_optimal allocates under C = 6 N T; this law's units say "
+                                    f"flops={self.units.flops!r}")
         c = float(_positive_array(flops, "flops"))
         if c / 6.0 <= 1.0:
             raise ValueError(f"flops={c!r}: too small for C = 6 N T with N, T >= 1")

@@ -17,6 +17,8 @@ _VIDEO_DIT = Units(params="non_embedding", params_scale=1e9, tokens_scale=1e9, l
 _VIDEO_DIT_SOURCE = ("Yin, Zhao et al., 'Towards Precise Scaling Laws for Video Diffusion Transformers' "
                      "(arXiv 2411.17470, CVPR 2025); constants from secondary sources (paper note, evidence "
                      "appendix, figure-digitising repo), not checked against the PDF; constant learning rate")
+# The loss preset's constants also disagree with the paper's own allocation: under C = 6 N T they put
+# N_opt(1e22) at 1.57e10 parameters, the paper at 2.09e9 or 2.43e9 (tested; see the docs).
 
 PRESETS: dict[str, Law] = {
     "video_dit_lr": PowerLaw(
@@ -31,6 +33,17 @@ PRESETS: dict[str, Law] = {
         provenance=_VIDEO_DIT_SOURCE + "; loss at optimal hyperparameters, Eq. 15/21, Table 3. SANITY CHECK "
         "FAILS: in billions it predicts ~0.89 at (N=1.07B, T=10B) where the paper observes ~0.51 (raw units "
         "give ~0.486); the form, units or transcribed constants are wrong somewhere. Do not use as truth.",
+        confirmed=False),
+    # Eq. 14, two conflicting versions (reference section 1.3); C in the paper's own FLOP count, N raw.
+    "video_dit_params_opt_text": ComputePowerLaw(
+        {"coef": 1.5787, "c_exp": 0.4146}, Units(flops="video_dit_c_token", lr_schedule="constant"),
+        provenance=_VIDEO_DIT_SOURCE + "; N_opt(C), Eq. 14 as given by a 'full-text-verified' card and the English "
+        "note (2.09e9 at 1e22); CONFLICTS with the figure-reproduction version (video_dit_params_opt_figure)",
+        confirmed=False),
+    "video_dit_params_opt_figure": ComputePowerLaw(
+        {"coef": 0.8705, "c_exp": 0.4294}, Units(flops="video_dit_c_token", lr_schedule="constant"),
+        provenance=_VIDEO_DIT_SOURCE + "; N_opt(C), Eq. 14 as used by the figure-reproduction script (2.43e9 at "
+        "1e22, matching the figure annotation); CONFLICTS with video_dit_params_opt_text",
         confirmed=False),
     "chinchilla_rounded": ChinchillaLoss(
         {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}, Units(lr_schedule="cosine"),

@@ -12,7 +12,8 @@ Conventions
   parameters / tokens / FLOPs (1.0 raw, 1e9 billions). Laws are always *called* with raw counts and divide
   by these scales themselves.
 * ``batch``: ``"tokens"`` (tokens per optimiser step), the only supported batch unit.
-* ``flops``: ``"6NT"``: C = 6 N T with N and T in raw units (the Kaplan / Chinchilla convention).
+* ``flops``: ``"6NT"``: C = 6 N T with N and T in raw units (the Kaplan / Chinchilla convention), or
+  ``"video_dit_c_token"`` (the video-DiT paper's own count, used by its N_opt(C) presets only).
 * ``lr_schedule``: schedule of the runs a law was fitted on; hyperparameter laws hold for that schedule only.
 """
 from __future__ import annotations
@@ -23,7 +24,9 @@ from typing import Any
 
 PARAMS_KINDS = ("non_embedding", "total")
 BATCH_KINDS = ("tokens",)
-FLOPS_CONVENTIONS = ("6NT",)
+# "6NT": C = 6 N T (Kaplan, Chinchilla; what mmgrow's allocation uses). "video_dit_c_token": the video-DiT
+# paper's C = C_token T with C_token = 3/4 N (7 + n_ctx / d) as transcribed (unverified); only for its presets.
+FLOPS_CONVENTIONS = ("6NT", "video_dit_c_token")
 
 # Fields that change the meaning of a law's numbers; lr_schedule is provenance, not a unit.
 _COMPARED = ("params", "params_scale", "tokens_scale", "batch", "flops", "flops_scale")

@@ -239,3 +239,18 @@ def test_from_dict_rejects_non_boolean_confirmed():
     d["confirmed"] = "false"  # bool("false") would be True: refuse rather than guess
     with pytest.raises(ValueError, match="'confirmed' must be true or false"):
         Law.from_dict(d)
+
+
+def test_video_dit_allocation_presets_conflict_and_use_their_own_flops_convention():
+    text, figure = preset("video_dit_params_opt_text"), preset("video_dit_params_opt_figure")
+    assert not text.confirmed and not figure.confirmed
+    assert text(1e22) == pytest.approx(2.09e9, rel=5e-3)
+    assert figure(1e22) == pytest.approx(2.43e9, rel=5e-3)
+    # the paper's FLOP count is not C = 6 N T: combining with a 6NT law is a unit mismatch
+    with pytest.raises(UnitMismatchError, match="flops"):
+        text.units.check_compatible(preset("chinchilla_epoch").units, "N_opt law vs loss law")
+    # the transcribed loss constants under C = 6 N T allocate 6-7x more parameters than either version
+    n_opt, _ = preset("video_dit_loss").compute_optimal(1e22)
+    assert n_opt == pytest.approx(1.569e10, rel=1e-3)
+    with pytest.raises(UnitMismatchError, match="6 N T"):
+        VideoDiTLoss(preset("video_dit_loss").constants, Units(flops="video_dit_c_token")).compute_optimal(1e22)
