@@ -91,8 +91,8 @@ class _Problem:
         return self.huber(r), jac.T @ np.clip(r, -d, d) / (d * d)
 
 
-def _varpro_starts(problem: _Problem, loss: np.ndarray) -> list[np.ndarray]:
-    """Best N_STARTS exponent-grid points, each with its NNLS-optimal (E, A, B) (weighted by 1/L)."""
+def _varpro_starts(problem: _Problem, loss: np.ndarray, count: int) -> list[np.ndarray]:
+    """Best ``count`` exponent-grid points, each with its NNLS-optimal (E, A, B) (weighted by 1/L)."""
     candidates: list[tuple[float, np.ndarray]] = []
     w = 1.0 / loss
     floor = 1e-6 * float(loss.min())  # NNLS may put a coefficient at 0; log needs a positive start
@@ -104,7 +104,7 @@ def _varpro_starts(problem: _Problem, loss: np.ndarray) -> list[np.ndarray]:
             x = np.array([*np.log(np.maximum(coef, floor)), alpha, beta])
             candidates.append((problem.value(x), x))
     candidates.sort(key=lambda item: item[0])
-    return [x for _, x in candidates[:N_STARTS]]
+    return [x for _, x in candidates[:count]]
 
 
 def _bounds(loss: np.ndarray) -> list[tuple[float, float]]:
@@ -151,14 +151,17 @@ def _to_chinchilla(x: np.ndarray, mu_n: float, mu_t: float, units: Units, proven
 
 
 def fit_loss_law(params, tokens, loss, units: Units, *, form: str = "chinchilla", delta: float = 1e-3,
-                 bootstrap: int = 0, seed: int = 0) -> FitResult:
+                 bootstrap: int = 0, seed: int = 0, starts: int = N_STARTS) -> FitResult:
     """Fit E + A/N**alpha + B/T**beta minimising sum Huber_delta(log L_pred - log L) (see module docstring).
 
     ``form`` "chinchilla" returns a ChinchillaLoss, "video_dit" the same surface as a VideoDiTLoss.
+    ``starts``: how many of the best variable-projection grid points start an L-BFGS + polish run.
     ValueError: fewer than 5 points, one model size, one token budget, non-finite/non-positive values, bad form.
     """
     if form not in LOSS_FORMS:
         raise ValueError(f"fit_loss_law: unknown form {form!r}; expected one of {sorted(LOSS_FORMS)}")
+    if starts < 1:
+        raise ValueError(f"fit_loss_law: starts={starts!r}; expected >= 1")
     if not delta > 0:
         raise ValueError(f"fit_loss_law: delta={delta!r}; expected > 0 (Chinchilla: 1e-3)")
     cols = columns(params=params, tokens=tokens, loss=loss)
@@ -179,7 +182,7 @@ def fit_loss_law(params, tokens, loss, units: Units, *, form: str = "chinchilla"
     bounds = _bounds(cols["loss"])
 
     best_x, best_f = None, np.inf
-    for x0 in _varpro_starts(problem, cols["loss"]):
+    for x0 in _varpro_starts(problem, cols["loss"], starts):
         # L-BFGS-B finds the basin; a short iteration cap because scipy's L-BFGS-B calls BLAS per iteration,
         # which is slow on a loaded multi-threaded machine, and the Gauss-Newton polish converges faster.
         res = minimize(problem.objective, x0, jac=True, method="L-BFGS-B", bounds=bounds,

@@ -125,7 +125,8 @@ def test_loss_law_bootstrap_coverage_near_nominal():
     for rep in range(reps):
         rng = np.random.default_rng(2000 + rep)
         noisy = clean * np.exp(0.005 * rng.standard_normal(len(clean)))
-        iv = fit_loss_law(n, t, noisy, Units(), bootstrap=30, seed=rep).intervals(0.9)
+        # one start keeps 40 repetitions affordable (the multi-start is tested above)
+        iv = fit_loss_law(n, t, noisy, Units(), bootstrap=30, seed=rep, starts=1).intervals(0.9)
         hits += [iv[k][0] <= CHINCHILLA.constants[k] <= iv[k][1] for k in CHINCHILLA.parameters]
     coverage = hits / reps
     print(f"loss-law 90% bootstrap coverage (E, A, B, alpha, beta): {coverage}")
