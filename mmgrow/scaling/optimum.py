@@ -79,14 +79,22 @@ def _quadratic_1d(x: np.ndarray, z: np.ndarray) -> tuple[float, float] | str:
     return float(vx), float(c0 + c1 * vx + c2 * vx * vx)
 
 
-def cell_optimum(lr, batch_size, loss, *, band: float = 0.0025, radius: int = 1) -> CellOptimum:
+def _too_deep(vertex: float, best: float) -> str:
+    return (f"its minimum {vertex:.4g} lies {100 * (1 - vertex / best):.1f} % below the best run's {best:.4g}: "
+            "noise, not a bowl")
+
+
+def cell_optimum(lr, batch_size, loss, *, band: float = 0.0025, radius: int = 1,
+                 max_drop: float = 0.02) -> CellOptimum:
     """Locate a cell's optimum between grid points (see the module docstring).
 
     lr, batch_size (tokens per step) and loss are per-run arrays of one (N, T) cell. The quadratic uses the
     runs within ``radius`` grid steps of the best one (a 3 x 3 block for radius 1; one step wider when that
     holds < 6 runs); the vertex must lie inside the whole grid's (lr, B) range. A larger radius averages more
     noise but assumes the bowl is quadratic further out. Noise-free bowl data -> optimum to 1e-3 relative
-    (exact for a quadric).
+    (exact for a quadric). A vertex whose loss lies more than ``max_drop`` (relative) below the best run's is
+    rejected too: between neighbouring grid points a real bowl cannot dip that far, a quadric fitted through
+    noisy runs can (the loss of a run in a short training budget varies by several percent with its lr).
     """
     if radius < 1:
         raise ValueError(f"cell_optimum: radius={radius!r}; expected >= 1 grid step")
@@ -114,6 +122,8 @@ def cell_optimum(lr, batch_size, loss, *, band: float = 0.0025, radius: int = 1)
         if isinstance(result, tuple) and not inside(result[0], result[1]):
             result = (f"the quadratic's minimum (lr {np.exp(result[0]):.3g}, batch {np.exp(result[1]):.3g}) "
                       "lies outside the grid: extend the grid")
+        if isinstance(result, tuple) and result[2] < z[best] * (1.0 - max_drop):
+            result = _too_deep(result[2], z[best])
         if isinstance(result, tuple):
             return CellOptimum(float(np.exp(result[0])), float(np.exp(result[1])), result[2], "quadratic", best,
                                near, notes)
@@ -130,6 +140,8 @@ def cell_optimum(lr, batch_size, loss, *, band: float = 0.0025, radius: int = 1)
     result = _quadratic_1d(x[window], z[window])
     if isinstance(result, tuple) and not inside(result[0]):
         result = f"the parabola's minimum (lr {np.exp(result[0]):.3g}) lies outside the grid: extend the grid"
+    if isinstance(result, tuple) and result[1] < z[best] * (1.0 - max_drop):
+        result = _too_deep(result[1], z[best])
     if isinstance(result, tuple):
         return CellOptimum(float(np.exp(result[0])), float(cols["batch_size"][best]), result[1], "quadratic_lr",
                            best, near, notes)

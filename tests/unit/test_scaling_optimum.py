@@ -146,3 +146,16 @@ def test_noisy_bowls_wider_quadratic_window_keeps_exponents_within_a_hundredth()
     print(f"RMS c_exp error (lr, batch) [optima, best cells]: radius 1 {rms[1].tolist()}, radius 2 {rms[2].tolist()}")
     assert np.all(rms[2][0] < 0.01)
     assert np.all(rms[2][0] < rms[2][1])  # optima beat best cells on both laws
+
+
+def test_a_vertex_far_below_every_run_is_noise_and_is_not_taken():
+    # a 3 x 3 grid whose centre row and column are low and corners high: the quadric through it dips 5.6 %
+    # below the best run, which no bowl between neighbouring grid points can do
+    lr = np.repeat([1e-3, 2e-3, 4e-3], 3)
+    batch = np.tile([128.0, 256.0, 512.0], 3)
+    loss = np.array([0.60, 0.52, 0.60, 0.52, 0.50, 0.52, 0.60, 0.52, 0.61])
+    strict = cell_optimum(lr, batch, loss)
+    assert strict.method == "quadratic_lr" and strict.loss == pytest.approx(0.50) and strict.batch_size == 256.0
+    assert any("5.6 % below the best run" in n for n in strict.notes)
+    loose = cell_optimum(lr, batch, loss, max_drop=1.0)  # without the check the quadric's vertex is taken
+    assert loose.method == "quadratic" and loose.loss < 0.50 * 0.95
