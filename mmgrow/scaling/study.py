@@ -73,6 +73,16 @@ def _fixed_pair(table: RunTable, cells: dict, fixed_lr: float | None, fixed_batc
     return max(present, key=lambda p: (present[p], -abs(np.log(p[0]) - mid_lr), -abs(np.log(p[1]) - mid_b)))
 
 
+def _at_edge(co, lr: np.ndarray, batch: np.ndarray) -> list[str]:
+    """Which of lr / batch_size the cell's optimum takes at the smallest or largest grid value: a best-cell (or
+    batch-fixed) fallback there means the optimum was not located inside the grid."""
+    out = []
+    for what, value, grid in (("lr", co.lr, lr), ("batch_size", co.batch_size, batch)):
+        if np.isclose(value, grid.min(), rtol=1e-9, atol=0) or np.isclose(value, grid.max(), rtol=1e-9, atol=0):
+            out.append(what)
+    return out
+
+
 def fit_study(table: RunTable, *, band: float = 0.0025, bootstrap: int = 200, seed: int = 0,
               loss_form: str = "chinchilla", fixed_lr: float | None = None, fixed_batch_size: float | None = None,
               radius: int = 1) -> dict[str, Any]:
@@ -84,17 +94,27 @@ def fit_study(table: RunTable, *, band: float = 0.0025, bootstrap: int = 200, se
     if table.has_hyperparameters:
         cells = _cells(table)
         optima = []
+        edges: dict[str, list[str]] = {}
         for (params, tokens), idx in cells.items():
             if len(set(table.lr[idx].tolist())) < 2:
                 warnings.append(f"cell N={params:g}, T={tokens:g}: one learning rate; no optimum located")
                 continue
             co = cell_optimum(table.lr[idx], table.batch_size[idx], table.loss[idx], band=band, radius=radius)
             optima.append((params, tokens, co))
+            at_edge = _at_edge(co, table.lr[idx], table.batch_size[idx])
+            for what in at_edge:
+                edges.setdefault(what, []).append(f"N={params:g} T={tokens:g}")
             out["cells"].append({
                 "params": params, "tokens": tokens, "lr_opt": co.lr, "batch_size_opt": co.batch_size,
                 "loss_opt": co.loss, "method": co.method, "runs": len(idx),
                 "best_run": table.names[idx[co.best_run]], "best_loss": float(table.loss[idx[co.best_run]]),
-                "near_optimal": [table.names[idx[i]] for i in co.near_optimal], "notes": co.notes})
+                "near_optimal": [table.names[idx[i]] for i in co.near_optimal], "notes": co.notes,
+                "at_edge": at_edge})
+        for what, where in edges.items():
+            warnings.append(f"{what}: {len(where)} of {len(optima)} cell optima sit on the edge of (or are the only "
+                            f"value in) the cell's {what} grid ({'; '.join(where[:4])}{' ...' if len(where) > 4 else ''})"
+                            f": the true optimum lies at or beyond it, so the {what}_opt law through them is biased; "
+                            "extend the grid there")
         if optima:
             n, t = np.array([o[0] for o in optima]), np.array([o[1] for o in optima])
             lr = np.array([o[2].lr for o in optima])

@@ -159,20 +159,29 @@ def _one_schedule(schedules: list[str], excluded: list) -> str:
 
 
 # ------------------------------------------------------------------ files
+_EXTRA = "\0extra"  # DictReader key for values beyond the header
+
+
 def _rows_from_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    # utf-8-sig: spreadsheets ("CSV UTF-8") start the file with a byte-order mark that would glue onto "params".
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, restkey=_EXTRA)
         if reader.fieldnames is None:
             raise ValueError(f"{path}: empty file; expected a header with columns {', '.join(COLUMNS)}")
         header = [h.strip() for h in reader.fieldnames]
         _check_header(path, header)
-        return [{k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None}
-                for row in reader]
+        rows = []
+        for row in reader:
+            if _EXTRA in row:  # more values than header columns: a shifted row would be read wrongly
+                raise ValueError(f"{path}: line {reader.line_num} has {len(header) + len(row[_EXTRA])} values for "
+                                 f"{len(header)} header columns ({', '.join(header)})")
+            rows.append({k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()})
+        return rows
 
 
 def _rows_from_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines()):
         if not line.strip():
             continue
         try:
