@@ -134,7 +134,13 @@ def fit_study(table: RunTable, *, band: float = 0.0025, bootstrap: int = 200, se
                 pair = None
             if pair is not None:
                 sel = np.isclose(table.lr, pair[0]) & np.isclose(table.batch_size, pair[1])
-                out["fixed_hparams"] = {"lr": pair[0], "batch_size": pair[1], "cells": int(sel.sum())}
+                n_cells = len(set(zip(table.params[sel].tolist(), table.tokens[sel].tolist())))
+                out["fixed_hparams"] = {"lr": pair[0], "batch_size": pair[1], "cells": n_cells, "runs": int(sel.sum())}
+                if n_cells < len(cells):  # the paper's comparison wants the SAME (lr, batch) in every cell
+                    warnings.append(f"fixed hyperparameters lr={pair[0]:g}, batch_size={pair[1]:g} were run in "
+                                    f"{n_cells} of {len(cells)} cells (do the cells have different grids?); "
+                                    "loss_fixed_hparams uses those cells only; choose a shared pair with --fixed-lr "
+                                    "and --fixed-batch-size")
                 fit = _try(warnings, "loss_fixed_hparams", fit_loss_law, table.params[sel], table.tokens[sel],
                            table.loss[sel], units, form=loss_form, bootstrap=bootstrap, seed=seed)
                 out["loss_fixed_hparams"] = None if fit is None else fit.to_dict()

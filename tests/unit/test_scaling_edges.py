@@ -65,3 +65,24 @@ def test_grids_around_the_optimum_raise_no_edge_warning_and_recover_the_laws():
     assert all(c["at_edge"] == [] for c in study["cells"]) and not any("edge" in w for w in study["data"]["warnings"])
     lr = study["lr_opt"]["law"]["constants"]
     assert [lr["coef"], lr["n_exp"], lr["t_exp"]] == pytest.approx([2e-2, -0.2, -0.05], rel=1e-3)
+
+
+def test_fixed_hyperparameters_missing_from_some_cells_are_warned_about():
+    lr_of, batch_of = (lambda n, t: 2e-2 * n**-0.2 * t**-0.05), (lambda n, t: 1e2 * n**0.1 * t**0.3)
+    # grids centred on each cell's optimum: no (lr, batch) pair is shared, so the "fixed" pair is in one cell only
+    study = fit_study(_table(lr_of, batch_of, lambda n, t: lr_of(n, t) * np.exp(np.linspace(-1, 1, 3)),
+                             lambda n, t: batch_of(n, t) * np.exp(np.linspace(-1, 1, 3))), bootstrap=0)
+    assert study["fixed_hparams"]["cells"] == 1 and study["fixed_hparams"]["runs"] == 1
+    assert study["loss_fixed_hparams"] is None
+    assert any("were run in 1 of 12 cells" in w for w in study["data"]["warnings"])
+
+
+def test_fixed_hyperparameters_count_cells_not_repeated_runs():
+    lrs, batches = np.array([1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]), np.array([1e4, 3e4, 1e5])
+    table = _table(lambda n, t: 0.3 * n**-0.3 * t**-0.05 / 3, lambda n, t: 3e4, lambda n, t: lrs, lambda n, t: batches)
+    dup = (lambda a: np.r_[a, a])  # every run twice (two seeds)
+    twice = RunTable(dup(table.params), dup(table.tokens), dup(table.loss), dup(table.lr), dup(table.batch_size),
+                     None, table.names + [f"{n}-s1" for n in table.names], Units(), [], [], "synth")
+    study = fit_study(twice, bootstrap=0, fixed_lr=4e-4, fixed_batch_size=3e4)
+    assert study["fixed_hparams"] == {"lr": 4e-4, "batch_size": 3e4, "cells": 12, "runs": 24}
+    assert not any("were run in" in w for w in study["data"]["warnings"])
