@@ -57,9 +57,12 @@ class RunTable:
         return len(self.loss)
 
     def subset(self, mask: np.ndarray) -> RunTable:
-        pick = (lambda a: None if a is None else a[mask])
-        return RunTable(self.params[mask], self.tokens[mask], self.loss[mask], pick(self.lr), pick(self.batch_size),
-                        pick(self.flops), [n for n, m in zip(self.names, mask) if m], self.units, self.excluded,
+        """The rows a boolean mask or an index array selects (names follow the same rows)."""
+        mask = np.asarray(mask)
+        rows = np.flatnonzero(mask) if mask.dtype == bool else mask.astype(int)
+        pick = (lambda a: None if a is None else a[rows])
+        return RunTable(self.params[rows], self.tokens[rows], self.loss[rows], pick(self.lr), pick(self.batch_size),
+                        pick(self.flops), [self.names[i] for i in rows], self.units, self.excluded,
                         self.warnings, self.source)
 
 

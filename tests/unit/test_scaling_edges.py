@@ -86,3 +86,12 @@ def test_fixed_hyperparameters_count_cells_not_repeated_runs():
     study = fit_study(twice, bootstrap=0, fixed_lr=4e-4, fixed_batch_size=3e4)
     assert study["fixed_hparams"] == {"lr": 4e-4, "batch_size": 3e4, "cells": 12, "runs": 24}
     assert not any("were run in" in w for w in study["data"]["warnings"])
+
+
+def test_subset_keeps_names_with_their_rows_for_masks_and_index_arrays():
+    t = RunTable(np.array([1.0, 2.0, 3.0]), np.array([10.0, 20.0, 30.0]), np.array([0.3, 0.2, 0.1]),
+                 names=["a", "b", "c"])
+    by_mask = t.subset(np.array([True, False, True]))
+    assert by_mask.names == ["a", "c"] and by_mask.params.tolist() == [1.0, 3.0] and by_mask.lr is None
+    by_index = t.subset(np.array([2, 0, 2]))
+    assert by_index.names == ["c", "a", "c"] and by_index.loss.tolist() == [0.1, 0.3, 0.1]
