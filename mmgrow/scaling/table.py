@@ -105,9 +105,7 @@ def _rows_from_tree(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, st
             excluded.append({"run": name, "reason": f"unreadable summary.json ({exc})"})
             continue
         if summary.get("status") == "diverged":
-            d = summary.get("diverged") or {}
-            excluded.append({"run": name, "reason": f"diverged at step {d.get('step')} ({d.get('loss_name')} = "
-                                                    f"{d.get('value')}); kept out of the fits"})
+            excluded.append({"run": name, "reason": f"{_diagnosis(summary.get('diverged') or {})}; kept out of the fits"})
             continue
         missing = [k for k in ("non_embedding_parameters", "tokens_seen", "final_val_loss") if summary.get(k) is None]
         if missing:
@@ -136,6 +134,13 @@ def _rows_from_tree(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, st
         raise ValueError(f"{root}: no runs found (no summary.json below it); point at a sweep's runs/ directory or "
                          "give a .csv / .jsonl table")
     return rows, excluded, schedules
+
+
+def _diagnosis(d: dict[str, Any]) -> str:
+    """The divergence guard's record (mmgrow.training.divergence.Divergence.record) in words."""
+    if d.get("value") is None and d.get("parameter"):  # a non-finite gradient carries no loss value
+        return f"diverged at step {d.get('step')} (gradient of {d['parameter']} is non-finite)"
+    return f"diverged at step {d.get('step')} ({d.get('loss_name')} = {d.get('value')})"
 
 
 def _label(root: Path, run: Path) -> str:

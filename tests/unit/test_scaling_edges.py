@@ -95,3 +95,18 @@ def test_subset_keeps_names_with_their_rows_for_masks_and_index_arrays():
     assert by_mask.names == ["a", "c"] and by_mask.params.tolist() == [1.0, 3.0] and by_mask.lr is None
     by_index = t.subset(np.array([2, 0, 2]))
     assert by_index.names == ["c", "a", "c"] and by_index.loss.tolist() == [0.1, 0.3, 0.1]
+
+
+def test_a_run_diverged_on_its_gradient_names_the_parameter(tmp_path):
+    import json
+
+    for name, diverged in (("grad", {"step": 12, "loss_name": "gradient", "value": None, "parameter": "blocks.0.w"}),
+                           ("loss", {"step": 3, "loss_name": "train/loss", "value": "inf", "parameter": None}),
+                           ("ok", None)):
+        (tmp_path / name).mkdir()
+        summary = {"status": "diverged" if diverged else "complete", "diverged": diverged,
+                   "non_embedding_parameters": 1000, "tokens_seen": 512, "final_val_loss": 0.5}
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    reasons = {e["run"]: e["reason"] for e in load_runs(tmp_path).excluded}
+    assert reasons == {"grad": "diverged at step 12 (gradient of blocks.0.w is non-finite); kept out of the fits",
+                       "loss": "diverged at step 3 (train/loss = inf); kept out of the fits"}
