@@ -79,7 +79,8 @@ def inference_cost(laws, budgets: list[float]) -> list[dict]:
     for flops in budgets:
         opt = predict(laws, flops=flops)
         fixed_law = laws.loss_fixed_hparams.law if laws.loss_fixed_hparams is not None else None
-        row = {"flops": flops, "optimal_hparams": {k: opt.get(k) for k in ("params_opt", "tokens_opt", "loss")}}
+        row = {"flops": flops, "optimal_hparams": {k: opt.get(k) for k in ("params_opt", "tokens_opt", "loss")},
+               "params_opt_interval": opt["intervals"].get("params_opt")}
         if fixed_law is not None:
             n_fixed, t_fixed = fixed_law.compute_optimal(flops)
             row["fixed_hparams"] = {"params_opt": n_fixed, "tokens_opt": t_fixed, "loss": float(fixed_law(n_fixed, t_fixed)),
@@ -96,7 +97,7 @@ def main() -> None:
     p.add_argument("--heldout", default="runs/scaling/t2v_dit_heldout")
     p.add_argument("--bootstrap", type=int, default=200)
     p.add_argument("--predict", type=float, nargs=2, action="append", default=[], metavar=("PARAMS", "TOKENS"))
-    p.add_argument("--flops", type=float, nargs="*", default=[1e12, 1e13, 1e14])
+    p.add_argument("--flops", type=float, nargs="*", default=[1e11, 1e12, 1e13])
     args = p.parse_args()
     result = fit(args) if args.step == "fit" else check(args)
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
