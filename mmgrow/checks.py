@@ -95,3 +95,17 @@ def mapping_with_keys(subject: str, value: Any, allowed: Sequence[str]) -> Mappi
     if unknown:
         raise ValueError(f"{subject}: unknown keys {unknown}; expected keys among {list(allowed)}")
     return value
+
+
+def read_optional_json(path: str | Path, hint: str = "") -> Any:
+    """The JSON value in ``path``, or None when the file does not exist; a ValueError naming the file (and
+    ``hint``, what to do about it) when it is not valid JSON."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(read_utf8(path))
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}){'; ' + hint if hint else ''}") from exc

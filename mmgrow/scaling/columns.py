@@ -36,3 +36,12 @@ def distinct(values: np.ndarray, rtol: float = 1e-9) -> int:
     if len(v) == 0:
         return 0
     return 1 + int(np.sum(np.diff(v) > rtol * np.abs(v[1:])))
+
+
+def require_spread(cols: dict[str, np.ndarray], who: str, n_term: str, t_term: str) -> None:
+    """ValueError unless ``cols`` holds at least two model sizes (``params``) and two budgets (``tokens``):
+    the N and T exponents (``n_term``, ``t_term``: what they appear in) cannot be fitted otherwise."""
+    if distinct(cols["params"]) < 2:
+        raise ValueError(f"{who}: one model size (params) -- cannot fit {n_term}; runs at >= 2 sizes are needed")
+    if distinct(cols["tokens"]) < 2:
+        raise ValueError(f"{who}: one token budget (tokens) -- cannot fit {t_term}; runs at >= 2 budgets are needed")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmgrow.scaling.columns import columns, distinct
+from mmgrow.scaling.columns import columns, distinct, require_spread
 from mmgrow.scaling.fit_result import FitResult, bootstrap_rows
 from mmgrow.scaling.laws import ComputePowerLaw, PowerLaw
 from mmgrow.scaling.loss_fit import fit_loss_law
@@ -40,12 +40,7 @@ def fit_power_law(params, tokens, y, units: Units, *, bootstrap: int = 0, seed: 
     """
     cols = columns(params=params, tokens=tokens, y=y)
     n_pts = len(cols["y"])
-    if distinct(cols["params"]) < 2:
-        raise ValueError("fit_power_law: one model size (params) -- cannot fit the N exponent; runs at >= 2 "
-                         "sizes are needed")
-    if distinct(cols["tokens"]) < 2:
-        raise ValueError("fit_power_law: one token budget (tokens) -- cannot fit the T exponent; runs at >= 2 "
-                         "budgets are needed")
+    require_spread(cols, "fit_power_law", "the N exponent", "the T exponent")
     log_n = np.log(cols["params"] / units.params_scale)
     log_t = np.log(cols["tokens"] / units.tokens_scale)
     log_y = np.log(cols["y"])

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy.optimize import minimize, nnls
 
-from mmgrow.scaling.columns import columns, distinct
+from mmgrow.scaling.columns import columns, distinct, require_spread
 from mmgrow.scaling.fit_result import FitResult, bootstrap_rows
 from mmgrow.scaling.laws import ChinchillaLoss, LossLaw, VideoDiTLoss
 from mmgrow.scaling.units import Units
@@ -169,12 +169,7 @@ def fit_loss_law(params, tokens, loss, units: Units, *, form: str = "chinchilla"
     if n_pts < 5:
         raise ValueError(f"fit_loss_law: {n_pts} points; at least 5 are needed for 5 constants (E, A, B, alpha, "
                          "beta), and many more for a useful fit")
-    if distinct(cols["params"]) < 2:
-        raise ValueError("fit_loss_law: one model size (params) -- cannot fit A / N**alpha; runs at >= 2 sizes "
-                         "are needed")
-    if distinct(cols["tokens"]) < 2:
-        raise ValueError("fit_loss_law: one token budget (tokens) -- cannot fit B / T**beta; runs at >= 2 budgets "
-                         "are needed")
+    require_spread(cols, "fit_loss_law", "A / N**alpha", "B / T**beta")
     log_n = np.log(cols["params"] / units.params_scale)
     log_t = np.log(cols["tokens"] / units.tokens_scale)
     mu_n, mu_t = float(log_n.mean()), float(log_t.mean())

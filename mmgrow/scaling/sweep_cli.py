@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from mmgrow.checks import read_utf8
+from mmgrow.checks import read_optional_json, read_utf8
 from mmgrow.rundir import atomic_write_bytes, strict_json
 from mmgrow.scaling.grid import SweepGrid
 from mmgrow.scaling.sweep import SCALING_RECORD, SweepRun, cli_value, expand, run_state, shares_budgets
@@ -162,12 +162,9 @@ def _grid_dict(grid: SweepGrid) -> dict[str, Any]:
 
 def _read_plan(out: Path) -> dict[str, Any] | None:
     path = out / PLAN_NAME
-    if not path.is_file():
+    plan = read_optional_json(path, "move it away to start a new sweep here")
+    if plan is None:
         return None
-    try:
-        plan = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); move it away to start a new sweep here") from exc
     if not isinstance(plan, dict) or plan.get("mmgrow_sweep") != 1:
         raise ValueError(f"{path} is not an mmgrow sweep plan; use another --out")
     return plan

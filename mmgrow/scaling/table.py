@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mmgrow.checks import read_optional_json
 from mmgrow.scaling.units import UnitMismatchError, Units
 
 REQUIRED = ("params", "tokens", "loss")
@@ -149,13 +150,7 @@ def _label(root: Path, run: Path) -> str:
 
 
 def _read_scaling_record(run: Path) -> dict[str, Any] | None:
-    path = run / "scaling.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    record = read_optional_json(run / "scaling.json", "it is written by `mmgrow scaling sweep`; rerun the sweep")
     return record if isinstance(record, dict) else None
 
 
