@@ -152,7 +152,9 @@ SUBCOMMANDS = {"sweep": _sweep, "fit": fit_main, "predict": predict_main, "plot"
 
 def scaling_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {USAGE}\n\n{__doc__}", file=sys.stdout if argv else sys.stderr)
+        from mmgrow.cli_text import plain_text
+
+        print(f"usage: {USAGE}\n\n{plain_text(__doc__)}", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     if argv[0] not in SUBCOMMANDS:
         raise ValueError(f"unknown scaling subcommand {argv[0]!r}; expected one of {', '.join(SUBCOMMANDS)}")

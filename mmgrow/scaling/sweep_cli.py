@@ -31,7 +31,9 @@ PLAN_NAME = "sweep.json"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmgrow scaling sweep", description=__doc__.split("\n\n")[0])
+    from mmgrow.cli_text import plain_text
+
+    p = argparse.ArgumentParser(prog="mmgrow scaling sweep", description=plain_text(__doc__.split("\n\n")[0]))
     p.add_argument("--config", required=True, help="the base recipe (YAML)")
     p.add_argument("--grid", required=True, help="the sweep grid (YAML: sizes, lr, batch_size, tokens, ...)")
     p.add_argument("--out", required=True, help="the sweep directory (plan, runs, logs, launchers)")

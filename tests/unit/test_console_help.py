@@ -25,7 +25,7 @@ def test_top_level_help_lists_every_subcommand_without_importing_lightning():
     assert result["rc"] == 0 and not result["lightning"]
     listed = [line.split()[0] for line in result["help"].splitlines() if line.startswith("  ")]
     assert listed == ["fit", "validate", "test", "predict", "plugins", "grow", "generate", "evaluate", "data",
-                      "merge"] == list(SUBCOMMANDS)
+                      "merge", "scaling"] == list(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("name", list(SUBCOMMANDS))
@@ -48,6 +48,17 @@ def test_tool_help_is_plain_text(tool, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert f"mmgrow {tool}" in out and "``" not in out and ":class:" not in out
+
+
+@pytest.mark.parametrize("argv", [["scaling", "--help"], ["scaling", "fit", "--help"], ["scaling", "sweep", "--help"]])
+def test_scaling_help_is_plain_text(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own --help
+        code = exit_.code
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "mmgrow scaling" in out and "``" not in out and ":mod:" not in out
 
 
 def test_plain_text():
