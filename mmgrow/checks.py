@@ -109,3 +109,17 @@ def read_optional_json(path: str | Path, hint: str = "") -> Any:
         return json.loads(read_utf8(path))
     except ValueError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}){'; ' + hint if hint else ''}") from exc
+
+
+def read_yaml(path: str | Path, what: str, label: str | None = None) -> Any:
+    """The YAML value in ``path`` (UTF-8): FileNotFoundError ``"<what> not found: <path>"``; ValueError for text
+    that is not UTF-8 (named ``label``, default ``"<what> <path>"``) or not YAML."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(read_utf8(path, label or f"{what} {path}"))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from exc

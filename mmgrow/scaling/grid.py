@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmgrow.checks import read_utf8
+from mmgrow.checks import read_yaml
 
 GRID_KEYS = ("sizes", "lr", "batch_size", "tokens", "seeds", "tokens_per_sample", "share_budgets", "set")
 
@@ -47,14 +45,7 @@ class SweepGrid:
 
     @classmethod
     def from_file(cls, path: str | Path) -> SweepGrid:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"sweep grid not found: {path}")
-        try:
-            data = yaml.safe_load(read_utf8(path, f"grid {path}"))
-        except yaml.YAMLError as exc:
-            raise ValueError(f"grid {path} is not valid YAML: {exc}") from exc
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_yaml(path, "sweep grid"), str(path))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "grid") -> SweepGrid:

@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mmgrow.checks import read_optional_json, read_utf8
+from mmgrow.checks import read_optional_json, read_yaml
 from mmgrow.rundir import atomic_write_bytes, strict_json
 from mmgrow.scaling.grid import SweepGrid
 from mmgrow.scaling.sweep import SCALING_RECORD, SweepRun, cli_value, expand, run_state, shares_budgets
@@ -116,7 +114,7 @@ def _record_session(out: Path, outcomes: list, seconds: float) -> None:
 def make_plan(base: Path, grid: SweepGrid, out: Path, reuse: bool = True) -> dict[str, Any]:
     """The plan of the module docstring. Sizes already measured in an existing ``DIR/sweep.json`` with the same
     overrides are reused; a run name that exists there with other overrides is an error (a different sweep)."""
-    base_cfg = yaml.safe_load(read_utf8(base, f"recipe {base}")) or {}
+    base_cfg = read_yaml(base, "base recipe") or {}
     share = shares_budgets(base_cfg, grid)
     old = _read_plan(out) if reuse else None
     sizes: dict[str, Any] = {}

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from mmgrow import registry
-from mmgrow.checks import read_utf8
+from mmgrow.checks import read_yaml
 from mmgrow.trust import check_config
 
 
@@ -133,12 +133,7 @@ def _rewrite_inline_spec(value: str) -> str:
 
 def _rewrite_config_file(value: str) -> str:
     path = Path(value)
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {value}")
-    try:
-        cfg = yaml.safe_load(read_utf8(path, f"config {value}"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{value} is not valid YAML: {exc}") from exc
+    cfg = read_yaml(path, "config file", f"config {value}")
     if cfg is None:
         raise ValueError(f"config {value} is empty (no settings); a recipe needs at least trainer.max_steps or "
                          "max_epochs and the model/data sections it changes (see recipes/quickstart.yaml)")
