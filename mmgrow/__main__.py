@@ -30,6 +30,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("mmgrow.training.merge_cli:merge_main", "average the weights of runs of one architecture; --sweep: A..B"),
     "scaling": ("mmgrow.scaling.cli:scaling_main",
                 "scaling laws: `scaling sweep` (run a grid), `scaling fit`, `scaling predict`, `scaling plot`"),
+    "ablate": ("mmgrow.ablation.cli:ablate_main",
+               "train a base recipe's named variants (and a grid, seeds) with the same data and budget"),
+    "report": ("mmgrow.report.cli:report_main",
+               "compare run directories: DIR/report.md (mean +- spread over seeds), plots, automatic Elo"),
 }
 """``name -> ("module:function", one-line help)``; the function takes the arguments after the name
 (the Lightning subcommands take them including the name)."""

@@ -25,7 +25,7 @@ def test_top_level_help_lists_every_subcommand_without_importing_lightning():
     assert result["rc"] == 0 and not result["lightning"]
     listed = [line.split()[0] for line in result["help"].splitlines() if line.startswith("  ")]
     assert listed == ["fit", "validate", "test", "predict", "plugins", "grow", "generate", "evaluate", "data",
-                      "merge", "scaling"] == list(SUBCOMMANDS)
+                      "merge", "scaling", "ablate", "report"] == list(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("name", list(SUBCOMMANDS))
