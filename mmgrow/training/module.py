@@ -290,13 +290,11 @@ class MMGrowModule(pl.LightningModule):
                 self.log(f"{stage}/bits_per_token_{k[len('loss_'):]}", torch.as_tensor(v) / math.log(2.0), **kw)
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """Performance columns in ``metrics.csv`` (:class:`~mmgrow.training.perf_log.PerfLog`, every fit) and
-        the growth-mask ramp when a strategy of this stage added masked structures (MSG)."""
+        """The growth-mask ramp when a strategy of this stage added masked structures (MSG)."""
         from mmgrow.training.growth_ramp import GrowthMaskRamp
-        from mmgrow.training.perf_log import PerfLog
 
         ramp = GrowthMaskRamp.from_strategies(self.growth)
-        return [PerfLog()] + ([ramp] if ramp is not None else [])
+        return [ramp] if ramp is not None else []
 
     def training_step(self, batch: TokenBatch, batch_idx: int) -> torch.Tensor:
         if self.__dict__.get("_before_growth") is not None:

@@ -18,7 +18,11 @@ same row as ``train/loss``:
 
 Cost: nothing on steps that are not logged; on a logged step one host read of the token counter and,
 under data parallelism only, one all-reduce of one number (the tokens), like the loss logging itself.
-The training module switches it on for every fit (:meth:`~mmgrow.training.module.MMGrowModule.configure_callbacks`).
+
+:class:`~mmgrow.training.callbacks.RunSummary` (on in every ``mmgrow fit``) drives it through its own hooks and
+keeps its clock in its checkpoint state. It is not a callback of its own on purpose: a callback returned by
+``LightningModule.configure_callbacks`` would make Lightning reorder every callback of the run (checkpointing
+last), and a second, recipe-listed copy would log the same columns twice.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from mmgrow.training.callbacks import peak_memory_bytes
@@ -34,9 +37,10 @@ from mmgrow.training.callbacks import peak_memory_bytes
 MIB = 2**20
 
 
-class PerfLog(pl.Callback):
+class PerfLog:
     """Logs ``perf/tokens_seen``, ``perf/elapsed_s``, ``perf/tokens_per_s``, ``perf/peak_memory_mb`` (module
-    docstring) on the training steps Lightning logs."""
+    docstring) on the training steps Lightning logs. Its methods are the Lightning hooks of the same names,
+    called by the callback that owns it."""
 
     def __init__(self) -> None:
         self.elapsed_before = 0.0  # training seconds of the runs this one resumed
@@ -51,21 +55,20 @@ class PerfLog(pl.Callback):
             return self.elapsed_before
         return self.elapsed_before + time.perf_counter() - self._start - self._validation
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._start, self._validation = time.perf_counter(), 0.0
         self._window = (self._global_tokens(trainer, pl_module), self.elapsed_before)
 
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         self._validation_start = time.perf_counter()
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         # the sanity check runs before on_train_start, which resets the sum: only in-training loops count
         if self._validation_start is not None:
             self._validation += time.perf_counter() - self._validation_start
             self._validation_start = None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any) -> None:
         # The condition Lightning applies to this step's train/loss right after this hook: the perf columns
         # land in the same rows, and unlogged steps cost nothing. Every rank evaluates it alike.
         if not trainer._logger_connector.should_update_logs:
@@ -83,7 +86,7 @@ class PerfLog(pl.Callback):
                           sync_dist=False)
 
     @staticmethod
-    def _global_tokens(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+    def _global_tokens(trainer: Any, pl_module: Any) -> float:
         """``tokens_seen`` summed over ranks (a collective only when there are several)."""
         local = float(getattr(pl_module, "tokens_seen", 0))
         if trainer.world_size == 1:
