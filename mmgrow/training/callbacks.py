@@ -48,6 +48,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
+def state_size_per_example(model: torch.nn.Module, seq_len: int) -> int:
+    """Numbers a decoder keeps per example after ``seq_len`` tokens: the sum of ``state_size(seq_len)`` over
+    every :class:`~mmgrow.protocols.SequenceMixer` of ``model`` (the block mixers and the memory branches a
+    growth step added), each counted once."""
+    return int(sum(m.state_size(seq_len) for m in model.modules() if isinstance(m, SequenceMixer)))
+
+
 class ExportWeights(pl.Callback):
     """At the end of ``fit``: ``model.safetensors`` + ``model.yaml`` (atomic writes), refused when a
     parameter is not finite; then, after every end-of-fit hook (``teardown``), ``manifest.json``.
@@ -192,7 +199,7 @@ class RunSummary(pl.Callback):
         model = pl_module.model
         # State after the longest training row: what decoding that row would hold per example.
         seq_len = self.max_seq_len
-        state = sum(m.state_size(seq_len) for m in model.modules() if isinstance(m, SequenceMixer))
+        state = state_size_per_example(model, seq_len)
         from mmgrow.training.scaling_record import scaling_fields
 
         return {

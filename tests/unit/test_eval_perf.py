@@ -92,3 +92,19 @@ def test_validation_logs_bits_per_token_and_summary_counts_the_state(tiny_mamba_
     assert summary["metrics"]["val/bits_per_token"] == pytest.approx(summary["final_val_loss"] / math.log(2), rel=1e-6)
     # Mamba2 per layer: H * N * P SSM entries + (K - 1) * conv channels = 4 * 8 * 16 + 3 * 80 = 752; two layers
     assert summary["state_size_per_example"] == 2 * (4 * 8 * 16 + 3 * 80) == 1504
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_state_size_of_an_attention_model_with_a_ttt_memory(bidirectional):
+    from mmgrow.models.factories import factory_from_spec
+    from mmgrow.models.gated_memory import MemoryPlacement
+    from mmgrow.models.unified import UnifiedModel
+    from mmgrow.training.callbacks import state_size_per_example
+
+    model = UnifiedModel(token_space={"text": 7}, dim=32, depth=2,
+                         mixer=factory_from_spec({"class_path": "full", "init_args": {"num_heads": 4}}),
+                         memory=factory_from_spec({"class_path": "ttt_linear", "init_args": {"num_heads": 4}}),
+                         memory_placement=MemoryPlacement(bidirectional=bidirectional))
+    # per block: attention K and V, 2 * 4 heads * 8 dims * 10 tokens = 640; TTT-Linear, 4 heads of 8:
+    # W1 (8 x 8) + b1 (8) = 72 per head, 288 in all, twice (weights and their mini-batch accumulators) + 2 = 578
+    assert state_size_per_example(model, 10) == 2 * (640 + 578) == 2436
