@@ -161,6 +161,10 @@ class AutoregressiveObjective(Objective):
     supports_context_parallel = True
     """:meth:`targets` + :meth:`loss_on_targets` train on a sequence sharded over ``cp.group`` (module docstring)."""
 
+    loss_is_nll_nats = True
+    """The loss is a negative log-likelihood per target token in nats (a weighted mean of cross-entropies), so
+    validation also logs it in bits per token (``loss / ln 2``, :class:`~mmgrow.training.module.MMGrowModule`)."""
+
     def __init__(self, modality_weights: dict[str, float] | None = None, *,
                  token_space: TokenSpace | Mapping[str, int] | None = None) -> None:
         weights = dict(modality_weights or {})

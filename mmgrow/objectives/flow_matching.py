@@ -85,6 +85,8 @@ class FlowMatchingObjective(Objective):
     samples_latents = True
     samples_tokens = False  # no token sampler: the sample writers skip discrete targets (e.g. captions)
     """:meth:`generate` samples the continuous positions of a batch (the ODE sampler)."""
+    loss_is_nll_nats = False
+    """The loss mixes a velocity MSE with cross-entropy: not a likelihood, so no bits per token are logged."""
 
     def __init__(self, modality_weights: dict[str, float] | None = None, *, condition_dropout: float = 0.1,
                  timestep_sampling: str = "uniform", causal: bool = True,

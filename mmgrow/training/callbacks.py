@@ -48,6 +48,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB
 
 
+def state_size_per_example(model: torch.nn.Module, seq_len: int) -> int:
+    """Numbers a decoder keeps per example after ``seq_len`` tokens: the sum of ``state_size(seq_len)`` over
+    every :class:`~mmgrow.protocols.SequenceMixer` of ``model`` (the block mixers and the memory branches a
+    growth step added), each counted once."""
+    return int(sum(m.state_size(seq_len) for m in model.modules() if isinstance(m, SequenceMixer)))
+
+
 class ExportWeights(pl.Callback):
     """At the end of ``fit``: ``model.safetensors`` + ``model.yaml`` (atomic writes), refused when a
     parameter is not finite; then, after every end-of-fit hook (``teardown``), ``manifest.json``.
@@ -107,6 +114,10 @@ class RunSummary(pl.Callback):
     run is the loss of a ``T``-token run, which is how a scaling sweep reads several budgets from one run.
     The fields a scaling-law fit reads (non-embedding parameters, tokens per step, learning rate, FLOPs) come
     from :func:`~mmgrow.training.scaling_record.scaling_fields`.
+
+    It also writes the performance columns of ``metrics.csv`` on every logged training step
+    (``perf/tokens_seen``, ``perf/elapsed_s``, ``perf/tokens_per_s``, ``perf/peak_memory_mb``:
+    :class:`~mmgrow.training.perf_log.PerfLog`).
     """
 
     def __init__(self) -> None:
@@ -118,6 +129,12 @@ class RunSummary(pl.Callback):
         self._last: float | None = None
         self._batch_start = 0.0
         self._seen_first = False
+        from mmgrow.training.perf_log import PerfLog
+
+        self.perf = PerfLog()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.perf.on_train_start(trainer, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fit_start = time.perf_counter()
@@ -141,14 +158,17 @@ class RunSummary(pl.Callback):
         input_ids = getattr(batch, "input_ids", None)  # token batches; a codec trains on raw media
         if input_ids is not None:
             self.max_seq_len = max(self.max_seq_len, int(input_ids.shape[1]))
+        self.perf.on_train_batch_end(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last = None  # validation time is not training time
+        self.perf.on_validation_start(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._last = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.perf.on_validation_end(trainer, pl_module)
         if trainer.sanity_checking or not hasattr(pl_module, "tokens_seen"):
             return
         loss = trainer.callback_metrics.get("val/loss")
@@ -160,10 +180,11 @@ class RunSummary(pl.Callback):
                                  "loss": float(loss) if torch.is_tensor(loss) else None})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"val_history": list(self.val_history)}
+        return {"val_history": list(self.val_history), "perf": self.perf.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.val_history = list(state_dict.get("val_history", []))
+        self.perf.load_state_dict(state_dict.get("perf", {}))  # absent from checkpoints of older runs
 
     def summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule, collective: bool = True) -> dict[str, Any]:
         """The run's numbers; collective under data parallelism (call it on every rank) unless ``collective``
@@ -178,7 +199,7 @@ class RunSummary(pl.Callback):
         model = pl_module.model
         # State after the longest training row: what decoding that row would hold per example.
         seq_len = self.max_seq_len
-        state = sum(m.state_size(seq_len) for m in model.modules() if isinstance(m, SequenceMixer))
+        state = state_size_per_example(model, seq_len)
         from mmgrow.training.scaling_record import scaling_fields
 
         return {

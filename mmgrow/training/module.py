@@ -275,7 +275,19 @@ class MMGrowModule(pl.LightningModule):
         for k, v in metrics.items():
             if k != "loss":
                 self.log(f"{stage}/{k}", v, **kw)
+        if stage != "train" and getattr(self.objective, "loss_is_nll_nats", False):
+            self._log_bits(stage, loss, metrics, kw)
         return loss
+
+    def _log_bits(self, stage: str, loss: torch.Tensor, metrics: dict[str, Any], kw: dict[str, Any]) -> None:
+        """``<stage>/bits_per_token = <stage>/loss / ln 2`` (and ``bits_per_token_<modality>`` from each
+        ``loss_<modality>``), logged with the loss's own batch size so the epoch means agree: the objective
+        declares its loss a negative log-likelihood in nats (``loss_is_nll_nats``). Several modalities: the
+        total is the modality-weighted mean the loss is, the per-modality values are each modality's own."""
+        self.log(f"{stage}/bits_per_token", loss.detach() / math.log(2.0), **kw)
+        for k, v in metrics.items():
+            if k.startswith("loss_"):
+                self.log(f"{stage}/bits_per_token_{k[len('loss_'):]}", torch.as_tensor(v) / math.log(2.0), **kw)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The growth-mask ramp when a strategy of this stage added masked structures (MSG)."""

@@ -91,8 +91,11 @@ class GenerateSamples(_HeldOutSampler):
     by a black placeholder of the same size, and sampled with the ODE sampler (``steps``, ``solver``,
     ``guidance``); an MP4 is written next to each GIF when PyAV is installed. With ``probe`` (a directory
     of :func:`~mmgrow.evaluation.probe.load_probe` weights, e.g. ``pretrained/shapes_probe``) each record
-    also holds what the attribute probe sees, and ``heldout.json`` its text alignment or, for
-    storyboards, scene consistency (:mod:`mmgrow.evaluation.video_metrics`).
+    also holds what the attribute probe sees and its ``probe_score`` (what the automatic Elo judge compares),
+    and ``heldout.json``'s ``"probe"`` the text alignment or, for storyboards, scene consistency
+    (:mod:`mmgrow.evaluation.video_metrics`) and the Fréchet distance of the real against the generated
+    clips (:func:`probe_scores`; meaningful from ``num_samples`` giving more clips than the probe's 64
+    features).
     """
 
     modality = "video"
@@ -172,26 +175,42 @@ class GenerateSamples(_HeldOutSampler):
             rates = match_rates([r for r in records if "match" in r]) if any("match" in r for r in records) else {}
             summary = {"samples": records, "match_rate": rates}
             if self.probe is not None:
-                summary["probe"] = probe_scores(self.probe, videos, examples,
-                                                records)
+                summary["probe"] = probe_scores(self.probe, videos, examples, records)
             atomic_write_bytes(out / "heldout.json", json.dumps(summary, indent=2).encode())
             log.info("samples written to %s", out)
 
 
-def probe_scores(path: str, videos: list[torch.Tensor], examples: list[Sample], records: list[dict]) -> dict:
-    """Attribute-probe scores of generated ``videos`` for the ``examples`` they were asked from: text
-    alignment for single clips, scene consistency for storyboards (``meta["scenes"]``). Adds each
-    video's probe reading to its record."""
-    from mmgrow.evaluation.probe import load_probe
-    from mmgrow.evaluation.video_metrics import scene_consistency, text_alignment
+def probe_scores(probe: Any, videos: list[torch.Tensor], examples: list[Sample], records: list[dict]) -> dict:
+    """Attribute-probe scores of generated ``videos`` (``uint8 [F, H, W, 3]`` each) for the ``examples`` they were
+    asked from. ``probe``: an :class:`~mmgrow.evaluation.probe.AttributeProbe` or the directory of one.
 
-    probe = load_probe(path)
+    Returns ``heldout.json``'s ``"probe"``: ``"text_alignment"`` over the single clips, ``"scene_consistency"``
+    (the means of :func:`~mmgrow.evaluation.video_metrics.scene_consistency`'s fields) over the storyboards
+    (``meta["scenes"]``), and the Fréchet distance between the probe features of the real held-out clips and
+    the generated ones (:func:`frechet_clips`): ``"frechet_distance"`` (None with fewer than 2 clips),
+    ``"frechet_clips"`` (clips per set) and ``"frechet_features"`` (the feature size ``d``). With ``N <= d``
+    clips the covariances are rank-deficient and the distance is biased upwards: compare only distances
+    made from equally many clips, and use ``N > d`` (65 clips or storyboard segments for the shipped probe,
+    ``d = 64``) for a full-rank estimate.
+
+    Adds to each record its probe reading (``"probe"``) and ``"probe_score"``, the per-sample score the
+    automatic Elo judge compares (:func:`mmgrow.evaluation.elo.probe_games`): for a clip, the fraction of the
+    attributes asked for (the sample's metadata values under the probe's attribute names) that the probe
+    sees; for a storyboard, its scene-consistency ``"score"`` (None for a single scene of one segment, which
+    has nothing to be consistent with). Both lie in [0, 1], higher is better.
+    """
+    from mmgrow.evaluation.probe import load_probe
+    from mmgrow.evaluation.video_metrics import frechet_distance, scene_consistency, text_alignment
+
+    if isinstance(probe, (str, Path)):
+        probe = load_probe(probe)
     stories = [i for i, e in enumerate(examples) if "scenes" in e.meta]
     clips = [i for i, e in enumerate(examples) if "scenes" not in e.meta]
     scores: dict[str, Any] = {}
     for i in stories:
         records[i]["probe"] = scene_consistency(videos[i], examples[i].meta["scenes"],
                                                 examples[i].meta["segment_frames"], probe)
+        records[i]["probe_score"] = records[i]["probe"]["score"]
     if stories:
         means = {}
         for key in ("within_scene", "transitions", "alignment", "score"):
@@ -202,8 +221,34 @@ def probe_scores(path: str, videos: list[torch.Tensor], examples: list[Sample], 
         stacked = torch.stack([videos[i] for i in clips])
         for i, seen in zip(clips, probe.predict(stacked)):
             records[i]["probe"] = seen
+            asked = {k: v for k, v in examples[i].meta.items() if k in probe.labels}
+            records[i]["probe_score"] = sum(seen[k] == v for k, v in asked.items()) / len(asked) if asked else None
         scores["text_alignment"] = text_alignment(stacked, [examples[i].meta for i in clips], probe)
+    real, fake = frechet_clips(videos, examples)
+    scores["frechet_distance"] = frechet_distance(real, fake, probe) if len(real) >= 2 else None
+    scores["frechet_clips"] = len(real)
+    scores["frechet_features"] = getattr(probe, "num_features", None)
     return scores
+
+
+def frechet_clips(videos: list[torch.Tensor], examples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real (``example.media["video"]``) and generated clips a Fréchet distance compares, ``uint8
+    [N, F, H, W, 3]`` each, paired: a single clip is one clip; a storyboard is cut into its segments
+    (``meta["segment_frames"]`` frames each), because the probe judges one scene's object and motion at a
+    time -- a whole storyboard averages over its scenes -- and segments give more clips for the covariance.
+    Only clips of the most frequent shape are kept (clips of different lengths do not stack)."""
+    real, fake = [], []
+    for video, example in zip(videos, examples):
+        truth = example.media["video"]
+        step = int(example.meta["segment_frames"]) if "scenes" in example.meta else int(truth.shape[0])
+        real += list(truth.split(step))
+        fake += list(video.split(step))
+    if not real:
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.uint8)
+    shapes = [tuple(c.shape) for c in real]
+    common = max(set(shapes), key=shapes.count)
+    keep = [i for i, s in enumerate(shapes) if s == common and tuple(fake[i].shape) == s]
+    return torch.stack([real[i] for i in keep]), torch.stack([fake[i] for i in keep])
 
 
 def generate_video(model: Any, objective: Any, builder: Any, task: Any, example: Sample, modality: str,
