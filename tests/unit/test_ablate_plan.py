@@ -9,8 +9,7 @@ import yaml
 
 from mmgrow.ablation.cli import ablate_main, make_plan
 from mmgrow.ablation.plan import AblationRun, expand, grid_points, write_plan
-from mmgrow.ablation.variants import (AblationSpec, parse_seeds, parse_set, parse_vary, parse_variants,
-                                      read_variants)
+from mmgrow.ablation.variants import AblationSpec, parse_seeds, parse_set, parse_variants, parse_vary, read_variants
 from mmgrow.scaling import launch
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,88 @@
+"""``--match-params``: the width search on hand-computed counts, and on a tiny real recipe within tolerance."""
+
+from pathlib import Path
+
+import pytest
+
+from mmgrow.ablation.match import _search, default_multiple, format_matching, match_params, short_count
+from mmgrow.ablation.variants import AblationSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = ROOT / "recipes" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize("heads, multiple", [([], 8), ([4], 8), ([3], 9), ([4, 6], 12), ([16], 16), ([5, 2], 10)])
+def test_default_multiple_is_the_smallest_multiple_of_the_heads_lcm_from_8(heads, multiple):
+    assert default_multiple(heads) == multiple
+
+
+def test_short_counts():
+    assert [short_count(n) for n in (512, 21_408, 1_234_567, 2.5e9)] == ["512", "21.4K", "1.23M", "2.5G"]
+
+
+def _quadratic(unbuildable=()):
+    """N(d) = d^2 + 10 d, with some widths that do not build."""
+    def measure(overrides):
+        d = overrides["model.dim"]
+        return {"error": "no"} if d in unbuildable else {"params": d * d + 10 * d, "value": d, "heads": []}
+    return measure
+
+
+def test_search_lands_on_the_closest_multiple_by_hand():
+    # target N(100) = 11000; from d0 = 64 (N = 4736) the first guess is round(64 sqrt(11000/4736) / 8) * 8 = 96:
+    # N(96) = 10176 < 11000 < N(104) = 11856, and |10176 - 11000| = 824 < 856, so 96 wins
+    start = {"params": 4736, "value": 64}
+    assert _search(_quadratic(), {}, "model.dim", start, 11000, 8) == (96, 10176)
+    # 96 does not build: the walk steps over it; 104 (856 away) beats 88 (N = 8624, 2376 away)
+    assert _search(_quadratic({96}), {}, "model.dim", start, 11000, 8) == (104, 11856)
+    # from above: d0 = 200 (N = 42000), target N(40) = 2000: guess round(200 sqrt(2000/42000) / 8) = 5 -> 40, exact
+    assert _search(_quadratic(), {}, "model.dim", {"params": 42000, "value": 200}, 2000, 8) == (40, 2000)
+    with pytest.raises(ValueError, match="must be a positive integer width"):
+        _search(_quadratic(), {}, "model.dim", {"params": 1, "value": None}, 2000, 8)
+
+
+def test_set_of_the_matched_key_and_bad_tolerances_are_refused():
+    spec = AblationSpec(variants={"a": {}, "b": {}}, set={"model.dim": 32})
+    with pytest.raises(ValueError, match="--set model.dim=32 fixes it"):
+        match_params(QUICK, spec)
+    with pytest.raises(ValueError, match=r"--match-tolerance must lie in \(0, 1\)"):
+        match_params(QUICK, AblationSpec(variants={"a": {}}), tolerance=0)
+
+
+MAMBA = {"class_path": "mamba2", "init_args": {"headdim": 4, "d_state": 8}}
+
+
+@pytest.mark.slow
+def test_two_mixers_are_matched_within_tolerance_on_a_tiny_recipe():
+    """Full attention vs Mamba2 (more parameters per width) at depth 1: Mamba2's width comes down until its
+    non-embedding count is within 5 % of attention's; the neighbouring widths are no closer. Sliding-window
+    attention has exactly attention's weights, so it keeps the width with a zero gap; a variant that sets the
+    width itself is left alone."""
+    spec = AblationSpec(variants={"full": {}, "mamba2": {"model.mixer": MAMBA},
+                                  "swa": {"model.mixer": {"class_path": "sliding_window", "init_args": {"window": 8}}},
+                                  "wide": {"model.dim": 48}},
+                        set={"model.depth": 1},
+                        vary={"model.dim": [32]})
+    cache: dict = {}
+    result = match_params(QUICK, spec, multiple=2, tolerance=0.05, cache=cache)
+    v = result["variants"]
+    target = v["full/dim-32"]["params"]
+    m = v["mamba2/dim-32"]
+    assert m["from"] == 32 and m["to"] < 32 and m["to"] % 2 == 0 and m["overrides"] == {"model.dim": m["to"]}
+    assert abs(m["params"] - target) / target <= 0.05 and m["relative"] == pytest.approx((m["params"] - target) / target)
+    from mmgrow.ablation.match import Measurer
+
+    again = Measurer(QUICK, "model.dim", {})
+    for d in (m["to"] - 2, m["to"] + 2):  # built afresh: the neighbouring widths are no closer
+        n = again({"model.mixer": MAMBA, "model.depth": 1, "model.dim": d})
+        assert abs(n["params"] - target) >= abs(m["params"] - target)
+    assert v["swa/dim-32"]["params"] == target and v["swa/dim-32"]["to"] == 32
+    assert v["wide/dim-32"]["note"] == "sets model.dim itself: left alone" and v["wide/dim-32"]["overrides"] == {}
+    text = format_matching(result)
+    assert f"mamba2/dim-32: model.dim 32 -> {m['to']}: N {short_count(m['params'])} vs target " \
+           f"{short_count(target)} ({100 * m['relative']:+.1f} %)" in text
+    with pytest.raises(ValueError, match=r"variant 'mamba2/dim-32' cannot reach .* within 0.0%.*--match-best-effort"):
+        match_params(QUICK, spec, multiple=2, tolerance=1e-6, cache=cache)
+    best = match_params(QUICK, spec, multiple=2, tolerance=1e-6, best_effort=True, cache=cache)
+    assert best["variants"]["mamba2/dim-32"]["to"] == m["to"]
+    assert best["variants"]["mamba2/dim-32"]["note"] == "best effort: outside 0.0%"
