@@ -94,7 +94,7 @@ def make_plan(base: Path, spec: AblationSpec, out: Path, match: dict[str, Any] |
             run.params = matching["variants"][run.variant]["params"]
     check_same_plan(old, runs, out)
     return {"mmgrow_ablation": 1, "base": str(base.resolve()), "variants": spec.variants, "vary": spec.vary,
-            "set": spec.set, "seeds": spec.seeds, "warnings": spec.budget_warnings(),
+            "set": spec.set, "seeds": spec.seeds, "warnings": spec.warnings(),
             "match": None if matching is None else {k: v for k, v in matching.items() if k != "measured"},
             "measured": {} if matching is None else matching["measured"],
             "runs": [r.to_dict() for r in runs], "sessions": (old or {}).get("sessions", [])}
@@ -130,7 +130,7 @@ def ablate_main(argv: list[str]) -> int:
     base = Path(args.config)
     base_cfg = read_yaml(base, "base recipe") or {}
     spec = build_spec(args, base_cfg)
-    for line in spec.budget_warnings():
+    for line in spec.warnings():
         print(f"warning: {line}", file=sys.stderr)
     out = Path(args.out)
     match = None

@@ -138,7 +138,7 @@ def match_params(base: Path, spec: AblationSpec, key: str = "model.dim", multipl
             start = _required(measure(overrides), label, "variant")
             entry = {"overrides": {}, "params": start["params"], "target": target, "from": start["value"],
                      "to": start["value"], "relative": (start["params"] - target) / target, "multiple": None}
-            if key in spec.variants[name]:
+            if key in spec.variants[name] and key not in spec.vary:
                 out[label] = {**entry, "note": f"sets {key} itself: left alone"}
                 continue
             m = multiple or default_multiple(start["heads"])

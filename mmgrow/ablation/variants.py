@@ -41,11 +41,19 @@ class AblationSpec:
     set: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
 
-    def budget_warnings(self) -> list[str]:
-        """One line per variant that sets a budget key (its runs do not get the base's budget)."""
-        return [f"variant {name!r} sets {key} = {value!r}: not the same budget as the other variants"
-                for name, overrides in self.variants.items() for key, value in overrides.items()
-                if key in BUDGET_KEYS]
+    def warnings(self) -> list[str]:
+        """One line per variant key that changes the token budget (:data:`BUDGET_KEYS`: its runs do not get the
+        base's budget) or that ``--vary`` / ``--set`` override (the variant's value is never used)."""
+        lines = []
+        for name, overrides in self.variants.items():
+            for key, value in overrides.items():
+                if key in self.vary or key in self.set:
+                    option = "--vary" if key in self.vary else "--set"
+                    lines.append(f"variant {name!r} sets {key} = {value!r}, but {option} {key} overrides it")
+                elif key in BUDGET_KEYS:
+                    lines.append(f"variant {name!r} sets {key} = {value!r}: not the same budget as the other "
+                                 "variants")
+        return lines
 
 
 def check_key(key: Any, where: str) -> str:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmgrow.ablation.match import _search, default_multiple, format_matching, match_params, short_count
 from mmgrow.ablation.variants import AblationSpec
@@ -52,8 +53,18 @@ def test_set_of_the_matched_key_and_bad_tolerances_are_refused():
 MAMBA = {"class_path": "mamba2", "init_args": {"headdim": 4, "d_state": 8}}
 
 
+@pytest.fixture
+def tiny(tmp_path):
+    """The quickstart recipe at width 32, depth 1."""
+    recipe = yaml.safe_load(QUICK.read_text())
+    recipe["model"].update(dim=32, depth=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 @pytest.mark.slow
-def test_two_mixers_are_matched_within_tolerance_on_a_tiny_recipe():
+def test_two_mixers_are_matched_within_tolerance_on_a_tiny_recipe(tiny):
     """Full attention vs Mamba2 (more parameters per width) at depth 1: Mamba2's width comes down until its
     non-embedding count is within 5 % of attention's; the neighbouring widths are no closer. Sliding-window
     attention has exactly attention's weights, so it keeps the width with a zero gap; a variant that sets the
@@ -61,28 +72,29 @@ def test_two_mixers_are_matched_within_tolerance_on_a_tiny_recipe():
     spec = AblationSpec(variants={"full": {}, "mamba2": {"model.mixer": MAMBA},
                                   "swa": {"model.mixer": {"class_path": "sliding_window", "init_args": {"window": 8}}},
                                   "wide": {"model.dim": 48}},
-                        set={"model.depth": 1},
-                        vary={"model.dim": [32]})
+                        vary={"model.depth": [1]})
     cache: dict = {}
-    result = match_params(QUICK, spec, multiple=2, tolerance=0.05, cache=cache)
+    result = match_params(tiny, spec, multiple=2, tolerance=0.05, cache=cache)
     v = result["variants"]
-    target = v["full/dim-32"]["params"]
-    m = v["mamba2/dim-32"]
+    target = v["full/depth-1"]["params"]
+    m = v["mamba2/depth-1"]
     assert m["from"] == 32 and m["to"] < 32 and m["to"] % 2 == 0 and m["overrides"] == {"model.dim": m["to"]}
     assert abs(m["params"] - target) / target <= 0.05 and m["relative"] == pytest.approx((m["params"] - target) / target)
     from mmgrow.ablation.match import Measurer
 
-    again = Measurer(QUICK, "model.dim", {})
+    again = Measurer(tiny, "model.dim", {})
     for d in (m["to"] - 2, m["to"] + 2):  # built afresh: the neighbouring widths are no closer
         n = again({"model.mixer": MAMBA, "model.depth": 1, "model.dim": d})
         assert abs(n["params"] - target) >= abs(m["params"] - target)
-    assert v["swa/dim-32"]["params"] == target and v["swa/dim-32"]["to"] == 32
-    assert v["wide/dim-32"]["note"] == "sets model.dim itself: left alone" and v["wide/dim-32"]["overrides"] == {}
+    assert v["swa/depth-1"]["params"] == target and v["swa/depth-1"]["to"] == 32
+    wide = v["wide/depth-1"]
+    assert wide["note"] == "sets model.dim itself: left alone" and wide["overrides"] == {} and wide["to"] == 48
+    assert wide["params"] > target
     text = format_matching(result)
-    assert f"mamba2/dim-32: model.dim 32 -> {m['to']}: N {short_count(m['params'])} vs target " \
+    assert f"mamba2/depth-1: model.dim 32 -> {m['to']}: N {short_count(m['params'])} vs target " \
            f"{short_count(target)} ({100 * m['relative']:+.1f} %)" in text
-    with pytest.raises(ValueError, match=r"variant 'mamba2/dim-32' cannot reach .* within 0.0%.*--match-best-effort"):
-        match_params(QUICK, spec, multiple=2, tolerance=1e-6, cache=cache)
-    best = match_params(QUICK, spec, multiple=2, tolerance=1e-6, best_effort=True, cache=cache)
-    assert best["variants"]["mamba2/dim-32"]["to"] == m["to"]
-    assert best["variants"]["mamba2/dim-32"]["note"] == "best effort: outside 0.0%"
+    with pytest.raises(ValueError, match=r"variant 'mamba2/depth-1' cannot reach .* within 0.0%.*--match-best-effort"):
+        match_params(tiny, spec, multiple=2, tolerance=1e-6, cache=cache)
+    best = match_params(tiny, spec, multiple=2, tolerance=1e-6, best_effort=True, cache=cache)
+    assert best["variants"]["mamba2/depth-1"]["to"] == m["to"]
+    assert best["variants"]["mamba2/depth-1"]["note"] == "best effort: outside 0.0%"

@@ -91,8 +91,11 @@ def test_variants_file_and_budget_warning(tmp_path):
     path.write_text("full:\nlong:\n  trainer.max_steps: 9\n")
     variants = read_variants(path)
     assert variants == {"full": {}, "long": {"trainer.max_steps": 9}}
-    assert AblationSpec(variants=variants).budget_warnings() == [
+    assert AblationSpec(variants=variants).warnings() == [
         "variant 'long' sets trainer.max_steps = 9: not the same budget as the other variants"]
+    assert spec().warnings() == ["variant 'mamba2' sets model.depth = 3, but --vary model.depth overrides it"]
+    assert AblationSpec(variants={"v": {"data.batch_size": 4}}, set={"data.batch_size": 8}).warnings() == [
+        "variant 'v' sets data.batch_size = 4, but --set data.batch_size overrides it"]
 
 
 def test_dry_run_prints_every_run_and_override_and_writes_nothing(tmp_path, capsys):
