@@ -74,6 +74,7 @@ class Measurer:
     def _measure(self, overrides: dict[str, Any]) -> dict[str, Any]:
         import contextlib
         import io
+        import logging
 
         from mmgrow.scaling.size import build_parsed
         from mmgrow.scaling.sweep import cli_value
@@ -83,7 +84,9 @@ class Measurer:
         quiet = io.StringIO()
         try:
             # jsonargparse reports a bad value on stderr and exits; keep that text for the message
+            # (and Lightning's "Seed set" / "GPU available" lines are noise here: one model per width is built)
             with contextlib.redirect_stderr(quiet):
+                logging.disable(logging.INFO)
                 cli = build_parsed(self.base, args)
                 module = cli.model
                 if getattr(module, "model", None) is None and callable(getattr(module, "configure_model", None)):
@@ -92,6 +95,8 @@ class Measurer:
         except (ValueError, TypeError, RuntimeError, AssertionError, SystemExit) as exc:
             text = " ".join((str(exc) if not isinstance(exc, SystemExit) else quiet.getvalue()).split())
             return {"error": text[-400:] or type(exc).__name__}
+        finally:
+            logging.disable(logging.NOTSET)
         config = cli.config.as_dict() if hasattr(cli.config, "as_dict") else {}
         value: Any = config
         for part in self.key.split("."):
