@@ -154,17 +154,23 @@ def ablate_main(argv: list[str]) -> int:
         if not chosen:
             raise ValueError(f"--only {args.only!r}: no such run in {out / PLAN_NAME}; runs are e.g. {runs[0].name}")
         runs = chosen
+    if args.launcher != "local":
+        from mmgrow.scaling.launch import todo
+
+        if not todo(runs, out / "runs"):
+            print(f"every run of {out} is finished; nothing to launch. Compare them with: mmgrow report {out}")
+            return 0
     if args.launcher == "slurm":
         from mmgrow.scaling.launch import write_array_job
 
         path = write_array_job(ablate_command(args), runs, out, args.sbatch, job="ablate")
-        print(f"wrote {path}; submit it with: sbatch {path}")
+        print(f"wrote {path}; submit it with: sbatch {path}; then: mmgrow report {out}")
         return 0
     if args.launcher == "torchrun":
         from mmgrow.scaling.launch import write_torchrun
 
         path = write_torchrun(base, runs, out, args.nproc)
-        print(f"wrote {path}; run it with: NPROC={args.nproc} bash {path}")
+        print(f"wrote {path}; run it with: NPROC={args.nproc} bash {path}; then: mmgrow report {out}")
         return 0
     return run_here(base, runs, out, args.jobs)
 

@@ -168,7 +168,12 @@ def test_slurm_and_torchrun_scripts_list_only_unfinished_runs(tmp_path, capsys):
     assert "--ckpt_path" not in lines[1] and f"--trainer.default_root_dir {(out / 'runs' / runs[3]).resolve()}" \
         in lines[1]
     assert "--model.mixer '{class_path: mamba2, init_args: {headdim: 8}}'" in lines[1]
-    capsys.readouterr()
+    for name in runs[2:]:
+        _seal(out / "runs" / name, "complete")
+    (out / "launch" / "ablate.sbatch").unlink()
+    assert ablate_main([*args, "--launcher", "slurm"]) == 0
+    assert not (out / "launch" / "ablate.sbatch").exists()
+    assert "nothing to launch" in capsys.readouterr().out
 
 
 def test_only_picks_one_run_and_names_a_wrong_one(tmp_path):
