@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="local: run here now; slurm/torchrun: write DIR/launch/ scripts for a cluster")
     p.add_argument("--jobs", type=int, default=1, help="local runs at a time (threads split between them)")
     p.add_argument("--nproc", type=int, default=1, help="torchrun: processes per run (DDP when > 1)")
-    p.add_argument("--sbatch", action="append", default=[], help="slurm: an #SBATCH option, e.g. --gres=gpu:1")
+    p.add_argument("--sbatch", action="append", default=[],
+                   help="slurm: an #SBATCH option, written --sbatch=--gres=gpu:1 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the runs and every override; write nothing")
     p.add_argument("--only", help="run (or resume) just this run name (what each SLURM array task calls)")
     return p
