@@ -86,7 +86,9 @@ def make_plan(base: Path, spec: AblationSpec, out: Path, match: dict[str, Any] |
     if match is not None:
         from mmgrow.ablation.match import match_params
 
-        cache = dict((old or {}).get("measured", {}))
+        # counts measured for this very base recipe (same bytes) are reused; an edited recipe is measured again
+        same_base = (old or {}).get("base_sha256") == _sha256(base)
+        cache = dict((old or {}).get("measured", {})) if same_base else {}
         matching = match_params(base, spec, cache=cache, **match)
         widths = {label: m["overrides"] for label, m in matching["variants"].items()}
     runs = expand(spec, widths)
@@ -94,11 +96,17 @@ def make_plan(base: Path, spec: AblationSpec, out: Path, match: dict[str, Any] |
         for run in runs:
             run.params = matching["variants"][run.variant]["params"]
     check_same_plan(old, runs, out)
-    return {"mmgrow_ablation": 1, "base": str(base.resolve()), "variants": spec.variants, "vary": spec.vary,
+    return {"mmgrow_ablation": 1, "base": str(base.resolve()), "base_sha256": _sha256(base), "variants": spec.variants, "vary": spec.vary,
             "set": spec.set, "seeds": spec.seeds, "warnings": spec.warnings(),
             "match": None if matching is None else {k: v for k, v in matching.items() if k != "measured"},
             "measured": {} if matching is None else matching["measured"],
             "runs": [r.to_dict() for r in runs], "sessions": (old or {}).get("sessions", [])}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def ablate_command(args: argparse.Namespace) -> list[str]:

@@ -98,3 +98,35 @@ def test_two_mixers_are_matched_within_tolerance_on_a_tiny_recipe(tiny):
     best = match_params(tiny, spec, multiple=2, tolerance=1e-6, best_effort=True, cache=cache)
     assert best["variants"]["mamba2/depth-1"]["to"] == m["to"]
     assert best["variants"]["mamba2/depth-1"]["note"] == "best effort: outside 0.0%"
+
+
+def test_counts_are_cached_in_the_plan_while_the_base_recipe_is_unchanged(tmp_path, monkeypatch):
+    """Fake measurements (N = d^2 for attention, 2 d^2 for the other mixer): the second plan builds nothing, an
+    edited base recipe is measured again. Known answer: target N(32) = 1024, 2 d^2 closest at d = 24 (1152)."""
+    from mmgrow.ablation import match
+    from mmgrow.ablation.cli import make_plan
+    from mmgrow.ablation.plan import write_plan
+
+    built = []
+
+    def fake(self, overrides):
+        built.append(overrides)
+        d = overrides.get("model.dim", 32)
+        return {"params": (2 if "model.mixer" in overrides else 1) * d * d, "value": d, "heads": [4]}
+
+    monkeypatch.setattr(match.Measurer, "_measure", fake)
+    base = tmp_path / "base.yaml"
+    base.write_text("model: {dim: 32}\n")
+    spec = AblationSpec(variants={"full": {}, "other": {"model.mixer": "mamba2"}})
+    settings = {"key": "model.dim", "multiple": None, "tolerance": 0.2, "best_effort": False}
+    out = tmp_path / "abl"
+    plan = make_plan(base, spec, out, settings)
+    # first guess round(32 sqrt(1024 / 2048) / 8) * 8 = 24 (1152 > 1024), then 16 (512): 24 is closer (+12.5 %)
+    assert plan["match"]["variants"]["other"]["to"] == 24 and plan["runs"][1]["overrides"]["model.dim"] == 24
+    assert plan["runs"][1]["params"] == 1152 and plan["match"]["variants"]["other"]["multiple"] == 8
+    n = len(built)
+    write_plan(out, plan)
+    assert make_plan(base, spec, out, settings)["runs"] == plan["runs"] and len(built) == n
+    base.write_text("model: {dim: 32}  # edited\n")
+    make_plan(base, spec, out, settings)
+    assert len(built) == 2 * n
