@@ -189,17 +189,22 @@ def run_here(base: Path, runs: list[AblationRun], out: Path, jobs: int) -> int:
     from mmgrow.scaling.launch import run_local
 
     start = time.perf_counter()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    session: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": 0.0, "outcomes": {}}
     done = {"n": 0}
 
     def report(outcome) -> None:
         done["n"] += 1
         extra = f" ({outcome.detail})" if outcome.detail else ""
         print(f"[{done['n']}/{len(runs)}] {outcome.name}: {outcome.status} {outcome.seconds:.0f}s{extra}", flush=True)
+        # recorded after every run, so an interrupted session still shows what it finished
+        session["outcomes"][outcome.name] = {"status": outcome.status, "seconds": outcome.seconds,
+                                             "detail": outcome.detail}
+        session["wall_seconds"] = time.perf_counter() - start
+        _record_session(out, session)
 
+    _record_session(out, session)
     outcomes = run_local(base, runs, out / "runs", out / "logs", jobs, on_outcome=report)
     seconds = time.perf_counter() - start
-    _record_session(out, started, outcomes, seconds)
     order = {r.name: i for i, r in enumerate(runs)}
     outcomes.sort(key=lambda o: order[o.name])
     print(summary_table(outcomes))
@@ -218,14 +223,17 @@ def summary_table(outcomes: list) -> str:
     return "\n".join(lines)
 
 
-def _record_session(out: Path, started: str, outcomes: list, seconds: float) -> None:
+def _record_session(out: Path, session: dict[str, Any]) -> None:
+    """Put ``session`` (this command's) last in the plan's ``sessions``, replacing its previous version."""
     import json
 
     from mmgrow.rundir import atomic_write_bytes, strict_json
 
     path = out / PLAN_NAME
     plan = json.loads(path.read_text())
-    plan.setdefault("sessions", []).append({
-        "started": started, "wall_seconds": seconds,
-        "outcomes": {o.name: {"status": o.status, "seconds": o.seconds, "detail": o.detail} for o in outcomes}})
+    sessions = plan.setdefault("sessions", [])
+    if sessions and sessions[-1].get("started") == session["started"] and session.get("_recorded"):
+        sessions.pop()
+    sessions.append({k: v for k, v in session.items() if k != "_recorded"})
+    session["_recorded"] = True
     atomic_write_bytes(path, strict_json(plan))
