@@ -96,8 +96,9 @@ def make_plan(base: Path, spec: AblationSpec, out: Path, match: dict[str, Any] |
         for run in runs:
             run.params = matching["variants"][run.variant]["params"]
     check_same_plan(old, runs, out)
-    return {"mmgrow_ablation": 1, "base": str(base.resolve()), "base_sha256": _sha256(base), "variants": spec.variants, "vary": spec.vary,
-            "set": spec.set, "seeds": spec.seeds, "warnings": spec.warnings(),
+    return {"mmgrow_ablation": 1, "base": str(base.resolve()), "base_sha256": _sha256(base),
+            "variants": spec.variants, "vary": spec.vary, "set": spec.set, "seeds": spec.seeds,
+            "warnings": spec.warnings(),
             "match": None if matching is None else {k: v for k, v in matching.items() if k != "measured"},
             "measured": {} if matching is None else matching["measured"],
             "runs": [r.to_dict() for r in runs], "sessions": (old or {}).get("sessions", [])}

@@ -85,8 +85,9 @@ def parse_variants(data: Any, source: str = "variants") -> dict[str, dict[str, A
         check_name(name, f"{source}: variant")
         overrides = {} if overrides is None else overrides
         if not isinstance(overrides, dict):
-            raise ValueError(f"{source}: variant {name!r} must map dotted keys to values ({{}} for the base "  # noqa: TRY004 - a user's file, reported like every bad value
-                             f"recipe), got {overrides!r}")
+            # a user's file: reported as a bad value (ValueError), like every other one
+            message = f"{source}: variant {name!r} must map dotted keys to values ({{}} for the base recipe)"
+            raise ValueError(f"{message}, got {overrides!r}")  # noqa: TRY004
         for key in overrides:
             check_key(key, f"{source}: variant {name!r}")
             if key == "seed_everything":

@@ -1,4 +1,4 @@
-"""Run a sweep's (or an ablation's) runs here (one after another, or ``jobs`` at a time), or write a launcher for a cluster.
+"""Run a sweep's (or an ablation's) runs here (one after another, or ``jobs`` at a time), or write a cluster launcher.
 
 * :func:`run_local`: each run is a ``python -m mmgrow fit`` subprocess (a crash or a divergence ends that run
   only), its output in ``OUT/logs/<run>.log``. A run whose directory is sealed ``complete`` or ``diverged`` is
