@@ -135,6 +135,8 @@ def match_params(base: Path, spec: AblationSpec, key: str = "model.dim", multipl
         ref_overrides = _model_overrides(layered(spec.variants[names[0]], keys, spec.set))
         ref = _required(measure(ref_overrides), ref_label, "reference variant")
         target = ref["params"]
+        if target <= 0:
+            raise ValueError(f"--match-params: the reference variant {ref_label!r} has no non-embedding parameters")
         out[ref_label] = {"overrides": {}, "params": target, "target": target, "from": ref["value"],
                           "to": ref["value"], "relative": 0.0, "multiple": None, "note": "reference"}
         for name in names[1:]:
@@ -171,7 +173,7 @@ def _search(measure: Measurer, overrides: dict[str, Any], key: str, start: dict[
         result = measure(layered(overrides, {key: k * m}))
         return None if "error" in result else result["params"]
 
-    k = max(1, round(d0 * math.sqrt(target / start["params"]) / m))
+    k = max(1, round(d0 * math.sqrt(target / max(1, start["params"])) / m))
     tried: dict[int, int] = {}
     # walk towards the target until the count crosses it (or the walk runs out of room)
     direction = 0

@@ -189,3 +189,12 @@ def test_launchers_accept_any_named_run_with_overrides(tmp_path):
     path = launch.write_array_job(["mmgrow", "ablate", "--out", "X"], [run], tmp_path, job="ablate")
     assert path.name == "ablate.sbatch" and "RUNS=(v/s1)" in path.read_text()
     assert "#SBATCH --job-name=mmgrow-ablate" in path.read_text()
+
+
+def test_the_example_variants_file_plans_three_mixers(capsys):
+    variants = read_variants(ROOT / "sweeps" / "example_ablation.yaml")
+    assert list(variants) == ["full", "sliding_window", "mamba2"] and variants["full"] == {}
+    assert {v["model.mixer"]["class_path"] for k, v in variants.items() if k != "full"} == {"sliding_window", "mamba2"}
+    assert ablate_main(["--config", str(QUICK), "--out", "unused", "--variants",
+                        str(ROOT / "sweeps" / "example_ablation.yaml"), "--seeds", "2", "--dry-run"]) == 0
+    assert "6 runs (3 variants x 1 grid points x 2 seeds)" in capsys.readouterr().out
