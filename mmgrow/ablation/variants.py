@@ -132,9 +132,10 @@ def parse_vary(items: list[str]) -> dict[str, list[Any]]:
         key, values = _split_assignment(item, "--vary")
         if key in vary:
             raise ValueError(f"--vary {key} given twice; list all its values once: --vary {key}=V1,V2")
-        parts = [scalar(v.strip(), f"--vary {key}") for v in values.split(",")]
-        if any(p == "" or p is None for p in parts) or not parts:
+        texts = [v.strip() for v in values.split(",")]
+        if not all(texts):
             raise ValueError(f"--vary {item!r}: empty value; expected KEY=V1,V2,...")
+        parts = [scalar(t, f"--vary {key}") for t in texts]
         if len({repr(p) for p in parts}) < len(parts):
             raise ValueError(f"--vary {key}: a value is listed twice in {values!r}")
         if key == "seed_everything":

@@ -59,6 +59,9 @@ def test_command_line_values_are_yaml_scalars():
                                                   "model.norm": "rms"}
     assert parse_seeds("3", 0) == [0, 1, 2] and parse_seeds("0,3", 0) == [0, 3] and parse_seeds(None, 5) == [5]
     assert [p for p, _ in grid_points({"model.lr": [0.001, 0.0005]})] == ["lr-0.001", "lr-0.0005"]
+    vary = parse_vary(["model.mixer.init_args.num_kv_heads=null,1"])
+    assert vary == {"model.mixer.init_args.num_kv_heads": [None, 1]}
+    assert [p for p, _ in grid_points(vary)] == ["num_kv_heads-None", "num_kv_heads-1"]
 
 
 @pytest.mark.parametrize("call, message", [
