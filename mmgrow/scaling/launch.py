@@ -1,4 +1,4 @@
-"""Run a sweep's runs here (one after another, or ``jobs`` at a time), or write a launcher for a cluster.
+"""Run a sweep's (or an ablation's) runs here (one after another, or ``jobs`` at a time), or write a cluster launcher.
 
 * :func:`run_local`: each run is a ``python -m mmgrow fit`` subprocess (a crash or a divergence ends that run
   only), its output in ``OUT/logs/<run>.log``. A run whose directory is sealed ``complete`` or ``diverged`` is
@@ -8,7 +8,11 @@
   ``OMP_NUM_THREADS = cores // jobs``.
 * :func:`write_slurm`: ``OUT/launch/sweep.sbatch``, an array job over the unfinished runs; every task calls
   ``mmgrow scaling sweep ... --only <run>``, which applies the same skip/resume rule on the node, so
-  re-submitting the script after a preemption resumes the sweep.
+  re-submitting the script after a preemption resumes the sweep. :func:`write_array_job` is the same for any
+  command that takes ``--only`` (``mmgrow ablate`` uses it).
+
+A run is anything with a ``name`` (its directory under the runs root) and ``overrides`` (dotted key -> value,
+replayed as ``mmgrow fit`` arguments): :class:`LaunchRun`.
 * :func:`write_torchrun`: ``OUT/launch/torchrun.sh``, one ``torchrun`` command per unfinished run (with
   ``--ckpt_path`` where a checkpoint exists; regenerate it to resume); a failing run does not stop the script.
 """
@@ -24,9 +28,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
-from mmgrow.scaling.sweep import SweepRun, fit_arguments, run_state
+from mmgrow.scaling.sweep import fit_arguments, run_state
 from mmgrow.training.divergence import DIVERGED_EXIT_CODE
+
+
+class LaunchRun(Protocol):
+    """What the launchers need of a run: a sweep's :class:`~mmgrow.scaling.sweep.SweepRun`, an ablation's run."""
+
+    name: str                   # its directory under the runs root ("a/b/s0" nests)
+    overrides: dict[str, Any]   # dotted key -> value, replayed as `mmgrow fit --key value`
 
 
 @dataclass
@@ -37,12 +49,12 @@ class RunOutcome:
     detail: str = ""       # resume note, or the failure's exit status and last log lines
 
 
-def todo(runs: list[SweepRun], root: Path) -> list[SweepRun]:
+def todo(runs: list[LaunchRun], root: Path) -> list[LaunchRun]:
     """Runs whose directory is not sealed complete or diverged."""
     return [r for r in runs if run_state(root / r.name) not in ("complete", "diverged")]
 
 
-def run_one(base: str | Path, run: SweepRun, root: Path, logs: Path, threads: int | None = None) -> RunOutcome:
+def run_one(base: str | Path, run: LaunchRun, root: Path, logs: Path, threads: int | None = None) -> RunOutcome:
     """Train (or resume, or skip) one run in a subprocess; never raises for a failed run."""
     directory = root / run.name
     state = run_state(directory)
@@ -77,7 +89,7 @@ def _tail(path: Path, lines: int) -> str:
     return " | ".join(line.strip() for line in text[-lines:])
 
 
-def run_local(base: str | Path, runs: list[SweepRun], root: Path, logs: Path, jobs: int = 1,
+def run_local(base: str | Path, runs: list[LaunchRun], root: Path, logs: Path, jobs: int = 1,
               on_outcome: Callable[[RunOutcome], None] | None = None) -> list[RunOutcome]:
     """Every run of ``runs`` (skipping finished ones), ``jobs`` at a time; ``on_outcome`` after each."""
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
@@ -97,25 +109,32 @@ def sweep_command(base: str | Path, grid: str | Path, out: Path) -> list[str]:
             "--grid", str(Path(grid).resolve()), "--out", str(out.resolve())]
 
 
-def write_slurm(base: str | Path, grid: str | Path, runs: list[SweepRun], out: Path,
+def write_slurm(base: str | Path, grid: str | Path, runs: list[LaunchRun], out: Path,
                 sbatch: list[str] | None = None) -> Path:
     """``OUT/launch/sweep.sbatch``: an array job, one task per unfinished run (module docstring)."""
+    return write_array_job(sweep_command(base, grid, out), runs, out, sbatch, job="sweep")
+
+
+def write_array_job(command: list[str], runs: list[LaunchRun], out: Path, sbatch: list[str] | None = None,
+                    job: str = "sweep") -> Path:
+    """``OUT/launch/<job>.sbatch``: a SLURM array job whose task ``i`` runs ``command --only <i-th unfinished run>``;
+    ``command`` must apply the skip/resume rule itself (``mmgrow scaling sweep``, ``mmgrow ablate``)."""
     pending = todo(runs, out / "runs")
-    path = out / "launch" / "sweep.sbatch"
+    path = out / "launch" / f"{job}.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
     names = " ".join(shlex.quote(r.name) for r in pending)
-    lines = ["#!/bin/bash", "#SBATCH --job-name=mmgrow-sweep", f"#SBATCH --array=0-{max(len(pending) - 1, 0)}",
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=mmgrow-{job}", f"#SBATCH --array=0-{max(len(pending) - 1, 0)}",
              f"#SBATCH --output={(out / 'logs').resolve()}/slurm-%A_%a.log",
              *[f"#SBATCH {a}" for a in sbatch or []],
              f"# {len(pending)} unfinished runs of {len(runs)}; regenerate this script to resume after a stop:",
-             f"#   {shlex.join(sweep_command(base, grid, out))} --launcher slurm",
+             f"#   {shlex.join(command)} --launcher slurm",
              f"RUNS=({names})",
-             f"srun {shlex.join(sweep_command(base, grid, out))} --only \"${{RUNS[$SLURM_ARRAY_TASK_ID]}}\"", ""]
+             f"srun {shlex.join(command)} --only \"${{RUNS[$SLURM_ARRAY_TASK_ID]}}\"", ""]
     path.write_text("\n".join(lines))
     return path
 
 
-def write_torchrun(base: str | Path, runs: list[SweepRun], out: Path, nproc: int = 1) -> Path:
+def write_torchrun(base: str | Path, runs: list[LaunchRun], out: Path, nproc: int = 1) -> Path:
     """``OUT/launch/torchrun.sh``: one ``torchrun`` command per unfinished run (module docstring)."""
     root = out / "runs"
     path = out / "launch" / "torchrun.sh"
