@@ -1,7 +1,7 @@
 """Mean and spread over seeds, and how they are printed.
 
 ``spread`` is the **sample standard deviation** over the n runs of a group,
-``s = sqrt(sum_i (x_i - mean)^2 / (n - 1))``, printed with two significant digits after ``±``; with n = 1 only
+``s = sqrt(sum_i (x_i - mean)^2 / (n - 1))``, rounded to two significant digits after ``±``; with n = 1 only
 the value is printed (no spread can be estimated from one seed). Non-finite values (a NaN loss) are not
 averaged: they are counted in ``dropped``.
 """
@@ -59,4 +59,9 @@ def format_stat(stat: Stat) -> str:
         return MISSING
     if stat.std is None:
         return format_number(stat.mean)
-    return f"{format_number(stat.mean)} ± {stat.std:.2g}"
+    return f"{format_number(stat.mean)} ± {format_spread(stat.std)}"
+
+
+def format_spread(std: float) -> str:
+    """``std`` rounded to 2 significant digits, printed like a value (141.42 -> ``140``, 0.14142 -> ``0.14``)."""
+    return format_number(float(f"{std:.2g}")) if math.isfinite(std) else str(std)
