@@ -7,12 +7,11 @@ import json
 import sys
 import types
 
-import pytest
+from report_fixtures import ablation_tree, summary, write_run
 
 from mmgrow.__main__ import main
 from mmgrow.report.collect import collect_runs
 from mmgrow.report.write import write_report
-from tests.unit.report_fixtures import ablation_tree, summary, write_run
 
 
 def test_runs_without_ablation_record_group_by_relative_path_and_seed_from_config(tmp_path):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from report_fixtures import ablation_tree
 
 from mmgrow.report.write import write_report
-from tests.unit.report_fixtures import ablation_tree
 
 PNGS = ("loss_vs_tokens.png", "loss_vs_time.png", "throughput.png", "memory.png", "metrics.png")
 

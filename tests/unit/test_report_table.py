@@ -7,10 +7,10 @@ import math
 import statistics
 
 import pytest
+from report_fixtures import ablation_tree
 
 from mmgrow.report.aggregate import Stat, format_number, format_stat, mean_spread
 from mmgrow.report.write import write_report
-from tests.unit.report_fixtures import ablation_tree
 
 
 @pytest.fixture(scope="module")
