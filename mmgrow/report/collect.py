@@ -68,14 +68,14 @@ def collect_runs(dirs: list[str | os.PathLike]) -> list[RunRecord]:
     """Every run below ``dirs`` with its status, group and seed. Raises when a path is missing or none holds runs."""
     if not dirs:
         raise ValueError("report: no directory given; expected one or more run directories or directories of them")
-    found: list[Path] = []
+    resolved: list[Path] = []
     for d in dirs:
         runs = find_run_dirs(Path(d))
         if not runs:
             raise ValueError(f"report: no runs found below {d} (no directory with summary.json, or with config.yaml "
                              "and metrics.csv)")
-        found.extend(r for r in runs if r not in found)
-    resolved = [r.resolve() for r in found]
+        # a run reached through two DIRs (or a symlink) is reported once
+        resolved.extend(r for r in (p.resolve() for p in runs) if r not in resolved)
     root = Path(os.path.commonpath(resolved)) if len(resolved) > 1 else resolved[0].parent
     records = [read_run(path, root) for path in resolved]
     return records
