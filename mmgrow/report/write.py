@@ -32,7 +32,8 @@ def write_report(dirs: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     plots_dir.mkdir(parents=True, exist_ok=True)
     plot_data, captions = _plots(report, complete, plots_dir)
     elo, elo_note = automatic_elo({g: [r.path for r in runs] for g, runs in complete.items()})
-    report.update({"out": str(out), "elo": elo, "elo_note": elo_note, "plots": captions})
+    report.update({"out": str(out), "elo": elo, "elo_note": elo_note, "plots": captions,
+                   "memory": _memory_note(complete)})
     serialisable = {**report, "groups": {g: {**row, "stats": {c: s.to_dict() for c, s in row["stats"].items()
                                                                if c in report["columns"]}}
                                          for g, row in report["groups"].items()}}
@@ -87,6 +88,8 @@ def markdown_report(report: dict[str, Any]) -> str:
     fixed = [c for c in columns if c in FIXED]
     if fixed:
         lines += ["Columns: " + "; ".join(f"{FIXED[c]} = summary.json `{_source(c)}`" for c in fixed) + ".", ""]
+    if "peak_memory_mib" in columns:
+        lines += [f"Peak memory: {report['memory']}.", ""]
     lines += ["## Automatic Elo", ""]
     lines += elo_markdown(report["elo"]) if report["elo"] else [f"Automatic Elo {report['elo_note']}."]
     lines += ["", "## Runs", "", run_table(report["runs"], columns), "", "## Plots", ""]

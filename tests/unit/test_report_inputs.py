@@ -90,3 +90,11 @@ def test_elo_absent_says_why(tmp_path, monkeypatch):
     rep = write_report([root])
     assert rep["elo"] is None and "fewer than two variants have probe readings" in rep["elo_note"]
     assert "Automatic Elo not computed" in (root / "report.md").read_text()
+
+
+def test_elo_module_missing_is_a_note_not_a_failure(tmp_path, monkeypatch):
+    root = ablation_tree(tmp_path / "abl")
+    monkeypatch.setitem(sys.modules, "mmgrow.evaluation.elo", None)  # None in sys.modules: import raises
+    rep = write_report([root], metrics=["final_val_loss"])
+    assert rep["elo"] is None and rep["elo_note"].startswith("not computed: mmgrow.evaluation.elo is not available")
+    assert (root / "report.json").is_file()

@@ -53,6 +53,7 @@ def test_variant_rows_hold_hand_computed_mean_and_sample_std(report):
     assert mamba["train loss"] == "1.7 ± 0.28"  # 1.9, 1.5: s = 0.2828
     assert mamba["val bits/token"] == "—"  # no mamba run recorded it
     assert "sample standard deviation" in md
+    assert "Peak memory: CPU: peak resident set size of the training process." in md  # all fixture runs are CPU
 
 
 def test_run_table_lists_every_run_with_status(report):
