@@ -27,13 +27,12 @@ def _figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")  # room for outside legends and labels
     FigureCanvasAgg(fig)
     return fig
 
 
 def _save(fig, out_png: Path) -> None:
-    fig.tight_layout()
     atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
 
 
@@ -49,7 +48,9 @@ def x_caption(axis: str, sources: set[str]) -> str:
 def plot_losses(groups: dict[str, list[RunRecord]], axis: str, out_png: Path) -> dict[str, Any]:
     """Train and val loss per group against ``axis`` ("tokens" or "time"): the mean over seeds as a line (train
     solid, val dashed with markers) and the min-max over seeds as a band. Returns ``{"curves", "caption"}``."""
-    fig = _figure(7.5, 4.5)
+    rows_per_column = 28  # legend entries (one per group) per legend column, outside the axes on the right
+    legend_columns = max(1, math.ceil((len(groups) + 2) / rows_per_column))
+    fig = _figure(7.5 + 2.5 * legend_columns, 4.5 + (2.5 if len(groups) > 12 else 0.0))
     ax = fig.add_subplot()
     curves: list[Curve] = []
     sources: set[str] = set()
@@ -62,15 +63,18 @@ def plot_losses(groups: dict[str, list[RunRecord]], axis: str, out_png: Path) ->
             sources |= used
             curves.append(curve)
             val = metric.startswith("val")
+            first = not any(c.group == group for c in curves[:-1])  # one legend entry per group (its colour)
             ax.plot(curve.x, curve.mean, color=colour, linestyle="--" if val else "-",
-                    marker="o" if val else None, markersize=3, label=f"{group} {metric}")
+                    marker="o" if val else None, markersize=3, label=group if first else None)
             if curve.runs > 1:
                 ax.fill_between(curve.x, curve.low, curve.high, color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel("tokens" if axis == "tokens" else "wall time (s)")
     ax.set_ylabel("loss")
     ax.grid(True, alpha=0.3)
     if curves:
-        ax.legend(fontsize=7)
+        ax.plot([], [], color="black", linestyle="-", label="train loss (solid)")
+        ax.plot([], [], color="black", linestyle="--", marker="o", markersize=3, label="val loss (dashed)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=legend_columns, frameon=False)
     else:
         ax.text(0.5, 0.5, "no loss curves (no metrics.csv with train/loss or val/loss)", ha="center",
                 transform=ax.transAxes)
@@ -82,7 +86,7 @@ def plot_bars(stats: dict[str, Stat], ylabel: str, out_png: Path) -> dict[str, t
     """One bar per group (mean over seeds) with the sample std as an error bar; groups without a value are left
     out. Returns ``{group: (mean, std)}`` (std 0 for one seed)."""
     bars = {g: (s.mean, s.std or 0.0) for g, s in stats.items() if s.mean is not None and math.isfinite(s.mean)}
-    fig = _figure(max(4.0, 1.0 + 0.9 * len(bars)), 4.0)
+    fig = _figure(min(20.0, max(4.0, 1.0 + 0.6 * len(bars))), 4.5)
     ax = fig.add_subplot()
     _draw_bars(ax, bars)
     ax.set_ylabel(ylabel)
