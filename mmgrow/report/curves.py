@@ -15,6 +15,7 @@ logged, the curve holds the mean x, the mean loss and the min and max loss over 
 from __future__ import annotations
 
 import csv
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +42,15 @@ class Curve:
 
 
 def read_csv_columns(path: Path) -> dict[str, list[float | None]]:
-    """``{column: [value or None per row]}`` of a metrics.csv (rows without a step are dropped)."""
-    with path.open(newline="", encoding="utf-8") as f:
+    """``{column: [value or None per row]}`` of a metrics.csv (rows without a step are dropped). Cached per file
+    version (path, size, mtime): each plot reads every run's CSV for two metrics."""
+    stat = path.stat()
+    return _read_csv_columns(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_csv_columns(path: str, size: int, mtime_ns: int) -> dict[str, list[float | None]]:
+    with Path(path).open(newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r.get("step") not in ("", None)]
     columns = list(rows[0]) if rows else []
     return {c: [None if r.get(c) in ("", None) else float(r[c]) for r in rows] for c in columns}
