@@ -24,7 +24,10 @@ def automatic_elo(groups: dict[str, list[Path]]) -> tuple[dict[str, Any] | None,
     usable = {g: paths for g, paths in groups.items() if paths}
     if len(usable) < 2:
         return None, "not computed: fewer than two variants with complete runs"
-    result = pairwise_elo(usable)
+    try:
+        result = pairwise_elo(usable)
+    except (OSError, ValueError) as exc:  # a corrupt samples/heldout.json: the rest of the report still stands
+        return None, f"not computed: {' '.join(str(exc).split())}"
     if result is None:
         return None, "not computed: fewer than two variants have probe readings on the same held-out prompts"
     return result, ""

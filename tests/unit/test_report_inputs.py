@@ -98,3 +98,16 @@ def test_elo_module_missing_is_a_note_not_a_failure(tmp_path, monkeypatch):
     rep = write_report([root], metrics=["final_val_loss"])
     assert rep["elo"] is None and rep["elo_note"].startswith("not computed: mmgrow.evaluation.elo is not available")
     assert (root / "report.json").is_file()
+
+
+def test_unreadable_ablation_record_groups_by_path_and_elo_error_is_a_note(tmp_path, monkeypatch):
+    write_run(tmp_path / "a", summary=summary(1.0, 1.0, 10, 10)).joinpath("ablation_run.json").write_text("{oops")
+    write_run(tmp_path / "b", summary=summary(2.0, 2.0, 10, 10), ablation={"variant": "v", "seed": 3})
+
+    def broken(groups, **kw):
+        raise ValueError("samples/heldout.json is not valid JSON")
+
+    monkeypatch.setitem(sys.modules, "mmgrow.evaluation.elo", types.SimpleNamespace(pairwise_elo=broken))
+    rep = write_report([tmp_path])
+    assert {g: row["seeds"] for g, row in rep["groups"].items()} == {"a": [0], "v": [3]}
+    assert rep["elo_note"] == "not computed: samples/heldout.json is not valid JSON"
