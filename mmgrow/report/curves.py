@@ -4,9 +4,12 @@ Each run's ``metrics.csv`` (Lightning's CSV logger: one row per logging call, bl
 that row) gives ``(step, loss)`` points. The x axis of a point:
 
 * **tokens**: the row's ``perf/tokens_seen`` when the CSV has that column (a row without it, a validation row,
-  is interpolated linearly in step between the rows that have it), else ``step * tokens_seen / global_step``
-  from ``summary.json`` (a constant number of tokens per step);
-* **time**: ``perf/elapsed_s`` likewise, else ``step * wall_seconds / global_step``.
+  is interpolated linearly in step between the rows that have it), else ``(step + 1) * tokens_seen /
+  global_step`` from ``summary.json`` (a constant number of tokens per optimizer step);
+* **time**: ``perf/elapsed_s`` likewise, else ``(step + 1) * wall_seconds / global_step``.
+
+Lightning's CSV ``step`` counts from 0: the row logged after the first optimizer step has ``step`` 0, and the
+validation after ``global_step`` updates is logged at ``step = global_step - 1``; hence ``step + 1`` above.
 
 Seeds of a group are aligned by **step** (same recipe, same schedule): at every step that at least one seed
 logged, the curve holds the mean x, the mean loss and the min and max loss over the seeds that logged it.
@@ -77,7 +80,7 @@ def run_points(run: RunRecord, metric: str, axis: str) -> tuple[list[tuple[int, 
     total, global_step = run.summary.get(total_key), run.summary.get("global_step")
     if not isinstance(total, (int, float)) or not isinstance(global_step, (int, float)) or global_step <= 0:
         return [], None
-    return [(s, s * total / global_step, v) for s, v in logged], "fallback"
+    return [(s, (s + 1) * total / global_step, v) for s, v in logged], "fallback"
 
 
 def group_curve(group: str, runs: list[RunRecord], metric: str, axis: str) -> tuple[Curve, set[str]]:

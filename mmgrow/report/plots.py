@@ -19,8 +19,8 @@ from mmgrow.report.curves import AXES, Curve, group_curve
 LOSSES = ("train/loss", "val/loss")
 MAX_PANELS = 24  # metrics.png: more panels than this are unreadable; the rest are named in the caption
 
-_FALLBACK_TEXT = {"tokens": "step × tokens_seen / global_step from summary.json (constant tokens per step)",
-                  "time": "step × wall_seconds / global_step from summary.json (constant time per step)"}
+_FALLBACK_TEXT = {"tokens": "(step + 1) × tokens_seen / global_step from summary.json (constant tokens per step)",
+                  "time": "(step + 1) × wall_seconds / global_step from summary.json (constant time per step)"}
 
 
 def _figure(width: float, height: float):

@@ -56,16 +56,17 @@ def ablation_tree(root: Path) -> Path:
     """
     for seed, (val, train, tps, mem, align, bits, losses) in enumerate(
             [(1.0, 0.9, 100, 100, 0.5, 1.5, (3.0, 2.0)), (1.2, 1.1, 300, 200, 1.0, 1.7, (5.0, 4.0))]):
-        rows = [{"epoch": 0, "step": 1, "train/loss": losses[0], "perf/tokens_seen": 10},
-                {"epoch": 0, "step": 2, "train/loss": losses[1], "perf/tokens_seen": 20},
-                {"epoch": 0, "step": 2, "val/loss": val}]
+        # Lightning's CSV step counts from 0: rows after optimizer steps 1 and 2 have step 0 and 1
+        rows = [{"epoch": 0, "step": 0, "train/loss": losses[0], "perf/tokens_seen": 10},
+                {"epoch": 0, "step": 1, "train/loss": losses[1], "perf/tokens_seen": 20},
+                {"epoch": 0, "step": 1, "val/loss": val}]
         write_run(root / f"ttt-s{seed}", summary=summary(val, train, tps, mem, bits=bits), csv_rows=rows,
                   ablation={"variant": "ttt", "seed": seed, "overrides": {}, "ablation": "mixers"},
                   heldout=heldout(align, 0.5))
     for seed, (val, train, tps, align, status) in enumerate(
             [(2.0, 1.9, 50, 0.25, "complete"), (2.0, 1.5, 70, 0.75, "complete"), (9.0, 9.0, 60, 0.0, "diverged")]):
-        rows = [{"epoch": 0, "step": 1, "train/loss": train + 1.0}, {"epoch": 0, "step": 2, "train/loss": train},
-                {"epoch": 0, "step": 2, "val/loss": val}]
+        rows = [{"epoch": 0, "step": 0, "train/loss": train + 1.0}, {"epoch": 0, "step": 1, "train/loss": train},
+                {"epoch": 0, "step": 1, "val/loss": val}]
         write_run(root / f"mamba-s{seed}", summary=summary(val, train, tps, 300, status), csv_rows=rows,
                   ablation={"variant": "mamba", "seed": seed, "overrides": {}, "ablation": "mixers"},
                   heldout=heldout(align, 1.0))

@@ -37,9 +37,9 @@ def test_loss_vs_tokens_curves_are_seed_means_with_min_max_band(report):
     ttt = curves[("ttt", "train/loss")]
     # seed 0 train 3, 2 and seed 1 train 5, 4 at perf/tokens_seen 10, 20
     assert (ttt.x, ttt.mean, ttt.low, ttt.high, ttt.runs) == ([10, 20], [4, 3], [3, 2], [5, 4], 2)
-    # the val row has no perf/tokens_seen cell: interpolated at step 2 -> 20 tokens
+    # the val row has no perf/tokens_seen cell: interpolated at its step (1) -> 20 tokens
     assert curves[("ttt", "val/loss")].x == [20] and curves[("ttt", "val/loss")].mean == pytest.approx([1.1])
-    # mamba has no perf column: x = step * tokens_seen / global_step = step * 40 / 2
+    # mamba has no perf column: x = (step + 1) * tokens_seen / global_step = (step + 1) * 40 / 2, steps 0 and 1
     mamba = curves[("mamba", "train/loss")]
     assert mamba.x == [20, 40] and mamba.mean == pytest.approx([2.7, 1.7])
     assert data["caption"].startswith("mixed:") and "perf/tokens_seen" in data["caption"]
@@ -49,7 +49,7 @@ def test_loss_vs_time_uses_wall_seconds_fallback(report):
     _, rep = report
     data = rep["plot_data"]["loss_vs_time.png"]
     ttt = next(c for c in data["curves"] if c.group == "ttt" and c.metric == "train/loss")
-    assert ttt.x == [4.0, 8.0]  # step * wall_seconds (8) / global_step (2)
+    assert ttt.x == [4.0, 8.0]  # (step + 1) * wall_seconds (8) / global_step (2), steps 0 and 1
     assert "wall_seconds / global_step" in data["caption"] and "mixed" not in data["caption"]
     assert "wall_seconds / global_step" in rep["plots"]["loss_vs_time.png"]
 
