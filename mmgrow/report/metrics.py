@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,42 @@ from mmgrow.report.collect import RunRecord
 
 MIB = 2 ** 20
 
-FIXED: dict[str, str] = {
-    "non_embedding_parameters": "non-emb. params",
-    "parameters": "params",
-    "tokens_seen": "tokens",
-    "final_train_loss": "train loss",
-    "final_val_loss": "val loss",
-    "val/bits_per_token": "val bits/token",
-    "tokens_per_s": "tokens/s",
-    "peak_memory_mib": "peak mem (MiB)",
-    "state_size_per_example": "state/example",
-    "flops_per_token": "FLOPs/token",
+
+@dataclass(frozen=True)
+class FixedColumn:
+    """A column read from ``summary.json``: ``path`` is the key chain, ``scale`` divides the value."""
+
+    label: str  # the table header
+    path: tuple[str, ...]
+    scale: float = 1.0
+    scale_text: str = ""  # ``scale`` as written in the column legend
+
+    def read(self, summary: dict[str, Any]) -> Any:
+        value: Any = summary
+        for key in self.path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value / self.scale if _is_number(value) else None
+
+    @property
+    def source(self) -> str:
+        """Where the value comes from, in words (for the report's column legend)."""
+        text = "".join(f"[{k}]" if "/" in k else ("." if i else "") + k for i, k in enumerate(self.path))
+        return text + (f" / {self.scale_text}" if self.scale_text else "")
+
+
+FIXED: dict[str, FixedColumn] = {
+    "non_embedding_parameters": FixedColumn("non-emb. params", ("non_embedding_parameters",)),
+    "parameters": FixedColumn("params", ("parameters",)),
+    "tokens_seen": FixedColumn("tokens", ("tokens_seen",)),
+    "final_train_loss": FixedColumn("train loss", ("final_train_loss",)),
+    "final_val_loss": FixedColumn("val loss", ("final_val_loss",)),
+    "val/bits_per_token": FixedColumn("val bits/token", ("metrics", "val/bits_per_token")),
+    "tokens_per_s": FixedColumn("tokens/s", ("tokens_per_s",)),
+    "peak_memory_mib": FixedColumn("peak mem (MiB)", ("peak_memory_bytes",), MIB, "2^20"),
+    "state_size_per_example": FixedColumn("state/example", ("state_size_per_example",)),
+    "flops_per_token": FixedColumn("FLOPs/token", ("flops_per_token",)),
 }
-"""Column key -> table header, in table order."""
+"""Column key -> its definition, in table order."""
 
 _SKIPPED_SUMMARY_METRICS = {"val/loss", "val/bits_per_token"}  # the first is final_val_loss, the second FIXED
 _EVAL_DIR = re.compile(r"^(?P<kind>.+)-(?P<n>\d+)$")
@@ -50,7 +74,8 @@ _EVAL_DIR = re.compile(r"^(?P<kind>.+)-(?P<n>\d+)$")
 
 def run_values(run: RunRecord) -> dict[str, float]:
     """``{column: value}`` of :data:`FIXED` and the evaluation columns the run has (absent ones are missing)."""
-    values = _fixed(run.summary)
+    values = {key: column.read(run.summary) for key, column in FIXED.items()}
+    values = {key: float(v) for key, v in values.items() if v is not None}
     values.update(evaluation_values(run))
     return values
 
@@ -83,22 +108,13 @@ def flatten(out: dict[str, float], prefix: str, value: Any) -> None:
         _put(out, prefix, value)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _put(out: dict[str, float], key: str, value: Any) -> None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if _is_number(value):
         out[key] = float(value)
-
-
-def _fixed(summary: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key in FIXED:
-        if key == "peak_memory_mib":
-            raw = summary.get("peak_memory_bytes")
-            _put(out, key, raw / MIB if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None)
-        elif key == "val/bits_per_token":
-            _put(out, key, (summary.get("metrics") or {}).get(key))
-        else:
-            _put(out, key, summary.get(key))
-    return out
 
 
 def _latest_eval_dirs(eval_root: Path) -> dict[str, Path]:

@@ -10,7 +10,7 @@ from mmgrow.report.metrics import FIXED
 
 def header(column: str) -> str:
     """A fixed column's short label, an evaluation column's dotted key."""
-    return FIXED.get(column, column)
+    return FIXED[column].label if column in FIXED else column
 
 
 def cell(text: str) -> str:

@@ -87,7 +87,8 @@ def markdown_report(report: dict[str, Any]) -> str:
              "## Variants", "", group_table(report["groups"], columns), "", report["definition"], ""]
     fixed = [c for c in columns if c in FIXED]
     if fixed:
-        lines += ["Columns: " + "; ".join(f"{FIXED[c]} = summary.json `{_source(c)}`" for c in fixed) + ".", ""]
+        lines += ["Columns: " + "; ".join(f"{FIXED[c].label} = summary.json `{FIXED[c].source}`" for c in fixed)
+                  + ".", ""]
     if "peak_memory_mib" in columns:
         lines += [f"Peak memory: {report['memory']}.", ""]
     lines += ["## Automatic Elo", ""]
@@ -97,8 +98,3 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += [f"![{name}]({PLOTS_DIR}/{name})", "", caption, ""]
     return "\n".join(lines)
 
-
-def _source(column: str) -> str:
-    if column == "peak_memory_mib":
-        return "peak_memory_bytes / 2^20"
-    return f"metrics[{column}]" if "/" in column else column
