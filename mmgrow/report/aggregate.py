@@ -42,13 +42,13 @@ def mean_spread(values: Sequence[float]) -> Stat:
 
 
 def format_number(x: float | None) -> str:
-    """Integers (parameter and token counts) in full with thousands separators, other numbers to 4 significant
+    """Integers below 1e12 (parameter and token counts) in full with thousands separators, others to 4 significant
     digits; None as ``—``."""
     if x is None:
         return MISSING
     if not math.isfinite(x):
         return str(x)
-    if x == int(x) and abs(x) < 1e15:
+    if x == int(x) and abs(x) < 1e12:  # beyond, a count is easier to read as 1.234e+12
         return f"{int(x):,}"
     return f"{x:.4g}"
 
