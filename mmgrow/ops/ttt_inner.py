@@ -195,12 +195,19 @@ def keys_forward_and_grads(k: Tensor, target: Tensor, weights: list[Tensor], bia
             x = gelu_tanh(pre_acts[-1])
         inputs.append(x)
         pre_acts.append(x @ w + b.unsqueeze(-2))
+    return inputs, layer_grads(pre_acts, target, weights, gamma, beta, eps, inner_norm)
+
+
+def layer_grads(pre_acts: list[Tensor], target: Tensor, weights: list[Tensor], gamma: Tensor, beta: Tensor,
+                eps: float = INNER_LN_EPS, inner_norm: bool = True) -> list[Tensor]:
+    """``G_l = dl/dZ_l`` for every layer from the keys' pre-activations ``Z_l [..., L, d_out]``:
+    the closed-form LN + L2 gradient at the last layer, then ``G_{l-1} = (G_l W_l^T) * gelu'(Z_{l-1})``."""
     grad = ln_l2_grad(pre_acts[-1], target, gamma, beta, eps) if inner_norm else pre_acts[-1] - target
     grads = [grad]
     for i in range(len(weights) - 1, 0, -1):
         grad = (grad @ weights[i].transpose(-1, -2)) * gelu_tanh_derivative(pre_acts[i - 1])
         grads.insert(0, grad)
-    return inputs, grads
+    return grads
 
 
 def inner_output(q: Tensor, z: Tensor, gamma: Tensor, beta: Tensor, eps: float = INNER_LN_EPS,
