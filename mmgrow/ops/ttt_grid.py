@@ -158,7 +158,7 @@ def scan_minibatches(step: Step, grid: MiniBatchGrid, q: Tensor, k: Tensor, targ
     qg, kg, yg, lrg, tokg, commit_scale = _to_grid(grid, q, k, target, lr, token_scale)
     extras = prepare(qg, kg, tokg, causal=causal) if prepare is not None else ()
     steps = [x.unbind(dim=2) for x in (qg, kg, yg, lrg, tokg, commit_scale, *extras)]
-    carry, acc_zero = _normalise_carry(carry)
+    acc_zero = _accumulators_zero(carry)
     any_reset = grid.reset.any(dim=0).tolist()
     all_commit = grid.commit.all(dim=0).tolist()
     any_commit = grid.commit.any(dim=0).tolist()
@@ -211,11 +211,11 @@ def _to_grid(grid: MiniBatchGrid, q: Tensor, k: Tensor, target: Tensor, lr: Tens
     return qg, kg, yg, lrg, tokg, commit_scale
 
 
-def _normalise_carry(carry: InnerCarry) -> tuple[InnerCarry, bool]:
-    """``(carry, acc_zero)``: whether the pending accumulators are all zero (one host sync per call)."""
+def _accumulators_zero(carry: InnerCarry) -> bool:
+    """Whether the pending accumulators are all zero and outside the autograd graph (then the steps may
+    skip them; one host sync per call)."""
     acc = [*carry.acc_weights, *carry.acc_biases]
-    acc_zero = not any(bool(a.detach().ne(0).any()) for a in acc) and not any(a.requires_grad for a in acc)
-    return carry, acc_zero
+    return not any(a.requires_grad for a in acc) and not any(bool(a.ne(0).any()) for a in acc)
 
 
 def fill_defaults(q: Tensor, positions: Tensor | None, reset: Tensor | None, valid: Tensor | None,
