@@ -198,10 +198,13 @@ def main() -> None:
         result["agreement"][kind] = agreement(peer, kind, args.check_T)
         print(f"{kind} float64 agreement: {json.dumps(result['agreement'][kind])}", flush=True)
     peer = load_peer(args.peer)  # fresh module: the timed code is theirs as shipped (float32 anyway)
-    result["rows"] = [timings(peer, kind, T, threads, args.repeats)
-                      for threads in args.threads for T in args.lengths for kind in args.kinds]
+    result["rows"] = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    for threads in args.threads:
+        for T in args.lengths:
+            for kind in args.kinds:
+                result["rows"].append(timings(peer, kind, T, threads, args.repeats))
+                args.out.write_text(json.dumps(result, indent=1))  # after every row: long runs keep what they have
 
 
 if __name__ == "__main__":
