@@ -2,7 +2,9 @@
 
 Each method runs one forward pass of the *op* (no projections) under ``torch.no_grad`` on
 ``B = 1`` random inputs; time is the median of ``--repeats`` passes after one warm-up pass, all in
-this process (CPU, float32 by default). Methods:
+this process (CPU, float32 by default). ``--backward`` times forward + backward instead (the inputs and
+the TTT inner parameters require grad; ``out.sum().backward()``), into its own result file and section.
+Methods:
 
 * ``mamba2_chunked`` / ``mamba2_recurrent``: :func:`mmgrow.ops.ssd.ssd_chunked` (chunk 64) and the
   per-token :func:`mmgrow.ops.ssd.ssd_recurrent` (H heads, P = N = head_dim, one B/C group);
@@ -17,6 +19,7 @@ this process (CPU, float32 by default). Methods:
   recurrence without the step size).
 
     python benchmarks/mixer_scaling.py                                  # CPU table in docs/benchmarks.md
+    python benchmarks/mixer_scaling.py --backward --methods ttt_linear_dual ttt_mlp_dual   # forward + backward
     PYTHONPATH=/tmp/fla python benchmarks/mixer_scaling.py              # with FLA's references
 """
 
@@ -40,10 +43,17 @@ sys.path.insert(0, str(ROOT))
 
 CHUNK = 64
 MINI_BATCH = 16
+GRAD = {"on": False}
+"""``--backward``: the random inputs are leaves that require grad."""
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _leaves(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs as leaves (requiring grad under ``--backward``), so every timed run builds its own graph."""
+    return tuple(t.detach().requires_grad_(GRAD["on"]) for t in tensors)
 
 
 def _ssd_inputs(T: int, H: int, d: int):
@@ -51,7 +61,7 @@ def _ssd_inputs(T: int, H: int, d: int):
     dt = torch.nn.functional.softplus(_randn(1, T, H, seed=1) - 3.0)
     A = -torch.linspace(1.0, 16.0, H)
     Bm, Cm = _randn(1, T, 1, d, seed=2), _randn(1, T, 1, d, seed=3)
-    return x, dt, A, Bm, Cm
+    return _leaves(x, dt, A, Bm, Cm)
 
 
 def _gdn_inputs(T: int, H: int, d: int):
@@ -60,7 +70,7 @@ def _gdn_inputs(T: int, H: int, d: int):
     v = _randn(1, T, H, d, seed=2)
     g = -torch.nn.functional.softplus(_randn(1, T, H, seed=3)) * 0.1
     beta = torch.sigmoid(_randn(1, T, H, seed=4))
-    return q, k, v, g, beta
+    return _leaves(q, k, v, g, beta)
 
 
 def build(method: str, T: int, H: int, d: int) -> Callable[[], object]:
@@ -110,11 +120,12 @@ def _build_ttt(method: str, T: int, H: int, d: int) -> Callable[[], object]:
     target = _randn(1, H, T, d, seed=2) - k
     base_lr = 1.0 if kind == "linear" else 0.1
     lr = base_lr * torch.sigmoid(_randn(1, H, T, seed=3)) / d
+    q, k, target, lr = _leaves(q, k, target, lr)
     token_scale = 1.0 / (torch.arange(T) % MINI_BATCH + 1.0)  # the LM flavour's 1/t' (offsets 0)
     shapes = inner_shapes(kind, d)
-    params = InnerParams(weights=[0.02 * _randn(H, i, o, seed=4 + n) for n, (i, o) in enumerate(shapes)],
-                         biases=[torch.zeros(H, o) for _, o in shapes],
-                         ln_weight=torch.ones(H, d), ln_bias=torch.zeros(H, d))
+    params = InnerParams(weights=list(_leaves(*[0.02 * _randn(H, i, o, seed=4 + n) for n, (i, o) in enumerate(shapes)])),
+                         biases=list(_leaves(*[torch.zeros(H, o) for _, o in shapes])),
+                         ln_weight=_leaves(torch.ones(H, d))[0], ln_bias=_leaves(torch.zeros(H, d))[0])
     fn = ttt_dual if form == "dual" else ttt_primal
     return lambda: fn(q, k, target, lr, token_scale, params, mini_batch_size=MINI_BATCH)
 
@@ -127,14 +138,21 @@ def fla_importable() -> bool:
     return True
 
 
-def measure(method: str, T: int, repeats: int, H: int, d: int) -> dict:
+def measure(method: str, T: int, repeats: int, H: int, d: int, backward: bool = False) -> dict:
+    GRAD["on"] = backward
     run = build(method, T, H, d)
-    with torch.no_grad():
-        run()  # warm-up
+
+    def once() -> None:
+        out = run()
+        if backward:
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+    with torch.set_grad_enabled(backward):
+        once()  # warm-up
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            run()
+            once()
             times.append(time.perf_counter() - start)
     return {"method": method, "T": T, "time_s": statistics.median(times), "times_s": times}
 
@@ -172,7 +190,7 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def write_doc(result: dict) -> None:
+def write_doc(result: dict, backward: bool = False) -> None:
     from _report import update_benchmarks_md
 
     rows = result["rows"]
@@ -193,13 +211,19 @@ def write_doc(result: dict) -> None:
         lines.append(f"- FLA's `{r['fla']}` / our `{r['ours']}` at T={r['T']}: {r['fla_over_ours']:.2f}")
     if not s["fla_ratios"]:
         lines.append("- FLA's pure-PyTorch references were not importable in this run (no comparison).")
-    note = (f"Cells: median time (ms) of one forward pass of the op under `torch.no_grad` (no projections), "
+    what = ("forward + backward (`out.sum().backward()`)" if backward else
+            "one forward pass of the op under `torch.no_grad`")
+    note = (f"Cells: median time (ms) of {what} (no projections), "
             f"{result['dtype']}, B=1, H={result['heads']}, head_dim={result['head_dim']} (SSD: P=N=head_dim, one "
             f"B/C group; GDN: K=V=head_dim), chunk {CHUNK}, TTT mini-batch {MINI_BATCH} (LM flavour); "
             f"{result['repeats']} repeats after a warm-up. Last column: least-squares exponent of time vs T.\n\n"
             + "\n".join(lines))
-    update_benchmarks_md("mixers_cpu", "Linear-time mixers and TTT vs sequence length (CPU)",
-                         "python benchmarks/mixer_scaling.py", result["device"],
+    name, title, command = ("mixers_cpu", "Linear-time mixers and TTT vs sequence length (CPU)",
+                            "python benchmarks/mixer_scaling.py")
+    if backward:
+        name, title = "mixers_cpu_backward", "Linear-time mixers and TTT, forward + backward, vs sequence length (CPU)"
+        command = f"python benchmarks/mixer_scaling.py --backward --methods {' '.join(methods)}"
+    update_benchmarks_md(name, title, command, result["device"],
                          ["method"] + [f"T={T}" for T in lengths] + ["slope"], table, note)
 
 
@@ -214,7 +238,11 @@ def main() -> None:
                     help="skip per-token / primal methods above this length (they are the slow ones)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     methods = args.methods or ["mamba2_chunked", "mamba2_recurrent", "gdn_chunked", "gdn_recurrent",
                                "ttt_linear_dual", "ttt_linear_primal", "ttt_mlp_dual", "ttt_mlp_primal"]
     if args.methods is None and fla_importable():
@@ -225,18 +253,20 @@ def main() -> None:
         for method in methods:
             if method.endswith(slow) and T > args.max_reference_T:
                 continue
-            row = measure(method, T, args.repeats, args.heads, args.head_dim)
+            row = measure(method, T, args.repeats, args.heads, args.head_dim, args.backward)
             rows.append(row)
             print(f"{method:>26} T={T:>6}  {row['time_s'] * 1000:10.1f} ms", flush=True)
     result = {"device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads",
               "dtype": "torch.float32", "heads": args.heads, "head_dim": args.head_dim, "repeats": args.repeats,
               "torch": torch.__version__, "rows": rows, "summary": summarise(rows)}
-    out = Path(args.out or ROOT / "benchmarks" / "results" / "mixers_cpu.json")
+    result["mode"] = "forward_backward" if args.backward else "forward"
+    default_out = "mixers_cpu_backward.json" if args.backward else "mixers_cpu.json"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / default_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["summary"], indent=1))
     if not args.no_doc:
-        write_doc(result)
+        write_doc(result, args.backward)
 
 
 if __name__ == "__main__":

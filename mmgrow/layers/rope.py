@@ -1,13 +1,26 @@
 """Rotary position embedding (RoPE, Su et al. 2021, arXiv 2104.09864) from ``ctx.positions``.
 
-Each head vector ``x [hd]`` is split into halves ``(a, b) = (x[:hd/2], x[hd/2:])`` read as the complex
-numbers ``z_m = a_m + i b_m``, ``m = 0 .. hd/2 - 1``, and rotated by the token's position ``p``:
+Each head vector ``x [hd]`` is read as ``hd/2`` complex numbers ``z_m = a_m + i b_m``,
+``m = 0 .. hd/2 - 1``, and rotated by the token's position ``p``:
 
 .. math::
 
     z_m \\leftarrow z_m \\, e^{i p \\omega_m}, \\qquad \\omega_m = \\theta^{-2m / hd}
 
-so ``<RoPE(q, p), RoPE(k, p')>`` depends on ``p - p'`` only. Positions come from the context (they
+so ``<RoPE(q, p), RoPE(k, p')>`` depends on ``p - p'`` only. Which coordinates form a pair is the
+``pairing``:
+
+* ``"half"`` (default): ``(a_m, b_m) = (x[m], x[m + hd/2])``, the "rotate_half" layout of GPT-NeoX and
+  Hugging Face ``transformers`` (and of every mmgrow checkpoint);
+* ``"interleaved"``: ``(a_m, b_m) = (x[2m], x[2m + 1])``, the layout of the original RoFormer / Meta
+  LLaMA checkpoints, EasyLM / ttt-lm-jax and ttt-lm-pytorch (which permutes to half, rotates, and
+  permutes back: ``permute_qk`` / ``undo_permute_qk``).
+
+The two are the same map up to a fixed permutation of each head's coordinates, ``P: x[2m] -> x[m],
+x[2m + 1] -> x[m + hd/2]``: ``RoPE_interleaved(x) = P^-1 RoPE_half(P x)``. Converting weights between
+layouts therefore means permuting the rows of every projection that feeds q and k (and everything that
+shares their coordinates; for TTT that is the whole per-head coordinate system, see
+:mod:`mmgrow.layers.ttt`). Positions come from the context (they
 restart per packed example and continue across a KV cache), never from the tensor index.
 
 ``theta`` is a plain attribute, recomputed into frequencies on every call (``hd/2`` numbers), so
@@ -20,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+PAIRINGS = ("half", "interleaved")
+
 
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to ``q [B, H, T, hd]`` and ``k [B, Hk, T, hd]`` at ``positions [B, T]``.
@@ -29,17 +44,20 @@ class RotaryEmbedding(nn.Module):
     positions above 256 (bf16) exactly.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, pairing: str = "half") -> None:
         super().__init__()
+        if pairing not in PAIRINGS:
+            raise ValueError(f"RotaryEmbedding: pairing must be one of {PAIRINGS}, got {pairing!r}")
         if head_dim % 2 != 0:
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
         if theta <= 0:
             raise ValueError(f"RotaryEmbedding: theta must be positive, got {theta}")
         self.head_dim = head_dim
         self.theta = float(theta)
+        self.pairing = pairing
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, theta={self.theta:g}"
+        return f"head_dim={self.head_dim}, theta={self.theta:g}, pairing={self.pairing}"
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``cos, sin`` of the angles, each ``[B, 1, T, hd/2]`` in ``dtype``."""
@@ -50,7 +68,11 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """``x [B, H, T, hd]`` rotated: ``(a, b) -> (a cos - b sin, a sin + b cos)``."""
+        """``x [B, H, T, hd]`` rotated: ``(a, b) -> (a cos - b sin, a sin + b cos)`` per pair."""
+        if self.pairing == "interleaved":
+            pairs = x.unflatten(-1, (self.head_dim // 2, 2))
+            a, b = pairs[..., 0], pairs[..., 1]
+            return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
         a, b = x.chunk(2, dim=-1)
         return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
 

@@ -51,6 +51,17 @@ partial mini-batch, the next expected position and the segment. Packed rows rest
 every segment, and wherever the positions do not follow on by one (a new example whose segment id
 was not given, e.g. the right padding of a single-example row, for which objectives drop segment ids).
 
+**RoPE pairing** (``rope_pairing``, LM flavour): ``"half"`` (default; rotates coordinates
+``(i, i + d/2)`` of each head, every existing mmgrow checkpoint) or ``"interleaved"`` (rotates
+``(2i, 2i + 1)``, the layout of ttt-lm-pytorch / ttt-lm-jax checkpoints). With ``"interleaved"`` their
+weights load by renaming and reshaping only (``learnable_ttt_lr_weight [H, 1, D]`` -> ``lr_gate_weight
+[H, D]``, ``learnable_ttt_lr_bias [H, 1]`` -> ``lr_gate_bias [H]``, ``learnable_token_idx`` ->
+``token_offsets``, ``b1 [H, 1, d]`` -> ``b1 [H, d]``; q/k/v/o, ``W1``, ``ttt_norm_*``, ``post_norm``
+unchanged). To move such weights to ``"half"`` instead, the *whole* per-head coordinate system must be
+permuted by ``P: 2m -> m, 2m + 1 -> m + d/2`` (rows of q/k/v, columns of o_proj, rows and columns of
+``W1``/``W2``'s ``d``-sided axes, ``b``, ``ttt_norm_*``, ``post_norm``): the target ``v - k`` couples
+the coordinates of ``k`` and ``v``, so permuting q and k alone is not enough.
+
 **Kernels**: ``"dual"`` (prefill/training), ``"primal"`` (explicit per-token weights) or ``"auto"``:
 primal for ``T == 1`` decoding, dual otherwise; the dual form also continues a partial mini-batch of a
 carried state, so chunked prefill never needs the primal form.
@@ -66,7 +77,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from mmgrow.layers.rope import RotaryEmbedding
+from mmgrow.layers.rope import PAIRINGS, RotaryEmbedding
 from mmgrow.ops.segments import last_segment, reset_mask
 from mmgrow.ops.ttt_dual import ttt_dual
 from mmgrow.ops.ttt_inner import InnerCarry, InnerParams, inner_shapes, normalized_target
@@ -133,6 +144,7 @@ class TTTLayer(MemoryLayer):
         mini_batch_size, base_lr, causal_in_minibatch, token_scale, rope, qk_l2norm, normalized_target,
         proj_bias: see the module docstring (``None`` = from the flavour and the inner model).
         rope_theta: RoPE base (LM flavour).
+        rope_pairing: ``"half"`` or ``"interleaved"`` (see the module docstring).
         kernel: ``"auto"``, ``"dual"`` or ``"primal"``.
     """
 
@@ -147,7 +159,7 @@ class TTTLayer(MemoryLayer):
                  mini_batch_size: int | None = None, base_lr: float | None = None,
                  causal_in_minibatch: bool | None = None, token_scale: str | None = None, rope: bool | None = None,
                  qk_l2norm: bool | None = None, normalized_target: bool | None = None, proj_bias: bool | None = None,
-                 rope_theta: float = 10000.0, kernel: str = "auto") -> None:
+                 rope_theta: float = 10000.0, rope_pairing: str = "half", kernel: str = "auto") -> None:
         super().__init__(dim=dim, layer_idx=layer_idx)
         name = type(self).__name__
         if flavour not in FLAVOURS:
@@ -185,7 +197,10 @@ class TTTLayer(MemoryLayer):
         self.k_proj = nn.Linear(dim, dim, bias=self.proj_bias)
         self.v_proj = nn.Linear(dim, dim, bias=self.proj_bias)
         self.o_proj = nn.Linear(dim, dim, bias=self.proj_bias)
-        self.rope = RotaryEmbedding(d, theta=rope_theta) if flags["rope"] else None
+        if rope_pairing not in PAIRINGS:
+            raise ValueError(f"{name}: rope_pairing must be one of {PAIRINGS}, got {rope_pairing!r}")
+        self.rope_pairing = rope_pairing
+        self.rope = RotaryEmbedding(d, theta=rope_theta, pairing=rope_pairing) if flags["rope"] else None
         self.lr_gate_weight = nn.Parameter(torch.empty(num_heads, dim))  # w_h: reads the layer input x
         self.lr_gate_bias = nn.Parameter(torch.empty(num_heads))  # c_h
         self.token_offsets = (nn.Parameter(torch.empty(mini_batch_size))  # delta per slot
@@ -396,3 +411,30 @@ class TTTMLP(TTTLayer):
     inner_kind: ClassVar[str] = "mlp"
     default_mini_batch_size: ClassVar[dict[str, int]] = {"lm": 16, "video": 64}
     default_base_lr: ClassVar[dict[str, float]] = {"lm": 0.1, "video": 0.1}
+
+
+def from_ttt_lm_pytorch(state_dict: dict[str, Tensor], num_heads: int) -> dict[str, Tensor]:
+    """A ttt-lm-pytorch ``TTTLinear`` / ``TTTMLP`` layer's state dict renamed and reshaped for ours.
+
+    Load the result into a layer built with ``rope_pairing="interleaved"`` (their RoPE layout) and
+    ``flavour="lm"``; no coordinate is permuted. Their ``q/k/v/o_proj.weight``, ``W1``/``W2``,
+    ``ttt_norm_weight``/``ttt_norm_bias`` and ``post_norm.*`` keep their names; ``b1``/``b2``
+    ``[H, 1, d]`` -> ``[H, d]``; ``learnable_ttt_lr_weight [H, 1, D]`` -> ``lr_gate_weight [H, D]``;
+    ``learnable_ttt_lr_bias [H, 1]`` -> ``lr_gate_bias [H]``; ``learnable_token_idx [b]`` ->
+    ``token_offsets``. Keys of the "Mamba backbone" options (``conv_q``, ``conv_k``, ``g_proj``) have
+    no counterpart and raise.
+    """
+    renamed = {"learnable_ttt_lr_weight": "lr_gate_weight", "learnable_ttt_lr_bias": "lr_gate_bias",
+               "learnable_token_idx": "token_offsets"}
+    kept = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "W1", "W2", "b1", "b2",
+            "ttt_norm_weight", "ttt_norm_bias", "post_norm.weight", "post_norm.bias")
+    reshaped = {"b1": (num_heads, -1), "b2": (num_heads, -1), "learnable_ttt_lr_weight": (num_heads, -1),
+                "learnable_ttt_lr_bias": (num_heads,)}
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in kept and key not in renamed:
+            raise ValueError(f"from_ttt_lm_pytorch: no counterpart for {key!r} (share_qk / use_gate layers are not "
+                             f"supported); expected keys among {sorted((*kept, *renamed))}")
+        shape = reshaped.get(key)
+        out[renamed.get(key, key)] = value if shape is None else value.reshape(shape)
+    return out

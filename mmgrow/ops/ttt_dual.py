@@ -33,44 +33,77 @@ from mmgrow.ops.ttt_inner import (
     InnerCarry,
     InnerParams,
     gelu_tanh,
-    inner_output,
-    keys_forward_and_grads,
+    layer_grads,
 )
 
 
+def dual_prepare(qg: Tensor, kg: Tensor, tokg: Tensor, *, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """What the dual form can compute for all mini-batches at once, before the scan.
+
+    Only the key-side forward and its gradients depend on ``W_i``; the first layer's query-key
+    products do not, so ``tok_t M_ts (q_t . k_s + 1)`` (the ``+ 1`` carries the bias term
+    ``M (lr G)``) is one batched matmul here instead of ``N`` small ones in the loop.
+
+    Args:
+        qg, kg: ``[B, H, N, L, d]`` grid of queries / keys; tokg: ``[B, 1, N, L]`` token scales.
+
+    Returns:
+        ``(scores [B, H, N, L, L], tok_mask [B, 1, N, L, L], keys_queries [B, H, N, 2L, d])``:
+        the first layer's scaled scores, ``tok_t M_ts`` for the deeper layers, and keys and queries
+        concatenated so one matmul per mini-batch gives both ``k W_i`` and ``q W_i``.
+    """
+    L = qg.shape[-2]
+    index = torch.arange(L, device=qg.device)  # a comparison, not tril(): hoisted out of the loop anyway
+    mask = (index[:, None] >= index[None, :]).to(qg.dtype) if causal else qg.new_ones(L, L)
+    tok_mask = tokg.unsqueeze(-1) * mask  # [B, 1, N, L, L]
+    scores = (qg @ kg.transpose(-1, -2) + 1.0) * tok_mask
+    return scores, tok_mask, torch.cat([kg, qg], dim=-2)
+
+
 def dual_step(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, tok: Tensor, carry: InnerCarry, params: InnerParams,
-              *, causal: bool, eps: float, inner_norm: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+              *, causal: bool, eps: float, inner_norm: bool, acc_zero: bool = False,
+              pre: tuple[Tensor, ...] = ()) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One mini-batch in the dual form.
 
     Args:
         q, k, target: ``[B, H, L, d]``; lr: ``[B, H, L]`` (0 in empty cells); tok: ``[B, 1, L]``.
         carry: weights ``W_i`` and pending accumulators ``A`` (``[B, H, ...]``).
+        acc_zero: the accumulators are known to be zero (skip the ``X_q A`` terms).
+        pre: this mini-batch's slice of :func:`dual_prepare` (computed here when empty).
 
     Returns:
-        ``(z [B, H, L, d], d_acc_weights, d_acc_biases)``.
+        ``(f(q; W_t) [B, H, L, d_out]`` before the output LayerNorm, ``d_acc_weights, d_acc_biases)``.
     """
-    gamma, beta = params.ln_weight[None, :, None], params.ln_bias[None, :, None]
-    inputs, grads = keys_forward_and_grads(k, target, carry.weights, carry.biases, gamma, beta, eps, inner_norm)
+    if not pre:
+        pre = tuple(x.squeeze(2) for x in dual_prepare(q.unsqueeze(2), k.unsqueeze(2), tok.unsqueeze(2),
+                                                        causal=causal))
+    scores, tok_mask, keys_queries = pre
     L = q.shape[-2]
-    if causal:  # a comparison, not tril(): on a busy CPU each (parallelised) tril call waits ~ms for threads
-        index = torch.arange(L, device=q.device)
-        mask = (index[:, None] >= index[None, :]).to(q.dtype)
-    else:
-        mask = torch.ones(L, L, dtype=q.dtype, device=q.device)
+    gamma, beta = params.ln_weight[None, :, None], params.ln_bias[None, :, None]
+    num_layers = len(carry.weights)
+    both = keys_queries @ carry.weights[0] + carry.biases[0].unsqueeze(-2)  # [B, H, 2L, d_out]: keys, queries
+    key_z, z = both[..., :L, :], both[..., L:, :]
+    pre_acts, inputs = [key_z], [k]
+    for i in range(1, num_layers):  # deeper layers (TTT-MLP): inputs gelu(Z) at W_i
+        inputs.append(gelu_tanh(pre_acts[-1]))
+        pre_acts.append(inputs[-1] @ carry.weights[i] + carry.biases[i].unsqueeze(-2))
+    grads = layer_grads(pre_acts, target, carry.weights, gamma, beta, eps, inner_norm)
     row_scale = tok.unsqueeze(-1)  # [B, 1, L, 1]
     x_q = q
     d_acc_w, d_acc_b = [], []
-    num_layers = len(inputs)
     for i, (x_k, g) in enumerate(zip(inputs, grads, strict=True)):
         lg = lr.unsqueeze(-1) * g  # [B, H, L, d_out]
-        seen_bias = lg.cumsum(dim=-2) if causal else lg.sum(dim=-2, keepdim=True).expand_as(lg)
-        correction = (x_q @ carry.acc_weights[i] + carry.acc_biases[i].unsqueeze(-2)
-                      + ((x_q @ x_k.transpose(-1, -2)) * mask) @ lg + seen_bias)
-        z = x_q @ carry.weights[i] + carry.biases[i].unsqueeze(-2) - row_scale * correction
+        if i == 0:
+            z = z - scores @ lg
+        else:
+            z = x_q @ carry.weights[i] + carry.biases[i].unsqueeze(-2) - ((x_q @ x_k.transpose(-1, -2) + 1.0)
+                                                                          * tok_mask) @ lg
+        if not acc_zero:
+            z = z - row_scale * (x_q @ carry.acc_weights[i] + carry.acc_biases[i].unsqueeze(-2))
         d_acc_w.append(x_k.transpose(-1, -2) @ lg)
         d_acc_b.append(lg.sum(dim=-2))
         x_q = gelu_tanh(z) if i < num_layers - 1 else z
-    return inner_output(q, x_q, gamma, beta, eps, inner_norm), d_acc_w, d_acc_b
+    return x_q, d_acc_w, d_acc_b
 
 
 def ttt_dual(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, token_scale: Tensor, params: InnerParams, *,
@@ -100,5 +133,5 @@ def ttt_dual(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, token_scale: Tens
     positions, reset, valid, token_scale, carry = fill_defaults(q, positions, reset, valid, token_scale, carry, params)
     grid = build_grid(positions, mini_batch_size, reset, valid)
     return scan_minibatches(dual_step, grid, q, k, target, lr, token_scale, params, carry, causal=causal, eps=eps,
-                            inner_norm=inner_norm)
+                            inner_norm=inner_norm, prepare=dual_prepare)
 

@@ -141,12 +141,14 @@ def layer_norm(z: Tensor, gamma: Tensor, beta: Tensor, eps: float = INNER_LN_EPS
 
 def ln_l2_grad(z: Tensor, target: Tensor, gamma: Tensor, beta: Tensor, eps: float = INNER_LN_EPS) -> Tensor:
     """Closed-form ``d/dz 0.5 ||LN(z) - target||^2`` (per row of ``z [..., d]``); see the module docstring."""
-    mean = z.mean(dim=-1, keepdim=True)
-    centred = z - mean
-    inv_std = torch.rsqrt((centred * centred).mean(dim=-1, keepdim=True) + eps)
-    z_hat = centred * inv_std
-    g = (gamma * z_hat + beta - target) * gamma
-    return inv_std * (g - g.mean(dim=-1, keepdim=True) - z_hat * (g * z_hat).mean(dim=-1, keepdim=True))
+    # written with few, fused ops: it runs once per mini-batch inside the sequential scan, where the
+    # per-op overhead (not the arithmetic) is the cost
+    var, mean = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
+    inv_std = (var + eps).rsqrt()
+    z_hat = (z - mean) * inv_std
+    g = torch.addcmul(beta - target, gamma, z_hat) * gamma
+    centred_g = g - g.mean(dim=-1, keepdim=True)
+    return inv_std * torch.addcmul(centred_g, z_hat, (g * z_hat).mean(dim=-1, keepdim=True), value=-1.0)
 
 
 def normalized_target(v: Tensor, k: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
@@ -195,12 +197,19 @@ def keys_forward_and_grads(k: Tensor, target: Tensor, weights: list[Tensor], bia
             x = gelu_tanh(pre_acts[-1])
         inputs.append(x)
         pre_acts.append(x @ w + b.unsqueeze(-2))
+    return inputs, layer_grads(pre_acts, target, weights, gamma, beta, eps, inner_norm)
+
+
+def layer_grads(pre_acts: list[Tensor], target: Tensor, weights: list[Tensor], gamma: Tensor, beta: Tensor,
+                eps: float = INNER_LN_EPS, inner_norm: bool = True) -> list[Tensor]:
+    """``G_l = dl/dZ_l`` for every layer from the keys' pre-activations ``Z_l [..., L, d_out]``:
+    the closed-form LN + L2 gradient at the last layer, then ``G_{l-1} = (G_l W_l^T) * gelu'(Z_{l-1})``."""
     grad = ln_l2_grad(pre_acts[-1], target, gamma, beta, eps) if inner_norm else pre_acts[-1] - target
     grads = [grad]
     for i in range(len(weights) - 1, 0, -1):
         grad = (grad @ weights[i].transpose(-1, -2)) * gelu_tanh_derivative(pre_acts[i - 1])
         grads.insert(0, grad)
-    return inputs, grads
+    return grads
 
 
 def inner_output(q: Tensor, z: Tensor, gamma: Tensor, beta: Tensor, eps: float = INNER_LN_EPS,

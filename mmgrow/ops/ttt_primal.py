@@ -37,8 +37,8 @@ from mmgrow.ops.ttt_inner import (
 
 
 def primal_step(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, tok: Tensor, carry: InnerCarry,
-                params: InnerParams, *, causal: bool, eps: float, inner_norm: bool
-                ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+                params: InnerParams, *, causal: bool, eps: float, inner_norm: bool, acc_zero: bool = False,
+                pre: tuple[Tensor, ...] = ()) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """One mini-batch in the primal form; same arguments and results as
     :func:`~mmgrow.ops.ttt_dual.dual_step`."""
     gamma, beta = params.ln_weight[None, :, None], params.ln_bias[None, :, None]
@@ -54,13 +54,16 @@ def primal_step(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, tok: Tensor, c
         else:
             seen_w = per_token_w.sum(dim=2, keepdim=True).expand_as(per_token_w)
             seen_b = lg.sum(dim=2, keepdim=True).expand_as(lg)
-        w_eff = carry.weights[i].unsqueeze(2) - tok[..., None, None] * (carry.acc_weights[i].unsqueeze(2) + seen_w)
-        b_eff = carry.biases[i].unsqueeze(2) - tok.unsqueeze(-1) * (carry.acc_biases[i].unsqueeze(2) + seen_b)
+        if not acc_zero:
+            seen_w = carry.acc_weights[i].unsqueeze(2) + seen_w
+            seen_b = carry.acc_biases[i].unsqueeze(2) + seen_b
+        w_eff = carry.weights[i].unsqueeze(2) - tok[..., None, None] * seen_w
+        b_eff = carry.biases[i].unsqueeze(2) - tok.unsqueeze(-1) * seen_b
         z = (x_q.unsqueeze(-2) @ w_eff).squeeze(-2) + b_eff
         d_acc_w.append(per_token_w.sum(dim=2))
         d_acc_b.append(lg.sum(dim=2))
         x_q = gelu_tanh(z) if i < num_layers - 1 else z
-    return inner_output(q, x_q, gamma, beta, eps, inner_norm), d_acc_w, d_acc_b
+    return x_q, d_acc_w, d_acc_b
 
 
 def ttt_primal(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, token_scale: Tensor, params: InnerParams, *,
