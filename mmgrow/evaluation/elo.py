@@ -172,15 +172,28 @@ def bootstrap_elo(games: Sequence[Game], *, samples: int = 1000, seed: int = 0, 
 
 
 def probe_readings(run: Path) -> dict[tuple[int, str], float] | None:
-    """``{(index, caption): probe_score}`` of a run's ``samples/heldout.json`` (records whose ``probe_score`` is
-    None left out); None when the file is missing or no record has a probe score."""
+    """``{(index, caption): judge_score}`` of a run's ``samples/heldout.json`` (records whose :func:`judge_score`
+    is None left out); None when the file is missing or no record has a score."""
     path = Path(run) / "samples" / "heldout.json"
     if not path.is_file():
         return None
     records = json.loads(path.read_text()).get("samples", [])
-    scores = {(i, str(r.get("caption", ""))): float(r["probe_score"]) for i, r in enumerate(records)
-              if r.get("probe_score") is not None}
+    scores = {(i, str(r.get("caption", ""))): score for i, r in enumerate(records)
+              if (score := judge_score(r)) is not None}
     return scores or None
+
+
+def judge_score(record: Mapping) -> float | None:
+    """The score the judge compares for one held-out record: for a storyboard (its probe reading has
+    ``"transitions"``), :func:`~mmgrow.evaluation.video_metrics.storyboard_score` of the reading, so runs
+    sampled before that rule changed are judged by the current one; otherwise the record's ``probe_score``."""
+    from mmgrow.evaluation.video_metrics import storyboard_score
+
+    reading = record.get("probe")
+    if isinstance(reading, Mapping) and "transitions" in reading:
+        return storyboard_score(reading)
+    score = record.get("probe_score")
+    return None if score is None else float(score)
 
 
 def probe_games(groups: Mapping[str, Sequence[Path]]) -> list[Game]:

@@ -107,6 +107,20 @@ def scene_consistency(video: Tensor, scenes: Any, segment_frames: int, probe: At
             "score": sum(parts) / len(parts) if parts else None}
 
 
+def storyboard_score(reading: dict[str, Any]) -> float | None:
+    """One number per storyboard for the automatic Elo judge: the mean of the :func:`scene_consistency`
+    reading's ``"score"`` (scene structure) and ``"alignment"`` (each scene shows what its text asks), those
+    that are not None; None when both are.
+
+    Why both: the seed paper's human raters averaged text following, motion, aesthetics and temporal
+    consistency; the probe can read two of these axes, and with few scenes the structure score alone takes
+    only a handful of values (mostly ties between models).
+    """
+    parts = [reading.get(k) for k in ("score", "alignment")]
+    parts = [float(v) for v in parts if v is not None]
+    return sum(parts) / len(parts) if parts else None
+
+
 class ProbeFeatures(nn.Module):
     """The probe's penultimate features as a torchmetrics custom feature extractor.
 

@@ -196,11 +196,11 @@ def probe_scores(probe: Any, videos: list[torch.Tensor], examples: list[Sample],
     Adds to each record its probe reading (``"probe"``) and ``"probe_score"``, the per-sample score the
     automatic Elo judge compares (:func:`mmgrow.evaluation.elo.probe_games`): for a clip, the fraction of the
     attributes asked for (the sample's metadata values under the probe's attribute names) that the probe
-    sees; for a storyboard, its scene-consistency ``"score"`` (None for a single scene of one segment, which
-    has nothing to be consistent with). Both lie in [0, 1], higher is better.
+    sees; for a storyboard, :func:`~mmgrow.evaluation.video_metrics.storyboard_score` (the mean of its
+    scene-consistency ``"score"`` and ``"alignment"``, those not None). Both lie in [0, 1], higher is better.
     """
     from mmgrow.evaluation.probe import load_probe
-    from mmgrow.evaluation.video_metrics import frechet_distance, scene_consistency, text_alignment
+    from mmgrow.evaluation.video_metrics import frechet_distance, scene_consistency, storyboard_score, text_alignment
 
     if isinstance(probe, (str, Path)):
         probe = load_probe(probe)
@@ -210,7 +210,7 @@ def probe_scores(probe: Any, videos: list[torch.Tensor], examples: list[Sample],
     for i in stories:
         records[i]["probe"] = scene_consistency(videos[i], examples[i].meta["scenes"],
                                                 examples[i].meta["segment_frames"], probe)
-        records[i]["probe_score"] = records[i]["probe"]["score"]
+        records[i]["probe_score"] = storyboard_score(records[i]["probe"])
     if stories:
         means = {}
         for key in ("within_scene", "transitions", "alignment", "score"):

@@ -61,8 +61,10 @@ def test_probe_score_per_record_and_the_clips_the_frechet_distance_compares(monk
     assert records[0]["probe_score"] == 2 / 3 and records[1]["probe_score"] == 1.0
     assert records[0]["probe"] == clip_answers[0]
     # storyboard: one boundary, object changed although no transition was asked -> transitions 0; no scene has
-    # two segments -> within_scene None; score = transitions = 0
-    assert records[2]["probe_score"] == 0.0 == scores["scene_consistency"]["score"]
+    # two segments -> within_scene None; score = transitions = 0. Alignment: the board names only scene 0's
+    # shape (square) and the probe sees a square there -> 1/1. The judge's score: mean(0, 1) = 0.5
+    assert scores["scene_consistency"]["score"] == 0.0 and scores["scene_consistency"]["alignment"] == 1.0
+    assert records[2]["probe_score"] == 0.5
     assert scores["text_alignment"]["all"] == 1 / 2
     # four clips of 2 frames per set: the two clips whole and the storyboard cut into its segments, paired
     assert scores["frechet_distance"] == 1.25 and scores["frechet_clips"] == 4 and scores["frechet_features"] == 7
@@ -100,3 +102,18 @@ def test_real_storyboards_score_one_and_sit_at_frechet_zero(stories):
     real_clips, fake_clips = frechet_clips(black, stories)
     assert far == pytest.approx(video_metrics.frechet_distance(real_clips, fake_clips, probe), rel=1e-9)
     assert far > 1e-3 * scale
+
+
+def test_storyboard_score_averages_structure_and_alignment_and_the_judge_rescoring_uses_it():
+    from mmgrow.evaluation.elo import judge_score
+    from mmgrow.evaluation.video_metrics import storyboard_score
+
+    assert storyboard_score({"score": 0.5, "alignment": 0.25}) == 0.375
+    assert storyboard_score({"score": None, "alignment": 0.25}) == 0.25
+    assert storyboard_score({"score": 1.0, "alignment": None}) == 1.0
+    assert storyboard_score({"score": None, "alignment": None}) is None
+    # a storyboard record written by an older rule (probe_score = structure score only) is judged by the current one
+    old = {"probe": {"transitions": 0.5, "score": 0.5, "alignment": 0.0}, "probe_score": 0.5}
+    assert judge_score(old) == 0.25
+    assert judge_score({"probe": {"shape": "ring"}, "probe_score": 2 / 3}) == 2 / 3  # a clip: its stored score
+    assert judge_score({"probe_score": None}) is None
