@@ -15,11 +15,12 @@ Evaluation columns, every scalar the run recorded:
 * ``eval/<kind>-<N>/<file>.json`` scalars: ``eval.<kind>.<file>.<key...>``, from the highest ``N`` of each kind
   (the latest evaluation; numbering differs between runs, the kind does not).
 
-Booleans, strings, lists and ``null`` are not numbers and are skipped.
+Booleans, strings, lists and ``null`` are not numbers and are skipped, and so are the :data:`BOOKKEEPING` counts.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -69,6 +70,9 @@ FIXED: dict[str, FixedColumn] = {
 """Column key -> its definition, in table order."""
 
 _SKIPPED_SUMMARY_METRICS = {"val/loss", "val/bits_per_token"}  # the first is final_val_loss, the second FIXED
+BOOKKEEPING = ("*/tokens_*", "heldout.probe.frechet_clips", "heldout.probe.frechet_features")
+"""Recorded counts that describe how a metric was made, not how good a run is (tokens per modality in a
+validation batch, the clip and feature counts behind the Fréchet distance): left out of the columns."""
 _EVAL_DIR = re.compile(r"^(?P<kind>.+)-(?P<n>\d+)$")
 
 
@@ -96,7 +100,7 @@ def evaluation_values(run: RunRecord) -> dict[str, float]:
     for kind, directory in _latest_eval_dirs(run.path / "eval").items():
         for file in sorted(directory.glob("*.json")):
             flatten(out, f"eval.{kind}.{file.stem}", _json(file))
-    return out
+    return {k: v for k, v in out.items() if not any(fnmatch.fnmatchcase(k, p) for p in BOOKKEEPING)}
 
 
 def flatten(out: dict[str, float], prefix: str, value: Any) -> None:
