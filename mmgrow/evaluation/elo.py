@@ -143,13 +143,15 @@ METHODS: dict[str, Callable[[Sequence[Game]], dict[str, float]]] = {
 
 
 def bootstrap_elo(games: Sequence[Game], *, samples: int = 1000, seed: int = 0, confidence: float = 0.95,
-                  method: str = "bradley_terry") -> dict[str, dict[str, float]]:
+                  method: str = "bradley_terry", by_prompt: bool = False) -> dict[str, dict[str, float]]:
     """``{player: {"elo": point estimate on all games, "low": ..., "high": ...}}``.
 
     ``low`` / ``high`` are the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` percentiles (linear
-    interpolation) of the player's rating over ``samples`` resamplings of the games with replacement
-    (``numpy.random.default_rng(seed)``: the same seed gives the same interval). A resampling in which a
-    player plays no game gives no rating for it.
+    interpolation) of the player's rating over ``samples`` resamplings with replacement
+    (``numpy.random.default_rng(seed)``: the same seed gives the same interval) of the games, or with
+    ``by_prompt`` of the prompts, each drawn prompt bringing all its games (a cluster bootstrap: the games of
+    one prompt share its difficulty and its samples, so they are not independent, and resampling them one by
+    one makes the interval too narrow). A resampling in which a player plays no game gives no rating for it.
     """
     if method not in METHODS:
         raise ValueError(f"bootstrap_elo: method must be one of {sorted(METHODS)}, got {method!r}")
@@ -162,8 +164,12 @@ def bootstrap_elo(games: Sequence[Game], *, samples: int = 1000, seed: int = 0, 
     point = rate(games)
     draws: dict[str, list[float]] = {p: [] for p in point}
     rng = np.random.default_rng(seed)
+    clusters: dict[str, list[Game]] = {}
+    for g in games:
+        clusters.setdefault(g.prompt if by_prompt else str(len(clusters)), []).append(g)
+    units = list(clusters.values())
     for _ in range(samples):
-        resampled = [games[i] for i in rng.integers(0, len(games), size=len(games))]
+        resampled = [g for i in rng.integers(0, len(units), size=len(units)) for g in units[i]]
         for p, r in rate(resampled).items():
             draws[p].append(r)
     lo, hi = 100.0 * (1.0 - confidence) / 2.0, 100.0 * (1.0 + confidence) / 2.0
@@ -240,11 +246,13 @@ def pairwise_elo(groups: Mapping[str, Sequence[Path]], *, samples: int = 1000, s
          "wins": {variant: {other: [w, t, l]}}}
 
     (:func:`probe_games`, :func:`elo_bradley_terry` with its one-virtual-tie prior, :func:`bootstrap_elo`
-    with 95 % intervals); None when fewer than two variants have comparable probe readings.
+    with 95 % intervals resampling prompts, ``by_prompt``); None when fewer than two variants have comparable
+    probe readings.
     """
     games = probe_games(groups)
     if len(players_of(games)) < 2:
         return None
     return {"method": "bradley_terry", "judge": JUDGE, "games": len(games),
             "prompts": len({g.prompt for g in games}),
-            "ratings": bootstrap_elo(games, samples=samples, seed=seed), "wins": win_table(games)}
+            "ratings": bootstrap_elo(games, samples=samples, seed=seed, by_prompt=True),
+            "interval": "95 % bootstrap over prompts", "wins": win_table(games)}

@@ -12,7 +12,7 @@ from typing import Any
 
 STAND_IN = ("Automatic stand-in for the seed paper's human Elo: every pair of runs from different variants is "
             "compared on the same held-out prompts, judged by the attribute probe (higher probe score wins, equal "
-            "is a tie); ratings are Bradley-Terry on the Elo scale with a 95 % bootstrap interval over games.")
+            "is a tie); ratings are Bradley-Terry on the Elo scale with a 95 % bootstrap interval over prompts (all games of a drawn prompt together).")
 
 
 def automatic_elo(groups: dict[str, list[Path]]) -> tuple[dict[str, Any] | None, str]:

@@ -89,6 +89,19 @@ def test_bootstrap_contains_point_and_narrows_with_more_games():
     assert few["A"]["elo"] == elo_bradley_terry(base)["A"]
 
 
+def test_bootstrap_by_prompt_resamples_whole_prompts():
+    # one game per prompt: resampling prompts is resampling games (the same draws, the same interval)
+    single = [Game("A", "B", x, prompt=f"p{i}") for i, x in enumerate([1.0, 1.0, 0.5, 0.0, 1.0, 0.0, 1.0, 0.5])]
+    assert bootstrap_elo(single, samples=200, seed=3, by_prompt=True) == bootstrap_elo(single, samples=200, seed=3)
+    # ten identical games per prompt (perfectly dependent): per-game resampling behaves as if there were 80
+    # independent games; per-prompt resampling sees 8 prompts, so its interval is wider
+    clustered = [Game(g.a, g.b, g.score, prompt=g.prompt) for g in single for _ in range(10)]
+    games = bootstrap_elo(clustered, samples=300, seed=3)["A"]
+    prompts = bootstrap_elo(clustered, samples=300, seed=3, by_prompt=True)["A"]
+    assert games["elo"] == prompts["elo"]
+    assert prompts["high"] - prompts["low"] > 2 * (games["high"] - games["low"])
+
+
 def _heldout(root, variant, seed, scores, captions=("red square", "blue circle", "green triangle", "extra")):
     run = root / variant / f"seed{seed}"
     (run / "samples").mkdir(parents=True)
