@@ -54,7 +54,7 @@ class LocalAttention(BlockwiseAttention):
         super().__init__(dim=dim, layer_idx=layer_idx, **blockwise)
         self.shared_prefix = shared_prefix
 
-    def mixing_flops(self, seq_len: int) -> None:
+    def mixing_flops(self, seq_len: int) -> float | None:
         """Unknown (None): a query sees its own block plus the prefix, and the block length comes with the data
         (``ctx.block_ids``), not with the layer, so no per-layer count exists before a batch is seen."""
         return None

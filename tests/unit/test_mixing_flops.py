@@ -65,7 +65,7 @@ def test_ssd_formula_by_hand_and_against_the_flop_counter():
     dt, A = torch.rand(Bt, T, H, generator=g, dtype=F64), -torch.rand(H, generator=g, dtype=F64)
     B, C = torch.randn(Bt, T, G, N, generator=g, dtype=F64), torch.randn(Bt, T, G, N, generator=g, dtype=F64)
     for Q in (16, 64):  # padded chunks, and one chunk shortened to the row (Q = min(64, 40))
-        measured = _counted(lambda: ssd_chunked(x, dt, A, B, C, chunk_size=Q)) / (Bt * T)
+        measured = _counted(lambda q=Q: ssd_chunked(x, dt, A, B, C, chunk_size=q)) / (Bt * T)
         # exact: the formula counts the same matmuls, padding included
         assert measured == pytest.approx(ssd_chunked_flops(T, H, P, N, G, Q), rel=1e-12)
 
