@@ -172,3 +172,17 @@ def test_summary_of_a_tiny_fit_carries_the_mixer_aware_count(tmp_path):
     assert s["flops_per_token"] == 6 * non_emb + 3 * 2 * (2 * 5 * d_attn)  # the window, not the row
     assert s["flops_per_token"] < flops_per_token(non_emb, 2, s["seq_len"], 32)
     assert s["flops_per_token_partial"] is False and s["flops"] == s["flops_per_token"] * s["tokens_seen"]
+
+
+def test_unified_model_counts_block_mixers_and_bidirectional_memory_branches():
+    from mmgrow.models.unified import UnifiedModel
+
+    model = UnifiedModel(token_space={"text": 50}, dim=16, depth=3,
+                         mixer=lambda dim, layer_idx: FullAttention(dim=dim, layer_idx=layer_idx, num_heads=2),
+                         memory=lambda dim, layer_idx: TTTLinear(dim=dim, layer_idx=layer_idx, num_heads=2,
+                                                                 mini_batch_size=4, flavour="video"),
+                         memory_placement={"layers": [0, -1], "bidirectional": True})
+    n, _ = split_parameters(model)
+    # S = 12: attention 2*12*16 = 384 per block (3 blocks); TTT-Linear 2 (4*4*8 + 6*64) = 1024 per pass,
+    # 2 passes in each of 2 branches -> 6 N + 3 (3*384 + 4*1024) = 6 N + 3 * 5248
+    assert model_flops_per_token(model, n, 12).per_token == 6 * n + 3 * 5248
