@@ -261,6 +261,31 @@ class SequenceMixer(Plugin, nn.Module):
         """Number of state elements per example after ``seq_len`` tokens (KV cache grows, SSMs don't)."""
         return 0
 
+    def mixing_flops(self, seq_len: int) -> float | None:
+        """FORWARD FLOPs per token of the token mixing that the parameter matmuls do not already count, for a
+        row of ``seq_len`` tokens; None = unknown (this default).
+
+        Convention: a multiply-add is 2 FLOPs; the parameter matmuls are ``2`` FLOPs per parameter per token
+        (counted by ``6 N`` in :func:`mmgrow.training.scaling_record.model_flops_per_token`); training costs
+        ``3 x`` forward (backward = 2 x forward), so a model's training FLOPs per token are
+        ``6 N + 3 * sum(mixing_flops)``. Elementwise work (gates, norms, softmax, decays) is not counted,
+        and what a mixer's kernel computes is counted in full: a causal mask is not halved (as Kaplan et al.
+        2020, whose attention term ``2 n_ctx d_attn`` per layer this generalises). Each mixer states its
+        equation in its own ``mixing_flops``:
+
+        ==========================  ======================================================================
+        full / blockwise / ring     ``2 S d_attn`` (Kaplan's term; ``d_attn = num_heads * head_dim``)
+        sliding window ``W``        ``2 min(W, S) d_attn``
+        local (block-diagonal)      None: the block length comes with the data, not the layer
+        Mamba-2 (SSD, chunk ``Q``)  ``(S'/S) [H (2 Q P + 4 N P) + G 2 Q N]``, ``Q = min(chunk, S)``
+        Gated DeltaNet (chunk L)    ``(S'/S) H [4 L K + 2 L V + 6 K V + (L - 1)(K + V)]``
+        TTT (mini-batch ``b``)      ``(S'/S) H sum_l [2 b (d_in + d_out) + 6 d_in d_out (+ 2 d_in d_out, l > 0)]``
+        ==========================  ======================================================================
+
+        (``S'`` = ``S`` rounded up to whole chunks / mini-batches: the padding is computed too.)
+        """
+        return None
+
     def residual_outputs(self) -> list[nn.Linear]:
         """The output projections that write into the residual stream (zeroed by growth strategies)."""
         return []

@@ -293,6 +293,13 @@ class FullAttention(SequenceMixer):
         ids = torch.empty(batch_size, 0, device=device, dtype=torch.long)
         return KVCache(k=kv, v=kv.clone(), positions=ids, segment_ids=ids.clone(), block_ids=ids.clone(), seen=0)
 
+    def mixing_flops(self, seq_len: int) -> float:
+        """Kaplan et al.'s attention term ``2 S d_attn`` per token (``S = seq_len``, ``d_attn = H * hd``; the
+        scores ``q k^T`` and the weighted sum ``A v`` are ``4 S d_attn`` FLOPs computed in full, so this is
+        their causal half: kept so that an all-attention model gives ``6 N + 6 L S D`` as before).
+        Blockwise and ring attention compute the same attention and inherit it."""
+        return 2.0 * seq_len * self.num_heads * self.head_dim
+
     def state_size(self, seq_len: int) -> int:
         """Elements of K and V cached per example after ``seq_len`` tokens: ``2 * Hk * hd * seq_len``
         (plus three int64 bookkeeping numbers per token: position, segment and block id)."""

@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from mmgrow.layers.norm import GatedRMSNorm
 from mmgrow.layers.short_conv import ConvTail, ShortConvolution
 from mmgrow.ops import gated_delta_cuda
-from mmgrow.ops.gated_delta import gated_delta_chunked, gated_delta_recurrent
+from mmgrow.ops.gated_delta import gated_delta_chunked, gated_delta_chunked_flops, gated_delta_recurrent
 from mmgrow.ops.segments import compute_dtype, last_segment, reset_mask
 from mmgrow.protocols import PAD_SEGMENT, MixerCapabilityError, MixerState, SeqContext, SequenceMixer
 
@@ -280,6 +280,12 @@ class GatedDeltaNet(SequenceMixer):
                                  f"{list(want[:2])}, got {got}")
         if tuple(state.segment.shape) != (batch_size,):
             raise ValueError(f"{name}: state.segment must be [B] = [{batch_size}], got {list(state.segment.shape)}")
+
+    def mixing_flops(self, seq_len: int) -> float:
+        """The chunkwise gated delta rule's matmuls and triangular solve,
+        :func:`~mmgrow.ops.gated_delta.gated_delta_chunked_flops`:
+        ``(S'/S) H [4 L K + 2 L V + 6 K V + (L - 1)(K + V)]`` per token, whatever the kernel."""
+        return gated_delta_chunked_flops(seq_len, self.num_heads, self.head_k_dim, self.head_v_dim, self.chunk_size)
 
     def state_size(self, seq_len: int) -> int:
         """Floating-point state elements per example: ``H K V`` plus the conv tails, whatever ``seq_len``."""

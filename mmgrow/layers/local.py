@@ -54,6 +54,11 @@ class LocalAttention(BlockwiseAttention):
         super().__init__(dim=dim, layer_idx=layer_idx, **blockwise)
         self.shared_prefix = shared_prefix
 
+    def mixing_flops(self, seq_len: int) -> float | None:
+        """Unknown (None): a query sees its own block plus the prefix, and the block length comes with the data
+        (``ctx.block_ids``), not with the layer, so no per-layer count exists before a batch is seen."""
+        return None
+
     @classmethod
     def conformance_kwargs(cls) -> dict[str, Any]:
         """GQA and tiles (4 queries x 3 keys) smaller than the conformance sequences and its 3-token blocks."""

@@ -56,7 +56,7 @@ from mmgrow.layers.norm import GatedRMSNorm
 from mmgrow.layers.short_conv import ConvTail, ShortConvolution
 from mmgrow.ops import ssd_cuda
 from mmgrow.ops.segments import compute_dtype, last_segment, reset_mask
-from mmgrow.ops.ssd import ssd_chunked, ssd_recurrent
+from mmgrow.ops.ssd import ssd_chunked, ssd_chunked_flops, ssd_recurrent
 from mmgrow.protocols import MixerCapabilityError, MixerState, SeqContext, SequenceMixer
 
 KERNELS = ("auto", "chunked", "recurrent", "mamba_ssm")
@@ -276,6 +276,12 @@ class Mamba2(SequenceMixer):
                                  "init_state(batch_size, ...)")
             if tensor.device != x.device:
                 raise ValueError(f"{name}: state.{field} is on {tensor.device} but x is on {x.device}")
+
+    def mixing_flops(self, seq_len: int) -> float:
+        """The chunked SSD's matmuls, :func:`~mmgrow.ops.ssd.ssd_chunked_flops`:
+        ``(S'/S) [H (2 Q P + 4 N P) + G 2 Q N]`` per token (``Q = min(chunk_size, S)``); the algorithm's count
+        whatever the kernel (the Triton kernel runs the same chunked algorithm)."""
+        return ssd_chunked_flops(seq_len, self.nheads, self.headdim, self.d_state, self.ngroups, self.chunk_size)
 
     def state_size(self, seq_len: int) -> int:
         """``H * N * P`` SSM entries plus the ``(K - 1) * C`` conv tail, whatever the length."""

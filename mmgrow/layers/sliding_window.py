@@ -100,6 +100,10 @@ class SlidingWindowAttention(FullAttention):
                             meta.segment_ids[:, first:], meta.block_ids[:, first:], state.seen + T)
         return out, new_state
 
+    def mixing_flops(self, seq_len: int) -> float:
+        """``2 min(W, S) d_attn`` per token: full attention's term with the context cut to the window."""
+        return 2.0 * min(self.window, seq_len) * self.num_heads * self.head_dim
+
     def state_size(self, seq_len: int) -> int:
         """Elements of K and V cached per example after ``seq_len`` tokens:
         ``2 * Hk * hd * min(seq_len, window - 1)`` (bounded, unlike full attention)."""

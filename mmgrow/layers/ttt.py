@@ -79,7 +79,7 @@ from torch.nn import functional as F
 
 from mmgrow.layers.rope import PAIRINGS, RotaryEmbedding
 from mmgrow.ops.segments import last_segment, reset_mask
-from mmgrow.ops.ttt_dual import ttt_dual
+from mmgrow.ops.ttt_dual import ttt_dual, ttt_dual_flops
 from mmgrow.ops.ttt_inner import InnerCarry, InnerParams, inner_shapes, normalized_target
 from mmgrow.ops.ttt_primal import ttt_primal, ttt_reference
 from mmgrow.protocols import PAD_SEGMENT, MemoryLayer, MixerCapabilityError, MixerState, SeqContext
@@ -359,6 +359,13 @@ class TTTLayer(MemoryLayer):
             if got != want:
                 raise ValueError(f"{name}: state.{f.name} must be {'absent' if want is None else list(want)}, got "
                                  f"{'None' if got is None else list(got)}")
+
+    def mixing_flops(self, seq_len: int) -> float:
+        """The dual form's matmuls (the training kernel), :func:`~mmgrow.ops.ttt_dual.ttt_dual_flops`:
+        ``(S'/S) H sum_l [2 b (d_in + d_out) + 6 d_in d_out (+ 2 d_in d_out for l > 0)]`` per token
+        (TTT-Linear ``H (4 b d + 6 d^2)``, TTT-MLP ``H (20 b d + 56 d^2)``, ``d`` the head dim)."""
+        return ttt_dual_flops(seq_len, self.num_heads, inner_shapes(self.inner_kind, self.head_dim),
+                              self.mini_batch_size)
 
     def state_size(self, seq_len: int) -> int:
         """Weights, biases and their accumulators of every inner layer, plus position and segment."""

@@ -94,6 +94,12 @@ class GatedMemory(nn.Module):
     def extra_repr(self) -> str:
         return f"gate_init={self.gate_init}, bidirectional={self.bidirectional}, modality_gates={self.gate.shape[0]}"
 
+    def mixing_flops(self, seq_len: int) -> float | None:
+        """The memory's :meth:`~mmgrow.protocols.SequenceMixer.mixing_flops`, twice when bidirectional (the
+        reversed pass runs the same memory over the whole row again); None when the memory's is unknown."""
+        one = self.memory.mixing_flops(seq_len)
+        return None if one is None else one * (2 if self.bidirectional else 1)
+
     @property
     def supports_state(self) -> bool:
         """A forward-only branch decodes with its memory's state; a bidirectional one cannot."""

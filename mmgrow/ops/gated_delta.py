@@ -164,3 +164,22 @@ def gated_delta_chunked(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
     o = (qc * from_start[..., None]) @ start_states + intra @ v_new  # [B, H, N, L, V]
     o = o.reshape(B, H, N * L, V)[:, :, :T].transpose(1, 2)
     return o.to(q.dtype), S
+
+
+def gated_delta_chunked_flops(seq_len: int, heads: int, key_dim: int, value_dim: int, chunk_size: int) -> float:
+    """Forward FLOPs per token of :func:`gated_delta_chunked` (a multiply-add = 2 FLOPs) for one row.
+
+    Per chunk of ``L = chunk_size`` tokens and head (``K`` key, ``V`` value channels): ``K K^T`` and
+    ``Q K^T``: ``2 x 2 L^2 K``; ``intra @ v_new``: ``2 L^2 V``; ``W S_0``, ``(K ⊙ decay)^T v_new`` and
+    ``(Q ⊙ e^gamma) S_0``: ``3 x 2 L K V``; the unit-lower-triangular solve for ``[W | U]``:
+    ``L (L - 1) (K + V)`` (forward substitution, ``L (L - 1) / 2`` multiply-adds per right-hand side).
+    Per token, with ``S' = ceil(S / L) L`` (the padded length; ``L`` is not shortened for short rows):
+
+        ``(S'/S) H [4 L K + 2 L V + 6 K V + (L - 1)(K + V)]``.
+    """
+    if seq_len < 1:
+        raise ValueError(f"gated_delta_chunked_flops: seq_len must be >= 1, got {seq_len}")
+    L, K, V = chunk_size, key_dim, value_dim
+    padded = -(-seq_len // L) * L
+    per_token = heads * (4 * L * K + 2 * L * V + 6 * K * V + (L - 1) * (K + V))
+    return float(per_token) * padded / seq_len

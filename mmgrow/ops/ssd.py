@@ -151,3 +151,24 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, chunk
 
     y = y.permute(0, 3, 4, 1, 2, 5).reshape(Bt, n_chunks * Q, H, P)[:, :T]
     return y.to(x.dtype), h.reshape(Bt, H, N, P).to(state_dtype)
+
+
+def ssd_chunked_flops(seq_len: int, heads: int, head_dim: int, d_state: int, groups: int, chunk_size: int) -> float:
+    """Forward FLOPs per token of :func:`ssd_chunked`'s matmuls (a multiply-add = 2 FLOPs) for one row.
+
+    With ``Q = min(chunk_size, S)``, ``S' = ceil(S / Q) Q`` (the padded length), ``H`` heads of ``P`` channels,
+    ``G`` groups of ``B``/``C`` with ``N`` states, per chunk:
+
+    * ``C B^T`` (once per group, broadcast over its heads): ``G 2 Q^2 N``;
+    * ``scores @ x`` (1): ``H 2 Q^2 P``;  chunk states ``B^T (decay x)`` (2): ``H 2 N Q P``;
+    * entering-state read-out ``C S_{c-1}`` (4): ``H 2 Q N P``.
+
+    Per token: ``(S'/S) [H (2 Q P + 4 N P) + G 2 Q N]``. The scan (3) and the decays are elementwise (not
+    counted); the causal mask inside a chunk is applied after full ``Q x Q`` products, so nothing is halved.
+    """
+    if seq_len < 1:
+        raise ValueError(f"ssd_chunked_flops: seq_len must be >= 1, got {seq_len}")
+    Q = min(chunk_size, seq_len)
+    padded = -(-seq_len // Q) * Q
+    per_token = heads * (2 * Q * head_dim + 4 * d_state * head_dim) + groups * 2 * Q * d_state
+    return float(per_token) * padded / seq_len

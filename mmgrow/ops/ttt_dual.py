@@ -135,3 +135,31 @@ def ttt_dual(q: Tensor, k: Tensor, target: Tensor, lr: Tensor, token_scale: Tens
     return scan_minibatches(dual_step, grid, q, k, target, lr, token_scale, params, carry, causal=causal, eps=eps,
                             inner_norm=inner_norm, prepare=dual_prepare)
 
+
+
+def ttt_dual_flops(seq_len: int, heads: int, layer_shapes: list[tuple[int, int]], mini_batch_size: int) -> float:
+    """Forward FLOPs per token of :func:`ttt_dual` (a multiply-add = 2 FLOPs) for one row starting fresh.
+
+    Per mini-batch of ``b`` tokens, head, and inner layer ``l`` of shape ``d_in x d_out`` (the matmuls of
+    :func:`dual_prepare` and :func:`dual_step` with zero pending accumulators, the steady state of a scan):
+
+    * keys' forward ``X_k W_l`` and, for ``l = 0``, the queries' ``X_q W_0`` in the same matmul; for ``l > 0``
+      the queries' ``X_q W_l`` is separate: ``2 x 2 b d_in d_out`` either way;
+    * query-key products ``X_q X_k^T`` (for ``l = 0`` in :func:`dual_prepare`): ``2 b^2 d_in``;
+    * the dual correction ``(..) @ (lr ⊙ G)``: ``2 b^2 d_out``;  the accumulator ``X_k^T (lr ⊙ G)``: ``2 b d_in d_out``;
+    * for ``l > 0``, the gradient sent to the layer below, ``G_l W_l^T``: ``2 b d_in d_out``.
+
+    Per token, with ``S' = ceil(S / b) b`` (positions ``0 .. S-1``; the last mini-batch is padded):
+
+        ``(S'/S) H sum_l [2 b (d_in + d_out) + 6 d_in d_out + (2 d_in d_out if l > 0)]``
+
+    (TTT-Linear, ``d x d``: ``H (4 b d + 6 d^2)``; TTT-MLP, ``d x 4d, 4d x d``: ``H (20 b d + 56 d^2)``).
+    LayerNorms, GELUs and the weight commits are elementwise and not counted.
+    """
+    if seq_len < 1:
+        raise ValueError(f"ttt_dual_flops: seq_len must be >= 1, got {seq_len}")
+    b = mini_batch_size
+    padded = -(-seq_len // b) * b
+    per_token = sum(2 * b * (d_in + d_out) + 6 * d_in * d_out + (2 * d_in * d_out if i > 0 else 0)
+                    for i, (d_in, d_out) in enumerate(layer_shapes))
+    return float(heads * per_token) * padded / seq_len

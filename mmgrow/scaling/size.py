@@ -4,7 +4,9 @@ The counts are exact, not a formula that can drift from the code: the base recip
 preset's overrides (``mmgrow fit`` parsing, nothing run), the model is built, and its parameters are split
 by :func:`~mmgrow.training.scaling_record.split_parameters` -- the same split ``summary.json`` records, so a
 sweep's planned ``N`` and the fitted runs' ``N`` are one number. FLOPs per token follow
-:func:`~mmgrow.training.scaling_record.flops_per_token` (``6 N + 6 L S D``) with ``S`` the tokens per sample.
+:func:`~mmgrow.training.scaling_record.model_flops_per_token` (``6 N + 3 sum mixing_flops(S)``, ``6 N + 6 L S D``
+for an all-attention model) with ``S`` the tokens per sample: the function ``summary.json`` uses, so plan and
+runs agree (``flops_per_token_partial`` when a mixer's count is unknown).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class SizeCounts:
     dim: int | None
     depth: int | None
     flops_per_token: float
+    flops_per_token_partial: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -38,7 +41,7 @@ def build_parsed(base: str | Path, overrides: list[str]):
 
 def measure_size(cli: Any, tokens_per_sample: int) -> SizeCounts:
     """Counts of the model a parsed CLI (:func:`build_parsed`) describes."""
-    from mmgrow.training.scaling_record import flops_per_token, split_parameters
+    from mmgrow.training.scaling_record import model_flops_per_token, split_parameters
 
     module = cli.model
     if getattr(module, "model", None) is None and callable(getattr(module, "configure_model", None)):
@@ -46,8 +49,8 @@ def measure_size(cli: Any, tokens_per_sample: int) -> SizeCounts:
     non_embedding, embedding = split_parameters(module.model)
     hp = module.hparams
     dim, depth = hp.get("dim"), hp.get("depth")
-    per_token = flops_per_token(non_embedding, depth, tokens_per_sample, dim) if dim and depth else 6.0 * non_embedding
-    return SizeCounts(non_embedding, embedding, dim, depth, per_token)
+    count = model_flops_per_token(module.model, non_embedding, tokens_per_sample)
+    return SizeCounts(non_embedding, embedding, dim, depth, count.per_token, count.partial)
 
 
 def measure_tokens_per_sample(cli: Any) -> int:
