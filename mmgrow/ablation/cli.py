@@ -159,11 +159,9 @@ def ablate_main(argv: list[str]) -> int:
         print(format_runs(runs, out if (out / PLAN_NAME).is_file() else None))
         return 0
     write_plan(out, plan)
-    if args.only is not None:
-        chosen = [r for r in runs if r.name == args.only]
-        if not chosen:
-            raise ValueError(f"--only {args.only!r}: no such run in {out / PLAN_NAME}; runs are e.g. {runs[0].name}")
-        runs = chosen
+    from mmgrow.scaling.launch import choose_only
+
+    runs = choose_only(runs, args.only, out / PLAN_NAME)
     if args.launcher != "local":
         from mmgrow.scaling.launch import todo
 
@@ -187,16 +185,12 @@ def ablate_main(argv: list[str]) -> int:
 
 def run_here(base: Path, runs: list[AblationRun], out: Path, jobs: int) -> int:
     """Every run here (finished ones skipped), a summary table, exit status 1 when any run failed."""
-    from mmgrow.scaling.launch import run_local
+    from mmgrow.scaling.launch import report_failures, run_with_progress, status_counts
 
     start = time.perf_counter()
     session: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_seconds": 0.0, "outcomes": {}}
-    done = {"n": 0}
 
-    def report(outcome) -> None:
-        done["n"] += 1
-        extra = f" ({outcome.detail})" if outcome.detail else ""
-        print(f"[{done['n']}/{len(runs)}] {outcome.name}: {outcome.status} {outcome.seconds:.0f}s{extra}", flush=True)
+    def record(outcome) -> None:
         # recorded after every run, so an interrupted session still shows what it finished
         session["outcomes"][outcome.name] = {"status": outcome.status, "seconds": outcome.seconds,
                                              "detail": outcome.detail}
@@ -204,17 +198,13 @@ def run_here(base: Path, runs: list[AblationRun], out: Path, jobs: int) -> int:
         _record_session(out, session)
 
     _record_session(out, session)
-    outcomes = run_local(base, runs, out / "runs", out / "logs", jobs, on_outcome=report)
-    seconds = time.perf_counter() - start
+    outcomes, seconds = run_with_progress(base, runs, out, jobs, on_outcome=record)
     order = {r.name: i for i, r in enumerate(runs)}
     outcomes.sort(key=lambda o: order[o.name])
     print(summary_table(outcomes))
-    failed = [o for o in outcomes if o.status == "failed"]
-    for o in failed:
-        print(f"  failed: {o.name}: {o.detail}", file=sys.stderr)
-    counts = {s: sum(o.status == s for o in outcomes) for s in sorted({o.status for o in outcomes})}
-    print(f"ablation: {counts} in {seconds:.0f} s; compare the runs with: mmgrow report {out}")
-    return 1 if failed else 0
+    status = report_failures(outcomes)
+    print(f"ablation: {status_counts(outcomes)} in {seconds:.0f} s; compare the runs with: mmgrow report {out}")
+    return status
 
 
 def summary_table(outcomes: list) -> str:

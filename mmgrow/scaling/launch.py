@@ -104,6 +104,48 @@ def run_local(base: str | Path, runs: list[LaunchRun], root: Path, logs: Path, j
     return outcomes
 
 
+def choose_only(runs: list[LaunchRun], only: str | None, plan: Path) -> list[LaunchRun]:
+    """``runs`` (``only`` None), or the one run named ``only`` (what a SLURM array task asks for); a ValueError
+    naming the plan file when no run has that name."""
+    if only is None:
+        return runs
+    chosen = [r for r in runs if r.name == only]
+    if not chosen:
+        raise ValueError(f"--only {only!r}: no such run in {plan}; runs are e.g. {runs[0].name}")
+    return chosen
+
+
+def run_with_progress(base: str | Path, runs: list[LaunchRun], out: Path, jobs: int,
+                      on_outcome: Callable[[RunOutcome], None] | None = None) -> tuple[list[RunOutcome], float]:
+    """:func:`run_local` into ``out/runs`` (logs in ``out/logs``) with one progress line per finished run,
+    ``[i/n] <run>: <status> <seconds>s (<detail>)``, then ``on_outcome``; returns the outcomes and the wall
+    seconds. What sweeps and ablations share when they run here."""
+    start = time.perf_counter()
+    done = {"n": 0}
+
+    def progress(outcome: RunOutcome) -> None:
+        done["n"] += 1
+        extra = f" ({outcome.detail})" if outcome.detail else ""
+        print(f"[{done['n']}/{len(runs)}] {outcome.name}: {outcome.status} {outcome.seconds:.0f}s{extra}", flush=True)
+        if on_outcome is not None:
+            on_outcome(outcome)
+
+    outcomes = run_local(base, runs, out / "runs", out / "logs", jobs, on_outcome=progress)
+    return outcomes, time.perf_counter() - start
+
+
+def report_failures(outcomes: list[RunOutcome]) -> int:
+    """Each failed run's detail on stderr; the command's exit status (1 when any run failed, else 0)."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        print(f"  failed: {o.name}: {o.detail}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def status_counts(outcomes: list[RunOutcome]) -> dict[str, int]:
+    return {s: sum(o.status == s for o in outcomes) for s in sorted({o.status for o in outcomes})}
+
+
 def sweep_command(base: str | Path, grid: str | Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "mmgrow", "scaling", "sweep", "--config", str(Path(base).resolve()),
             "--grid", str(Path(grid).resolve()), "--out", str(out.resolve())]

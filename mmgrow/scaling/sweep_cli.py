@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,11 +59,9 @@ def sweep_main(argv: list[str]) -> int:
         print(format_plan(plan, out))
         return 0
     write_plan(out, plan)
-    if args.only is not None:
-        chosen = [r for r in runs if r.name == args.only]
-        if not chosen:
-            raise ValueError(f"--only {args.only!r}: no such run in {out / PLAN_NAME}; runs are e.g. {runs[0].name}")
-        runs = chosen
+    from mmgrow.scaling.launch import choose_only
+
+    runs = choose_only(runs, args.only, out / PLAN_NAME)
     if args.launcher == "slurm":
         from mmgrow.scaling.launch import write_slurm
 
@@ -81,25 +78,13 @@ def sweep_main(argv: list[str]) -> int:
 
 
 def run_here(base: Path, runs: list[SweepRun], out: Path, jobs: int) -> int:
-    from mmgrow.scaling.launch import run_local
+    from mmgrow.scaling.launch import report_failures, run_with_progress, status_counts
 
-    start = time.perf_counter()
-    done = {"n": 0}
-
-    def report(outcome) -> None:
-        done["n"] += 1
-        extra = f" ({outcome.detail})" if outcome.detail else ""
-        print(f"[{done['n']}/{len(runs)}] {outcome.name}: {outcome.status} {outcome.seconds:.0f}s{extra}", flush=True)
-
-    outcomes = run_local(base, runs, out / "runs", out / "logs", jobs, on_outcome=report)
-    seconds = time.perf_counter() - start
+    outcomes, seconds = run_with_progress(base, runs, out, jobs)
     _record_session(out, outcomes, seconds)
-    counts = {s: sum(o.status == s for o in outcomes) for s in sorted({o.status for o in outcomes})}
-    print(f"sweep: {counts} in {seconds:.0f} s; fit it with: mmgrow scaling fit {out / 'runs'} --out {out / 'laws.json'}")
-    failed = [o for o in outcomes if o.status == "failed"]
-    for o in failed:
-        print(f"  failed: {o.name}: {o.detail}", file=sys.stderr)
-    return 1 if failed else 0
+    print(f"sweep: {status_counts(outcomes)} in {seconds:.0f} s; fit it with: mmgrow scaling fit {out / 'runs'} "
+          f"--out {out / 'laws.json'}")
+    return report_failures(outcomes)
 
 
 def _record_session(out: Path, outcomes: list, seconds: float) -> None:
