@@ -147,6 +147,7 @@ class FullAttention(SequenceMixer):
     supports_blocks = True
     supports_window = True
     supports_context_parallel = False
+    tensor_parallel_size = 1  # set by mmgrow.parallel.tensor_parallel when the heads are split
 
     def __init__(self, *, dim: int, layer_idx: int = 0, num_heads: int = 4, num_kv_heads: int | None = None,
                  head_dim: int | None = None, rope_theta: float = 10000.0, qkv_bias: bool = False,
@@ -202,9 +203,10 @@ class FullAttention(SequenceMixer):
         self.check_context(x, ctx)
         ctx = self.layer_context(ctx)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism this rank projects H / tp query and Hk / tp key/value heads
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, ctx.positions)
         dropout_p = self.dropout if self.training else 0.0
 
@@ -213,7 +215,7 @@ class FullAttention(SequenceMixer):
             out = self.attend(q, k, v, ctx, dropout_p)
         else:
             out, new_state = self._attend_with_cache(q, k, v, ctx, state, dropout_p)
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
+        out = out.transpose(1, 2).reshape(B, T, q.shape[1] * self.head_dim)
         if self.head_mask is not None:
             out = self.head_mask(out)
         return self.out_proj(out), new_state
@@ -277,7 +279,7 @@ class FullAttention(SequenceMixer):
         name = f"{type(self).__name__} (layer {self.layer_idx})"
         if not isinstance(state, KVCache):
             raise TypeError(f"{name}: expected a KVCache state, got {type(state).__name__}")
-        expected = (k.shape[0], self.num_kv_heads, self.head_dim)
+        expected = (k.shape[0], self.local_kv_heads, self.head_dim)
         if (state.k.shape[0], state.k.shape[1], state.k.shape[3]) != expected:
             raise ValueError(f"{name}: KV cache has shape {tuple(state.k.shape)}, expected "
                              f"[{expected[0]}, {expected[1]}, S, {expected[2]}]")
@@ -289,9 +291,26 @@ class FullAttention(SequenceMixer):
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
         """An empty KV cache (``S = 0``) for ``batch_size`` rows."""
-        kv = torch.empty(batch_size, self.num_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
+        kv = torch.empty(batch_size, self.local_kv_heads, 0, self.head_dim, device=device, dtype=dtype)
         ids = torch.empty(batch_size, 0, device=device, dtype=torch.long)
         return KVCache(k=kv, v=kv.clone(), positions=ids, segment_ids=ids.clone(), block_ids=ids.clone(), seen=0)
+
+    @property
+    def local_kv_heads(self) -> int:
+        """Key/value heads this rank computes: ``Hk / tp`` under tensor parallelism, else ``Hk``."""
+        return self.num_kv_heads // self.tensor_parallel_size
+
+    def tensor_parallel_plan(self, tp: int) -> dict[str, str]:
+        """Whole heads per rank: ``q, k, v`` column-split, ``out`` row-split (one all-reduce per layer).
+
+        Needs ``Hk`` (hence ``H``) divisible by ``tp``; growth masks over heads cannot be split."""
+        if self.num_kv_heads % tp != 0:
+            raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): tensor_parallel={tp} must divide "
+                             f"num_kv_heads={self.num_kv_heads} (each rank holds whole key/value groups)")
+        if self.head_mask is not None:
+            raise ValueError(f"{type(self).__name__} (layer {self.layer_idx}): a growth mask over heads cannot be "
+                             "tensor-parallel; finish the growth ramp before splitting heads")
+        return {"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "out_proj": "rowwise"}
 
     def mixing_flops(self, seq_len: int) -> float:
         """Kaplan et al.'s attention term ``2 S d_attn`` per token (``S = seq_len``, ``d_attn = H * hd``; the

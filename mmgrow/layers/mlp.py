@@ -72,6 +72,15 @@ class SwiGLU(nn.Module):
             h = self.hidden_mask(h)
         return self.w_down(h)
 
+    def tensor_parallel_plan(self, tp: int) -> dict[str, str]:
+        """Hidden units split over ``tp`` ranks: ``W_gate, W_up`` column-split, ``W_down`` row-split."""
+        if self.hidden % tp != 0:
+            raise ValueError(f"SwiGLU: tensor_parallel={tp} must divide the hidden size {self.hidden}")
+        if self.hidden_mask is not None:
+            raise ValueError("SwiGLU: a growth mask over hidden units cannot be tensor-parallel; finish the growth "
+                             "ramp before splitting the MLP")
+        return {"w_gate": "colwise", "w_up": "colwise", "w_down": "rowwise"}
+
     def residual_outputs(self) -> list[nn.Linear]:
         """The projection writing into the residual stream (zeroed by function-preserving growth)."""
         return [self.w_down]

@@ -75,6 +75,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden, chunk=mlp_chunk)
         self.modulation = modulation
         self.growth_mask: GrowthMask | None = None
+        # Recompute this block in the backward instead of keeping its activations (see
+        # mmgrow.parallel.activation_checkpoint); a plain attribute, so state-dict names do not change.
+        self.activation_checkpointing = False
 
     @property
     def supports_state(self) -> bool:
@@ -87,6 +90,14 @@ class Block(nn.Module):
         return BlockState(mixer_state, self.memory.init_state(batch_size, device, dtype))
 
     def forward(self, x: Tensor, ctx: SeqContext, state: MixerState | None = None) -> tuple[Tensor, MixerState | None]:
+        if self.activation_checkpointing and state is None and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            # non-reentrant: keeps the RNG state for dropout and works with FSDP2 and ctx as an argument
+            return checkpoint(self._forward, x, ctx, None, use_reentrant=False)
+        return self._forward(x, ctx, state)
+
+    def _forward(self, x: Tensor, ctx: SeqContext, state: MixerState | None) -> tuple[Tensor, MixerState | None]:
         mixer_state, memory_state = state, None
         if self.memory is not None and state is not None:
             if not isinstance(state, BlockState):

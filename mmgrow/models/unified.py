@@ -57,9 +57,18 @@ HEADS = ("per_modality", "shared")
 def initialise(module: nn.Module, init_std: float) -> None:
     """The model's initialisation rule (module docstring) applied to ``module`` and its children;
     growth uses it for the branches it adds, so they start as if the model had been built with them."""
+    if initialise_own(module, init_std):
+        return  # its submodules are its business
+    for child in module.children():
+        initialise(child, init_std)
+
+
+def initialise_own(module: nn.Module, init_std: float) -> bool:
+    """The rule for ``module``'s own parameters only; True when the module initialised its whole subtree
+    itself (``init_weights``). Meta-device materialisation calls it module by module."""
     if callable(getattr(module, "init_weights", None)):
         module.init_weights(init_std)
-        return  # its submodules are its business
+        return True
     if callable(getattr(module, "reset_gates", None)):
         module.reset_gates()  # gates back to gate_init; the rest below
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -68,8 +77,7 @@ def initialise(module: nn.Module, init_std: float) -> None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, RMSNorm):
         nn.init.ones_(module.weight)
-    for child in module.children():
-        initialise(child, init_std)
+    return False
 
 
 def _zero_touch(module: nn.Module) -> Tensor | float:

@@ -32,6 +32,7 @@ from mmgrow.rundir import (
     seal_run,
     strict_json,
 )
+from mmgrow.training.rank_zero import model_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,14 @@ class ExportWeights(pl.Callback):
             begin_save(run_dir(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = model_on_rank_zero(pl_module)  # every rank: a gather under FSDP / tensor parallelism
         if trainer.is_global_zero:
-            bad = non_finite_names(dict(pl_module.model.named_parameters()))
+            bad = non_finite_names(dict(model.named_parameters()))
             if bad:
                 raise CheckpointError(f"refusing to export non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): "
                                       "training diverged; enable the DivergenceGuard callback to stop at the first "
                                       "non-finite loss and keep the last finite checkpoint")
-            path = save_model(pl_module.model, pl_module.model_config(), run_dir(trainer))
+            path = save_model(model, pl_module.model_config(), run_dir(trainer))
             self._exported = True
             log.info("weights written to %s", path)
 

@@ -14,6 +14,7 @@ sequence on every rank (its mixers see no handle).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -119,6 +120,8 @@ class MMGrowModule(pl.LightningModule):
         modality_embeddings: bool = False,
         head: str = "per_modality",
         eval_seed: int | None = 0,
+        activation_checkpointing: bool = False,
+        compile_blocks: bool = False,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -226,7 +229,13 @@ class MMGrowModule(pl.LightningModule):
         if self.continuous:
             kwargs["continuous"] = self.continuous
         kwargs.update(self._unival_options())
-        self.model = UnifiedModel(**kwargs)
+        plan = self._parallel_plan()
+        meta = bool(getattr(self._strategy(), "meta_init", False))
+        if meta and (self.hparams.init_from is not None or self.growth):
+            raise ValueError("meta_init builds the model without weights; it cannot start from init_from or apply "
+                             "growth strategies (load the weights into a normally built model instead)")
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            self.model = UnifiedModel(**kwargs)
         bind = getattr(self.objective, "bind", None)
         if callable(bind):
             bind(self.model.token_space)
@@ -246,6 +255,57 @@ class MMGrowModule(pl.LightningModule):
         # Not a submodule: the pre-growth copy must stay out of state_dict, optimiser and device moves.
         self.__dict__["_before_growth"] = self.growth_stage.before
         self.growth_stage.before = None
+        if plan is not None:
+            from mmgrow.parallel.parallelize import parallelize
+
+            self.parallel_summary = parallelize(self.model, plan)
+        if meta:
+            from mmgrow.parallel.meta_init import materialize
+
+            materialize(self.model, self._strategy().root_device, seed=torch.initial_seed())
+
+    def _strategy(self) -> Any:
+        trainer = self._trainer
+        return trainer.strategy if trainer is not None else None
+
+    def _parallel_plan(self) -> Any:
+        """The strategy's :class:`~mmgrow.parallel.parallelize.ParallelPlan` (FSDP / TP on its mesh) with
+        this module's activation checkpointing and compile options; None when there is nothing to apply."""
+        from mmgrow.parallel.parallelize import ParallelPlan
+
+        make = getattr(self._strategy(), "parallel_plan", None)
+        plan = make() if callable(make) else ParallelPlan()
+        plan.activation_checkpointing = bool(self.hparams.get("activation_checkpointing", False))
+        plan.compile_blocks = bool(self.hparams.get("compile_blocks", False))
+        if plan.mesh is None and not (plan.activation_checkpointing or plan.compile_blocks):
+            return None
+        return plan
+
+    def inference_model(self) -> torch.nn.Module:
+        """The model as one process can run it alone (sampling, evaluation, export on rank 0).
+
+        Unsharded strategies: :attr:`model` itself. Under a strategy whose ``shards_parameters`` is True
+        (FSDP2 / TP) running :attr:`model` is a collective, so a plain single-device copy is built from the
+        gathered full state dict -- **every rank must call this** (the gather is a collective); ranks
+        other than 0 get :attr:`model` back. The copy is cached until the next training step."""
+        if not getattr(self._strategy(), "shards_parameters", False):
+            return self.model
+        step = int(self.trainer.global_step)
+        cached = self.__dict__.get("_inference_copy")
+        if cached is not None and cached[0] == step:
+            return cached[1]
+        from mmgrow.parallel.gather import full_state_dict
+
+        state = full_state_dict(self.model)  # collective; full tensors on rank 0 only
+        if not self.trainer.is_global_zero:
+            return self.model
+        from mmgrow.training.export import build_model
+
+        copy = build_model(self.model_config())
+        copy.load_state_dict(state)
+        copy.to(self.device)
+        self.__dict__["_inference_copy"] = (step, copy)
+        return copy
 
     # ------------------------------------------------------------------ steps
     def context_parallel(self) -> ContextParallel | None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 
 from mmgrow.checks import finite_number, positive_int
+from mmgrow.training.rank_zero import model_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class NeedleEvaluation(pl.Callback):
         self.kind, self.seed = kind, seed
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = model_on_rank_zero(pl_module)  # every rank: under FSDP / tensor parallelism the gather is a collective
         if not trainer.is_global_zero:
             return
         from mmgrow.evaluation.needle import evaluate_needle, next_eval_dir, video_frame_args, write_needle_results
@@ -55,7 +57,7 @@ class NeedleEvaluation(pl.Callback):
         dm = trainer.datamodule
         trained = (getattr(dm, "hparams", None) or {}).get("dataset_args")
         dataset_args = video_frame_args(dm.builder, trained) if self.kind == "video" else {}
-        result = evaluate_needle(pl_module.model, pl_module.objective, dm.builder, lengths=self.lengths,
+        result = evaluate_needle(model, pl_module.objective, dm.builder, lengths=self.lengths,
                                  depths=self.depths, samples=self.samples, kind=self.kind, seed=self.seed,
                                  dataset_args=dataset_args, condition_encoder=getattr(dm, "condition_encoder", None),
                                  checkpoint=str(trainer.default_root_dir))

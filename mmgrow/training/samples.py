@@ -22,6 +22,7 @@ import torch
 from mmgrow.protocols import Sample, Segment
 from mmgrow.rundir import atomic_write_bytes
 from mmgrow.training.generation import SamplerSettings, sample_continuous, sample_discrete, write_video_files
+from mmgrow.training.rank_zero import model_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class _HeldOutSampler(pl.Callback):
                constraint: Any = None) -> Any:
         """Generate one item of ``self.modality`` after ``prompt_segment``; returns the decoded item."""
         text = prompt_segment.raw if prompt_segment.modality == "text" else None  # the prompt's text, as in training
-        return sample_discrete(pl_module.model, pl_module.objective, dm.builder, [prompt_segment], self.modality,
+        return sample_discrete(model_on_rank_zero(pl_module), pl_module.objective, dm.builder, [prompt_segment], self.modality,
                                max_new_tokens, constraint=constraint, condition_text=text,
                                condition_encoder=getattr(dm, "condition_encoder", None), settings=self.settings())
 
@@ -112,6 +113,7 @@ class GenerateSamples(_HeldOutSampler):
                                temperature=self.temperature, top_k=self.top_k, seed=self.seed)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model_on_rank_zero(pl_module)  # every rank: under FSDP / tensor parallelism the gather is a collective
         if not self.active(trainer):
             return
         if trainer.datamodule.codecs[self.modality].kind == "continuous":
@@ -159,7 +161,7 @@ class GenerateSamples(_HeldOutSampler):
         test_set = _split(dm, "heldout", self.modality)
         examples = [test_set[i] for i in range(min(self.num_samples, len(test_set)))]
         for i, real in enumerate(examples):
-            video = generate_video(pl_module.model, pl_module.objective, dm.builder, task, real, self.modality,
+            video = generate_video(model_on_rank_zero(pl_module), pl_module.objective, dm.builder, task, real, self.modality,
                                    getattr(dm, "condition_encoder", None), self.settings())
             files = write_video_files(video, out / f"{i:02d}_{_slug(real.text)}")
             videos.append(video)
@@ -279,6 +281,7 @@ class GenerateCaptions(_HeldOutSampler):
         self.max_new_tokens = max_new_tokens
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model_on_rank_zero(pl_module)  # every rank: under FSDP / tensor parallelism the gather is a collective
         if not self.active(trainer) or not hasattr(trainer.datamodule, "test_set"):
             return
         dm = trainer.datamodule

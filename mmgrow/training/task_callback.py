@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 
 from mmgrow.checks import positive_int
 from mmgrow.rundir import atomic_write_bytes
+from mmgrow.training.rank_zero import model_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,13 @@ class TaskEvaluation(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         scored = [t for t in getattr(dm, "tasks", []) if getattr(t, "scored", False)]
+        if scored:
+            model = model_on_rank_zero(pl_module)  # every rank: a gather under FSDP / tensor parallelism
         if not trainer.is_global_zero or not scored or not getattr(pl_module.objective, "samples_tokens", True):
             return
         from mmgrow.evaluation.tasks import evaluate_tasks, tasks_table
 
-        results = {split: evaluate_tasks(pl_module.model, pl_module.objective, dm, split, self.num_samples)
+        results = {split: evaluate_tasks(model, pl_module.objective, dm, split, self.num_samples)
                    for split in self.splits}
         pl_module.task_results = results  # RunSummary puts it into summary.json
         root = Path(trainer.default_root_dir)
