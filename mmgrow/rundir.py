@@ -221,7 +221,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 def _resume_hint(directory: Path) -> str:
     last = directory / LAST_CHECKPOINT
-    if last.is_file():
+    if last.exists():  # a file, or a sharded checkpoint directory
         return f"; its newest checkpoint is {last} (resume with --ckpt_path {last}, or load that file)"
     return "; it holds no checkpoint either"
 
@@ -292,8 +292,17 @@ def check_checkpoint_file(path: str | Path, what: str = "checkpoint") -> Path:
     import zipfile
 
     path = Path(path)
+    from mmgrow.parallel.distributed_checkpoint import is_complete, settle
+
+    settle(path)  # a sharded checkpoint whose replacement a crash interrupted
     if not path.exists():
         raise CheckpointError(f"{what} {path} does not exist")
+    if path.is_dir():
+        if is_complete(path):  # a sharded (FSDP / tensor-parallel) checkpoint directory
+            return path
+        raise CheckpointError(f"{what} {path} is a directory but not a complete sharded checkpoint (no .metadata "
+                              "or meta.pt: an interrupted save?); expected a Lightning .ckpt file or a sharded "
+                              "checkpoint directory written by MeshParallelStrategy")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} is not a file (expected a Lightning .ckpt file)")
     size = path.stat().st_size

@@ -161,6 +161,39 @@ class MeshParallelStrategy(ModelParallelStrategy):
         return ParallelPlan(mesh=self.device_mesh, fsdp_mesh=self._fsdp_mesh, fsdp=self.fsdp, param_dtype=self.param_dtype,
                             reduce_dtype=self.reduce_dtype, reshard_after_forward=self.reshard_after_forward)
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Sharded checkpoints are written beside the target and swapped in atomically
+        (:mod:`mmgrow.parallel.distributed_checkpoint`); a gathered single file goes through the
+        trainer's checkpoint writer as usual."""
+        if not self._save_distributed_checkpoint or storage_options is not None or "://" in str(filepath):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        import shutil
+        from pathlib import Path
+
+        from mmgrow.parallel.distributed_checkpoint import PARTIAL, replace_directory, settle, sibling
+
+        path = Path(self.broadcast(str(filepath)))
+        partial = sibling(path, PARTIAL)
+        if self.global_rank == 0:
+            settle(path)
+            if partial.exists():  # a crashed save's leftovers
+                shutil.rmtree(partial)
+        self.barrier()
+        super().save_checkpoint(checkpoint, partial)
+        self.barrier()  # every shard and meta.pt written
+        if self.global_rank == 0:
+            replace_directory(partial, path)
+        self.barrier()
+        return None
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.global_rank == 0:
+            from mmgrow.parallel.distributed_checkpoint import settle
+
+            settle(checkpoint_path)
+        self.barrier()
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def teardown(self) -> None:
         self._handle = None
         super().teardown()

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from mmgrow.parallel.distributed_checkpoint import is_complete, settle
 from mmgrow.scaling.grid import SweepGrid
 
 SCALING_RECORD = "scaling.json"
@@ -146,6 +147,7 @@ def run_state(directory: Path) -> str:
             status = None
         if status in ("complete", "diverged"):
             return status
-    if (directory / "checkpoints" / "last.ckpt").is_file():
+    last = directory / "checkpoints" / "last.ckpt"
+    if last.is_file() or is_complete(settle(last)):  # a file, or a sharded (FSDP) checkpoint directory
         return "partial"
     return "new"

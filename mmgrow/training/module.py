@@ -297,13 +297,13 @@ class MMGrowModule(pl.LightningModule):
         from mmgrow.parallel.gather import full_state_dict
 
         state = full_state_dict(self.model)  # collective; full tensors on rank 0 only
-        if not self.trainer.is_global_zero:
-            return self.model
-        from mmgrow.training.export import build_model
+        copy = self.model  # every rank caches, so that every rank skips the gather next time alike
+        if self.trainer.is_global_zero:
+            from mmgrow.training.export import build_model
 
-        copy = build_model(self.model_config())
-        copy.load_state_dict(state)
-        copy.to(self.device)
+            copy = build_model(self.model_config())
+            copy.load_state_dict(state)
+            copy.to(self.device)
         self.__dict__["_inference_copy"] = (step, copy)
         return copy
 
