@@ -156,6 +156,12 @@ class MeshParallelStrategy(ModelParallelStrategy):
         """True: parameters are DTensors; gathering them (export, sampling) is a collective of every rank."""
         return True
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether this rank's tokens count towards ``tokens_seen`` (summed over ranks): the ``tp`` ranks of
+        a group all see the same tokens, so only ``tp`` rank 0 counts them."""
+        return self._device_mesh is None or self._device_mesh.get_local_rank("tp") == 0
+
     def parallel_plan(self) -> ParallelPlan:
         """What the training module's ``configure_model`` applies to the model it builds."""
         return ParallelPlan(mesh=self.device_mesh, fsdp_mesh=self._fsdp_mesh, fsdp=self.fsdp, param_dtype=self.param_dtype,

@@ -117,7 +117,11 @@ class DivergenceGuard(pl.Callback):
         named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
         if not named:
             return None
-        norms = torch._foreach_norm([g.detach() for _, g in named])  # one kernel per dtype/device group
+        from mmgrow.parallel.grad_norm import per_parameter_norms
+
+        # one kernel per dtype/device group; sharded (DTensor) gradients give their full norms, the same on
+        # every rank, so every rank stops (or not) together
+        norms = per_parameter_norms([g.detach() for _, g in named])
         finite = torch.stack([torch.isfinite(n).to(norms[0].device) for n in norms])
         if finite.all().item():  # the one host sync of the check
             return None

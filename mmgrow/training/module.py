@@ -324,6 +324,8 @@ class MMGrowModule(pl.LightningModule):
 
             loss, metrics, tokens = context_parallel_loss(self.model, self.objective, batch, cp)
         if stage == "train":
+            if not getattr(self._strategy(), "counts_tokens", True):
+                tokens = torch.zeros_like(tokens)  # a tensor-parallel replica: its tp rank 0 counts these tokens
             self.last_step_tokens = tokens  # this rank's share (its shard under context parallelism)
             self._tokens_seen = self._tokens_seen.to(tokens.device) + tokens
         bs = batch.input_ids.shape[0]
@@ -410,6 +412,21 @@ class MMGrowModule(pl.LightningModule):
                 continue
             (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
         return adamw_warmup_cosine(self, decay, no_decay)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except for sharded parameters on several device meshes (FSDP x tensor
+        parallelism), whose norm :func:`mmgrow.parallel.grad_norm.clip_grad_norm` takes mesh by mesh."""
+        if gradient_clip_val and getattr(self._strategy(), "shards_parameters", False):
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported with sharded "
+                                 "parameters; use 'norm'")
+            from mmgrow.parallel.grad_norm import clip_grad_norm
+
+            clip_grad_norm(self.model.parameters(), float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
 
     @property
     def tokens_seen(self) -> int:
