@@ -21,7 +21,9 @@ anything but the seed and the layout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,14 +32,15 @@ from torch import nn
 
 def _shard_coordinates(module: nn.Module, recurse: bool) -> tuple[tuple[str, int], ...]:
     """``((axis name, local rank), ...)`` over the mesh axes any of ``module``'s parameters is sharded on."""
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     coords: set[tuple[str, int]] = set()
     for p in module.parameters(recurse=recurse):
         if isinstance(p, DTensor):
             mesh = p.device_mesh
             for axis, placement in enumerate(p.placements):
-                if isinstance(placement, Shard):
+                # any split counts (FSDP over a TP-split weight uses a strided shard, not a plain Shard)
+                if not (placement.is_replicate() or placement.is_partial()):
                     coords.add((mesh.mesh_dim_names[axis], mesh.get_local_rank(axis)))
     return tuple(sorted(coords))
 
@@ -47,14 +50,35 @@ def _seed(seed: int, index: int, coords: tuple[tuple[str, int], ...]) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+@contextlib.contextmanager
+def _local_parameters(module: nn.Module, recurse: bool) -> Iterator[None]:
+    """Within the block, ``module``'s DTensor parameters are replaced by their local shards (same storage),
+    so the init rule's random ops draw from the seed set here. DTensor's own random ops would not: on a
+    CPU mesh they are not coordinated and draw the same numbers for every shard (measured)."""
+    from torch.distributed.tensor import DTensor
+
+    owners = list(module.modules()) if recurse else [module]
+    swapped = []
+    for owner in owners:
+        for name, p in list(owner._parameters.items()):
+            if isinstance(p, DTensor):
+                owner._parameters[name] = nn.Parameter(p.to_local(), requires_grad=p.requires_grad)
+                swapped.append((owner, name, p))
+    try:
+        yield
+    finally:
+        for owner, name, p in swapped:
+            owner._parameters[name] = p
+
+
 def has_meta_tensors(model: nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device | str, *, init_std: float, seed: int = 0) -> int:
-    """Allocate ``model``'s (local shards of) parameters on ``device`` and initialise them; returns the
-    number of modules initialised. Buffers are not supported (the unified model has none outside
+def materialize(model: nn.Module, device: torch.device | str, *, seed: int = 0, init_std: float | None = None) -> int:
+    """Allocate ``model``'s (local shards of) parameters on ``device`` and initialise them with standard
+    deviation ``init_std`` (default: ``model.init_std``); returns the number of modules initialised. Buffers are not supported (the unified model has none outside
     growth masks): a meta buffer raises ``ValueError``."""
     from mmgrow.models.unified import initialise_own
 
@@ -62,6 +86,7 @@ def materialize(model: nn.Module, device: torch.device | str, *, init_std: float
     if meta_buffers:
         raise ValueError(f"meta_init: buffers cannot be re-created after a meta build ({meta_buffers[:3]}); build this "
                          "model without meta_init")
+    std = float(init_std if init_std is not None else model.init_std)
     model.to_empty(device=device)
     skip: set[int] = set()  # modules inside a subtree whose owner initialised it (init_weights)
     count = 0
@@ -74,11 +99,9 @@ def materialize(model: nn.Module, device: torch.device | str, *, init_std: float
             if not owns_subtree and not any(True for _ in module.parameters(recurse=False)):
                 continue
             torch.manual_seed(_seed(seed, index, _shard_coordinates(module, recurse=owns_subtree)))
-            if initialise_own(module, _init_std(model, init_std)):
-                skip.update(id(m) for m in module.modules())
+            with _local_parameters(module, recurse=owns_subtree):
+                if initialise_own(module, std):
+                    skip.update(id(m) for m in module.modules())
             count += 1
     return count
 
-
-def _init_std(model: nn.Module, default: float) -> float:
-    return float(getattr(model, "init_std", default))
