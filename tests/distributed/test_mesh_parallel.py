@@ -176,6 +176,7 @@ def _clip_worker(rank: int, world_size: int) -> dict:
     """FSDP x TP (dp 2, tp 2): the mesh-aware gradient norm and clipping equal torch's on one process."""
     from mmgrow.objectives.autoregressive import AutoregressiveObjective
     from mmgrow.parallel.grad_norm import clip_grad_norm
+    from mmgrow.parallel.memory import estimate_state_memory
     from mmgrow.parallel.mesh import ParallelDims, build_device_mesh
     from mmgrow.parallel.parallelize import ParallelPlan, parallelize
 
@@ -183,8 +184,10 @@ def _clip_worker(rank: int, world_size: int) -> dict:
     reference = make_model()
     objective.bind(reference.token_space)
     model = copy.deepcopy(reference)
+    estimate = estimate_state_memory(model, ParallelDims(dp=2, tp=2))
     mesh, fsdp_mesh = build_device_mesh(ParallelDims(dp=2, tp=2), "cpu")
     parallelize(model, ParallelPlan(mesh=mesh, fsdp_mesh=fsdp_mesh))
+    held = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
     batches = [make_batch(7), make_batch(8)]
     torch.stack([objective.step(reference, b)[0] for b in batches]).mean().backward()
     objective.step(model, batches[mesh.get_local_rank("dp")])[0].backward()
@@ -192,16 +195,18 @@ def _clip_worker(rank: int, world_size: int) -> dict:
     got = clip_grad_norm(model.parameters(), max_norm=0.05)
     grad = max(float((_full(p.grad) - r.grad).abs().max()) for p, r in zip(model.parameters(), reference.parameters()))
     meshes = {p.device_mesh.mesh_dim_names for p in model.parameters()}
-    return {"norm": (float(got), float(want)), "grad": grad, "meshes": sorted(meshes)}
+    return {"norm": (float(got), float(want)), "grad": grad, "meshes": sorted(meshes),
+            "param_bytes": (held, estimate.parameters)}
 
 
-def test_gradient_clipping_over_two_meshes_equals_one_process():
+def test_gradient_clipping_over_two_meshes_equals_one_process_and_memory_estimate_is_exact():
     for r in run_distributed(_clip_worker, 4, timeout=240):
         assert r["meshes"] == [("dp_cp",), ("dp_cp", "tp")], r  # parameters really live on two meshes
         got, want = r["norm"]
         assert want > 0.05 and abs(got - want) <= 1e-12 * want, r  # the clip is active and the norm exact
         assert r["grad"] <= TOL, r
-
+        held, estimated = r["param_bytes"]
+        assert held == estimated, r  # mmgrow.parallel.memory's per-rank estimate is exact for the shards
 
 def _meta_worker(rank: int, world_size: int) -> dict:
     """Meta-device build, FSDP x TP, materialised shard by shard with the model's own init rule."""
