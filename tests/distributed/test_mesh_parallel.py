@@ -184,7 +184,7 @@ def _clip_worker(rank: int, world_size: int) -> dict:
     reference = make_model()
     objective.bind(reference.token_space)
     model = copy.deepcopy(reference)
-    estimate = estimate_state_memory(model, ParallelDims(dp=2, tp=2))
+    estimate = estimate_state_memory(model, ParallelDims(dp=2, tp=2), param_bytes=8)  # a float64 model
     mesh, fsdp_mesh = build_device_mesh(ParallelDims(dp=2, tp=2), "cpu")
     parallelize(model, ParallelPlan(mesh=mesh, fsdp_mesh=fsdp_mesh))
     held = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
