@@ -16,7 +16,8 @@ entries; AdamW adds two float32 moments per parameter. Bytes per rank:
 
 This is the *state*; activations come on top and scale with tokens per rank (``T / cp`` per sequence)
 and are cut by activation checkpointing -- ``benchmarks/fsdp_memory.py`` measures both for a given
-model. The estimate is exact for the states: the benchmark checks it against the bytes the shards hold.
+model. The estimate is exact for the states of the largest rank (FSDP gives rank r rows [r c, (r+1) c) of each
+tensor, c = ceil(rows / S); the last rank may hold fewer): tests and the benchmark check it against the bytes held.
 """
 
 from __future__ import annotations
