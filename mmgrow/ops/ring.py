@@ -61,11 +61,10 @@ from mmgrow.ops.blockwise import (
     DEFAULT_BLOCK,
     TilePlan,
     accumulation_dtype,
-    backward_tiles,
     blockwise_attention,
-    forward_tiles,
     output_delta,
 )
+from mmgrow.ops.ring_hop import Fused, hop_backward, hop_forward
 from mmgrow.ops.ring_plan import RingPlan
 from mmgrow.ops.token_meta import TokenMeta
 from mmgrow.protocols import ContextParallel, MaskSpec
@@ -149,7 +148,8 @@ def _wait(requests: list | None) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner):
+    def forward(ctx, q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused):
+        ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the fused backward reads out as is
         plan = RingPlan.build(meta, spec, cp, q_block, k_block, owner=plan_owner)
         nxt, prv = (cp.rank + 1) % cp.world_size, (cp.rank - 1) % cp.world_size
         acc = accumulation_dtype(q.dtype)
@@ -166,7 +166,7 @@ class _RingAttention(torch.autograd.Function):
             if plan.computes(hop):
                 tiles = TilePlan(meta, plan.metas[plan.source(hop)], spec, q_block, k_block)
                 tile_plans[hop] = tiles
-                o, l = forward_tiles(q, k_cur, v_cur, tiles, scale)
+                o, l = hop_forward(q, k_cur, v_cur, tiles, scale, fused=fused)
                 out, lse = (o, l) if out is None else _merge_into(out, lse, o, l)
                 computed += tiles.tiles_needed
             _wait(pending)
@@ -177,7 +177,7 @@ class _RingAttention(torch.autograd.Function):
             lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.tile_plans, ctx.cp, ctx.scale, ctx.stats = plan, tile_plans, cp, scale, stats
+        ctx.plan, ctx.tile_plans, ctx.cp, ctx.scale, ctx.stats, ctx.fused = plan, tile_plans, cp, scale, stats, fused
         if stats is not None:
             grid = cp.world_size * -(-q.shape[2] // q_block) * -(-k.shape[2] // k_block)
             stats.hops_planned, stats.hops_sent, stats.hops_computed = plan.n_hops, sent, len(tile_plans)
@@ -190,8 +190,9 @@ class _RingAttention(torch.autograd.Function):
         plan, cp, scale = ctx.plan, ctx.cp, ctx.scale
         nxt, prv = (cp.rank + 1) % cp.world_size, (cp.rank - 1) % cp.world_size
         acc = accumulation_dtype(q.dtype)
-        dout = dout.contiguous()
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         delta = output_delta(out, dout, dlse)
+        kernel_out = out if dlse is None else None  # with a d lse term the hop derives an out' from delta
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         k_cur, v_cur = k.contiguous(), v.contiguous()
         dk_acc = dv_acc = None  # the travelling accumulator of the shard held at this hop
@@ -202,8 +203,8 @@ class _RingAttention(torch.autograd.Function):
                 k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
                 kv_pending = _exchange(cp, [k_cur, v_cur], [k_nxt, v_nxt], nxt, prv, _TAG_KV)
             if hop in ctx.tile_plans:
-                _, dk_h, dv_h = backward_tiles(q, k_cur, v_cur, dout, lse, delta, ctx.tile_plans[hop], scale,
-                                               dq_into=dq)
+                _, dk_h, dv_h = hop_backward(q, k_cur, v_cur, dout, lse, delta, ctx.tile_plans[hop], scale,
+                                             dq_into=dq, out=kernel_out, fused=ctx.fused)
             else:
                 dk_h = dv_h = None
             # this hop's shard arrived with its accumulator from prv; wait only now, after computing
@@ -231,12 +232,13 @@ class _RingAttention(torch.autograd.Function):
             dk_acc, dv_acc = dk_own, dv_own
         if ctx.stats is not None:
             ctx.stats.backward_hops_sent = plan.n_hops
-        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), *(None,) * 8
+        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), *(None,) * 9
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskSpec, cp: ContextParallel | None, *,
                    scale: float | None = None, q_block: int = DEFAULT_BLOCK, k_block: int = DEFAULT_BLOCK,
-                   stats: RingStats | None = None, plan_owner: Any | None = None) -> tuple[Tensor, Tensor]:
+                   stats: RingStats | None = None, plan_owner: Any | None = None,
+                   fused: Fused = "auto") -> tuple[Tensor, Tensor]:
     """Exact masked attention of this rank's queries over the keys of every rank of ``cp``.
 
     Args:
@@ -252,6 +254,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
         stats: a :class:`RingStats` to fill in (forward counts; ``backward_hops_sent`` after backward).
         plan_owner: an object to cache the hop plan on (the batch's ``SeqContext``), so the layers of
             one batch all-gather the token facts once; see :meth:`RingPlan.build`. None: plan per call.
+        fused: per-hop kernel (:mod:`mmgrow.ops.ring_hop`): ``"auto"`` runs the fused SDPA kernel with
+            LSE on the pieces of a hop it can express (CPU flash, CUDA memory-efficient), tiles elsewhere;
+            ``False`` forces the tile kernels; ``True`` raises where the device/dtype has no fused kernel.
 
     Returns:
         ``(out [B, H, T_local, hd] in q's dtype, lse [B, H, T_local] in float32, float64 for float64
@@ -274,4 +279,4 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
             stats.tiles_computed, stats.tiles_skipped = tiles.tiles_needed, tiles.tiles_total - tiles.tiles_needed
         return blockwise_attention(q, k, v, meta, meta, spec, scale=scale, q_block=q_block, k_block=k_block)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _RingAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner)
+    return _RingAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused)
