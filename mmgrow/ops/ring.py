@@ -115,11 +115,21 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -
     return w_a * out_a + w_b * out_b, lse
 
 
-def _merge_into(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`merge_partials` writing into ``out_a`` (and scaling ``out_b`` in place): the forward keeps
-    one running output buffer instead of allocating a merged one per hop."""
+def merge_into(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`merge_partials` writing into ``out_a`` and ``lse_a`` (views allowed; ``out_b`` is scaled in
+    place): the forward keeps one running output buffer instead of allocating a merged one per hop."""
     w_a, w_b, lse = _merge_weights(lse_a, lse_b)
-    return out_a.mul_(w_a).add_(out_b.mul_(w_b)), lse
+    out_a.mul_(w_a).add_(out_b.mul_(w_b))
+    return out_a, lse_a.copy_(lse)
+
+
+def _output_delta(out: Tensor, dout: Tensor, dlse: Tensor | None, rows: int = 1024) -> Tensor:
+    """:func:`~mmgrow.ops.blockwise.output_delta` over blocks of ``rows`` tokens: no ``[T, hd]`` product
+    buffer at the start of the backward."""
+    delta = torch.empty(out.shape[:-1], dtype=accumulation_dtype(out.dtype), device=out.device)
+    for a in range(0, out.shape[2], rows):
+        delta[:, :, a:a + rows] = output_delta(out[:, :, a:a + rows], dout[:, :, a:a + rows], None)
+    return delta if dlse is None else delta - dlse.to(delta.dtype)
 
 
 def _peer(cp: ContextParallel, group_rank: int) -> int:
@@ -146,39 +156,76 @@ def _wait(requests: list | None) -> None:
         request.wait()
 
 
+# The lean mode moves K/V in chunks of this many tokens (and cuts the fused pieces to it): it bounds the
+# transfer buffers and the kernels' per-call buffers to a few chunk-sized tensors per rank.
+LEAN_CHUNK = 256
+
+
+@dataclass
+class _LeanStep:
+    """One chunk of one hop of the lean transport: keys ``[a, b)`` of every shard."""
+
+    a: int
+    b: int
+    send: bool                 # rank r + d needs this chunk of our keys
+    recv: TilePlan | None      # our queries x this chunk of rank r - d's keys, when needed
+
+
+def _lean_schedule(plan: RingPlan, spec: MaskSpec, q_block: int, k_block: int) -> dict[int, list[_LeanStep]]:
+    """Per hop ``d = 1 .. n_hops``, the chunks sent to ``r + d`` and received from ``r - d``. Every rank
+    derives both sides from the same gathered facts, so each send meets its receive."""
+    r, W = plan.rank, plan.world_size
+    length = plan.metas[r].length
+    steps: dict[int, list[_LeanStep]] = {}
+    for d in range(1, plan.n_hops + 1):
+        src, dst = (r - d) % W, (r + d) % W
+        steps[d] = []
+        for a in range(0, length, LEAN_CHUNK):
+            b = min(length, a + LEAN_CHUNK)
+            send = plan.needed[dst][r] and TilePlan(plan.metas[dst], plan.metas[r].slice(a, b), spec, q_block,
+                                                    k_block).tiles_needed > 0
+            recv = None
+            if plan.needed[r][src]:
+                recv = TilePlan(plan.metas[r], plan.metas[src].slice(a, b), spec, q_block, k_block)
+                recv = recv if recv.tiles_needed > 0 else None
+            if send or recv is not None:
+                steps[d].append(_LeanStep(a, b, send, recv))
+    return steps
+
+
+def _kv_chunk(cp: ContextParallel, x: Tensor, step: _LeanStep, d: int) -> tuple[list, Tensor | None]:
+    """Post the exchange of one chunk of ``x`` (K or V) for hop ``d``: ours to ``r + d``, ``r - d``'s to us;
+    return (requests, receive buffer or None)."""
+    r, W = cp.rank, cp.world_size
+    send = [x[:, :, step.a:step.b].contiguous()] if step.send else []
+    shape = (*x.shape[:2], step.b - step.a, x.shape[-1])
+    recv = [torch.empty(shape, dtype=x.dtype, device=x.device)] if step.recv is not None else []
+    requests = _exchange(cp, send, recv, (r + d) % W, (r - d) % W, _TAG_KV)
+    return requests, (recv[0] if recv else None)
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused):
+    def forward(ctx, q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused, overlap):
         ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the fused backward reads out as is
         plan = RingPlan.build(meta, spec, cp, q_block, k_block, owner=plan_owner)
-        nxt, prv = (cp.rank + 1) % cp.world_size, (cp.rank - 1) % cp.world_size
         acc = accumulation_dtype(q.dtype)
-        k_cur, v_cur = k.contiguous(), v.contiguous()
-        out = lse = None
-        tile_plans: dict[int, TilePlan] = {}
-        sent = computed = 0
-        for hop in range(plan.n_hops + 1):
-            pending = None
-            if hop < plan.n_hops:  # post the next hop's transfer first: it runs while we compute
-                k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
-                pending = _exchange(cp, [k_cur, v_cur], [k_nxt, v_nxt], nxt, prv, _TAG_KV)
-                sent += 1
-            if plan.computes(hop):
-                tiles = TilePlan(meta, plan.metas[plan.source(hop)], spec, q_block, k_block)
-                tile_plans[hop] = tiles
-                o, l = hop_forward(q, k_cur, v_cur, tiles, scale, fused=fused)
-                out, lse = (o, l) if out is None else _merge_into(out, lse, o, l)
-                computed += tiles.tiles_needed
-            _wait(pending)
-            if pending is not None:
-                k_cur, v_cur = k_nxt, v_nxt
+        tile_plans = {hop: TilePlan(meta, plan.metas[plan.source(hop)], spec, q_block, k_block)
+                      for hop in range(plan.n_hops + 1) if plan.computes(hop)}
+        if overlap:
+            out, lse, sent = _forward_overlapped(q, k, v, plan, tile_plans, cp, scale, fused)
+        else:
+            ctx.schedule = _lean_schedule(plan, spec, q_block, k_block)
+            out, lse, sent = _forward_lean(q, k, v, plan, tile_plans, cp, scale, fused, ctx.schedule)
         if out is None:  # no visible key on this rank at all
             out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
             lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.tile_plans, ctx.cp, ctx.scale, ctx.stats, ctx.fused = plan, tile_plans, cp, scale, stats, fused
+        ctx.plan, ctx.tile_plans, ctx.cp, ctx.scale, ctx.stats = plan, tile_plans, cp, scale, stats
+        ctx.fused, ctx.overlap = fused, overlap
         if stats is not None:
+            computed = sum(t.tiles_needed for t in tile_plans.values())
             grid = cp.world_size * -(-q.shape[2] // q_block) * -(-k.shape[2] // k_block)
             stats.hops_planned, stats.hops_sent, stats.hops_computed = plan.n_hops, sent, len(tile_plans)
             stats.tiles_computed, stats.tiles_skipped = computed, grid - computed
@@ -187,58 +234,149 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, cp, scale = ctx.plan, ctx.cp, ctx.scale
-        nxt, prv = (cp.rank + 1) % cp.world_size, (cp.rank - 1) % cp.world_size
-        acc = accumulation_dtype(q.dtype)
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        delta = output_delta(out, dout, dlse)
+        delta = _output_delta(out, dout, dlse)
         kernel_out = out if dlse is None else None  # with a d lse term the hop derives an out' from delta
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        k_cur, v_cur = k.contiguous(), v.contiguous()
-        dk_acc = dv_acc = None  # the travelling accumulator of the shard held at this hop
-        grads_in = None          # (requests, dk buffer, dv buffer) of the accumulator arriving from prv
-        for hop in range(plan.n_hops + 1):
-            kv_pending = None
-            if hop < plan.n_hops:
-                k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
-                kv_pending = _exchange(cp, [k_cur, v_cur], [k_nxt, v_nxt], nxt, prv, _TAG_KV)
-            if hop in ctx.tile_plans:
-                _, dk_h, dv_h = hop_backward(q, k_cur, v_cur, dout, lse, delta, ctx.tile_plans[hop], scale,
-                                             dq_into=dq, out=kernel_out, fused=ctx.fused)
-            else:
-                dk_h = dv_h = None
-            # this hop's shard arrived with its accumulator from prv; wait only now, after computing
-            if grads_in is None:
-                dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device) if dk_h is None else dk_h
-                dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device) if dv_h is None else dv_h
-            else:
-                requests, dk_acc, dv_acc = grads_in
-                _wait(requests)
-                if dk_h is not None:
-                    dk_acc.add_(dk_h)  # in place: the received buffer is ours now
-                    dv_acc.add_(dv_h)
-            grads_in = None
-            if hop < plan.n_hops:
-                dk_in, dv_in = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
-                grads_in = (_exchange(cp, [dk_acc, dv_acc], [dk_in, dv_in], nxt, prv, _TAG_GRAD), dk_in, dv_in)
-            _wait(kv_pending)
-            if kv_pending is not None:
-                k_cur, v_cur = k_nxt, v_nxt
-        k_cur = v_cur = k_nxt = v_nxt = dk_h = dv_h = None  # free the ring buffers before the receive buffers below
-        if plan.n_hops > 0:  # the complete gradient of source (r - n_hops) goes home; ours comes from r + n_hops
-            dk_own, dv_own = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
-            home, away = (cp.rank - plan.n_hops) % cp.world_size, (cp.rank + plan.n_hops) % cp.world_size
-            _wait(_exchange(cp, [dk_acc, dv_acc], [dk_own, dv_own], home, away, _TAG_HOME))
-            dk_acc, dv_acc = dk_own, dv_own
+        dq = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+        run = _backward_overlapped if ctx.overlap else _backward_lean
+        dk, dv = run(ctx, q, k, v, dout, lse, delta, kernel_out, dq)
         if ctx.stats is not None:
-            ctx.stats.backward_hops_sent = plan.n_hops
-        return dq.to(q.dtype), dk_acc.to(k.dtype), dv_acc.to(v.dtype), *(None,) * 9
+            ctx.stats.backward_hops_sent = ctx.plan.n_hops
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *(None,) * 10
+
+
+def _overlap_piece(x: Tensor) -> int | None:
+    """Fused-piece cap of the overlapped ring: on CPU 1024 tokens bound the kernel's per-call buffers at
+    no measurable speed cost; on GPUs the kernels want whole runs."""
+    return 1024 if x.device.type == "cpu" else None
+
+
+def _forward_overlapped(q, k, v, plan, tile_plans, cp, scale, fused):
+    """Hops with the next K/V transfer in flight during this hop's compute (two K/V buffers)."""
+    nxt, prv = (cp.rank + 1) % cp.world_size, (cp.rank - 1) % cp.world_size
+    k_cur, v_cur = k.contiguous(), v.contiguous()
+    out = lse = None
+    sent = 0
+    for hop in range(plan.n_hops + 1):
+        pending = None
+        if hop < plan.n_hops:  # post the next hop's transfer first: it runs while we compute
+            k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
+            pending = _exchange(cp, [k_cur, v_cur], [k_nxt, v_nxt], nxt, prv, _TAG_KV)
+            sent += 1
+        if hop in tile_plans:
+            if out is None:
+                out, lse = hop_forward(q, k_cur, v_cur, tile_plans[hop], scale, fused=fused, max_piece=_overlap_piece(q))
+            else:
+                hop_forward(q, k_cur, v_cur, tile_plans[hop], scale, fused=fused, max_piece=_overlap_piece(q),
+                            into=(out, lse))
+        _wait(pending)
+        if pending is not None:
+            k_cur, v_cur = k_nxt, v_nxt
+            del k_nxt, v_nxt
+    return out, lse, sent
+
+
+def _forward_lean(q, k, v, plan, tile_plans, cp, scale, fused, schedule):
+    """Hop 0 on the local shard, then for hop ``d`` each needed key chunk of rank ``r - d`` straight from
+    its owner (which sends it from its own K/V: no rank keeps a copy of a whole shard), no overlap."""
+    acc = accumulation_dtype(q.dtype)
+    out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+    if 0 in tile_plans:
+        hop_forward(q, k, v, tile_plans[0], scale, fused=fused, max_piece=LEAN_CHUNK, into=(out, lse))
+    for d, steps in schedule.items():
+        for step in steps:
+            req_k, k_c = _kv_chunk(cp, k, step, d)
+            req_v, v_c = _kv_chunk(cp, v, step, d)
+            _wait(req_k + req_v)
+            if step.recv is not None:
+                hop_forward(q, k_c, v_c, step.recv, scale, fused=fused, max_piece=LEAN_CHUNK, into=(out, lse))
+            del k_c, v_c
+    return out, lse, plan.n_hops
+
+
+def _backward_overlapped(ctx, q, k, v, dout, lse, delta, kernel_out, dq):
+    """``(dK, dV)`` of this rank's shard; K/V and the travelling ``dK, dV`` transfers overlap compute."""
+    plan, cp, scale = ctx.plan, ctx.cp, ctx.scale
+    nxt, prv = (cp.rank + 1) % cp.world_size, (cp.rank - 1) % cp.world_size
+    acc = accumulation_dtype(q.dtype)
+    k_cur, v_cur = k.contiguous(), v.contiguous()
+    dk_acc = dv_acc = None  # the travelling accumulator of the shard held at this hop
+    grads_in = None          # (requests, dk buffer, dv buffer) of the accumulator arriving from prv
+    for hop in range(plan.n_hops + 1):
+        kv_pending = None
+        if hop < plan.n_hops:
+            k_nxt, v_nxt = torch.empty_like(k_cur), torch.empty_like(v_cur)
+            kv_pending = _exchange(cp, [k_cur, v_cur], [k_nxt, v_nxt], nxt, prv, _TAG_KV)
+        if hop in ctx.tile_plans:
+            _, dk_h, dv_h = hop_backward(q, k_cur, v_cur, dout, lse, delta, ctx.tile_plans[hop], scale,
+                                         dq_into=dq, out=kernel_out, fused=ctx.fused, max_piece=_overlap_piece(q))
+        else:
+            dk_h = dv_h = None
+        # this hop's shard arrived with its accumulator from prv; wait only now, after computing
+        if grads_in is None:
+            dk_acc = torch.zeros(k.shape, dtype=acc, device=k.device) if dk_h is None else dk_h
+            dv_acc = torch.zeros(v.shape, dtype=acc, device=v.device) if dv_h is None else dv_h
+        else:
+            requests, dk_acc, dv_acc = grads_in
+            _wait(requests)
+            if dk_h is not None:
+                dk_acc.add_(dk_h)  # in place: the received buffer is ours now
+                dv_acc.add_(dv_h)
+        dk_h = dv_h = grads_in = None
+        if hop < plan.n_hops:
+            dk_in, dv_in = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
+            grads_in = (_exchange(cp, [dk_acc, dv_acc], [dk_in, dv_in], nxt, prv, _TAG_GRAD), dk_in, dv_in)
+            del dk_in, dv_in
+        _wait(kv_pending)
+        if kv_pending is not None:
+            k_cur, v_cur = k_nxt, v_nxt
+            del k_nxt, v_nxt
+    k_cur = v_cur = None  # free the ring buffers before the receive buffers below
+    if plan.n_hops > 0:  # the complete gradient of source (r - n_hops) goes home; ours comes from r + n_hops
+        dk_own, dv_own = torch.empty_like(dk_acc), torch.empty_like(dv_acc)
+        home, away = (cp.rank - plan.n_hops) % cp.world_size, (cp.rank + plan.n_hops) % cp.world_size
+        _wait(_exchange(cp, [dk_acc, dv_acc], [dk_own, dv_own], home, away, _TAG_HOME))
+        dk_acc, dv_acc = dk_own, dv_own
+    return dk_acc, dv_acc
+
+
+def _backward_lean(ctx, q, k, v, dout, lse, delta, kernel_out, dq):
+    """``(dK, dV)`` of this rank's shard: hop 0 adds into them directly; for hop ``d`` each needed key
+    chunk comes from its owner ``r - d``, and its partial ``dK, dV`` go straight back to it (while ours
+    come back from ``r + d``), chunk by chunk, no overlap."""
+    cp, scale = ctx.cp, ctx.scale
+    r, W = cp.rank, cp.world_size
+    acc = accumulation_dtype(q.dtype)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    opts = {"out": kernel_out, "fused": ctx.fused, "max_piece": LEAN_CHUNK}
+    if 0 in ctx.tile_plans:
+        hop_backward(q, k, v, dout, lse, delta, ctx.tile_plans[0], scale, dq_into=dq, dk_into=dk, dv_into=dv, **opts)
+    for d, steps in ctx.schedule.items():
+        for step in steps:
+            req_k, k_c = _kv_chunk(cp, k, step, d)
+            req_v, v_c = _kv_chunk(cp, v, step, d)
+            _wait(req_k + req_v)
+            send = []
+            if step.recv is not None:
+                _, dk_c, dv_c = hop_backward(q, k_c, v_c, dout, lse, delta, step.recv, scale, dq_into=dq, **opts)
+                send = [dk_c, dv_c]
+            del k_c, v_c
+            shape = (*k.shape[:2], step.b - step.a, k.shape[-1])
+            recv = [torch.empty(shape, dtype=acc, device=k.device) for _ in range(2)] if step.send else []
+            _wait(_exchange(cp, send, recv, (r - d) % W, (r + d) % W, _TAG_GRAD))
+            if recv:
+                dk[:, :, step.a:step.b] += recv[0]
+                dv[:, :, step.a:step.b] += recv[1]
+            del send, recv
+    return dk, dv
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskSpec, cp: ContextParallel | None, *,
                    scale: float | None = None, q_block: int = DEFAULT_BLOCK, k_block: int = DEFAULT_BLOCK,
                    stats: RingStats | None = None, plan_owner: Any | None = None,
-                   fused: Fused = "auto") -> tuple[Tensor, Tensor]:
+                   fused: Fused = "auto", overlap: bool = True) -> tuple[Tensor, Tensor]:
     """Exact masked attention of this rank's queries over the keys of every rank of ``cp``.
 
     Args:
@@ -257,6 +395,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
         fused: per-hop kernel (:mod:`mmgrow.ops.ring_hop`): ``"auto"`` runs the fused SDPA kernel with
             LSE on the pieces of a hop it can express (CPU flash, CUDA memory-efficient), tiles elsewhere;
             ``False`` forces the tile kernels; ``True`` raises where the device/dtype has no fused kernel.
+        overlap: ``True`` (default) overlaps every transfer with compute, at the cost of second K/V and
+            ``dK, dV`` buffers per rank; ``False`` is the lean mode: at hop ``d`` each key chunk of
+            :data:`LEAN_CHUNK` tokens comes straight from its owner ``r - d`` and its partial ``dK, dV``
+            go straight back, so a rank holds only chunk-sized transfer buffers (no shard copy, no
+            travelling accumulators); transfers no longer hide behind compute, and the messages are
+            many and small.
 
     Returns:
         ``(out [B, H, T_local, hd] in q's dtype, lse [B, H, T_local] in float32, float64 for float64
@@ -279,4 +423,4 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
             stats.tiles_computed, stats.tiles_skipped = tiles.tiles_needed, tiles.tiles_total - tiles.tiles_needed
         return blockwise_attention(q, k, v, meta, meta, spec, scale=scale, q_block=q_block, k_block=k_block)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _RingAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused)
+    return _RingAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused, overlap)

@@ -85,8 +85,29 @@ def _runs(index: Tensor) -> list[tuple[int, int]] | None:
     if row.numel() == 0:
         return []
     breaks = (torch.nonzero(row.diff() != 1).flatten() + 1).tolist()
-    bounds = [0, *breaks, row.numel()]
-    return list(itertools.pairwise(bounds))
+    return list(itertools.pairwise([0, *breaks, row.numel()]))
+
+
+def _cut(a: int, b: int, size: int | None) -> list[tuple[int, int]]:
+    """``[a, b)`` in consecutive parts of at most ``size`` tokens."""
+    return [(a, b)] if size is None else [(x, min(b, x + size)) for x in range(a, b, size)]
+
+
+def _split(piece: Piece, max_piece: int | None) -> list[Piece]:
+    """``piece`` cut into parts of at most ``max_piece`` queries and keys: a full pair gives full parts; a
+    causal pair (same index range on both sides) gives causal parts on its diagonal, full parts below
+    it and none above; a tiles pair stays whole (its tile plan already bounds its buffers)."""
+    if max_piece is None or piece.kind == "tiles":
+        return [piece]
+    qs, ks = _cut(piece.qs.start, piece.qs.stop, max_piece), _cut(piece.ks.start, piece.ks.stop, max_piece)
+    parts = []
+    for i, (qa, qb) in enumerate(qs):
+        for j, (ka, kb) in enumerate(ks):
+            if piece.kind == "full" or j < i:
+                parts.append(Piece(slice(qa, qb), slice(ka, kb), "full"))
+            elif j == i:
+                parts.append(Piece(slice(qa, qb), slice(ka, kb), "causal"))
+    return parts
 
 
 def _no_blocks(meta: TokenMeta) -> bool:
@@ -110,31 +131,39 @@ def _classify(q: TokenMeta, k: TokenMeta, spec: MaskSpec) -> str | None:
     return "tiles"
 
 
-def hop_pieces(plan: TilePlan) -> list[Piece] | None:
-    """The visible pieces of the hop of ``plan`` (cached on it), or None when the hop has no run structure."""
-    cached = plan.__dict__.get(_PIECES_ATTR, False)
-    if cached is not False:
-        return cached
-    q_runs, k_runs = _runs(plan.q_meta.index), _runs(plan.k_meta.index)
-    pieces = None
-    if q_runs is not None and k_runs is not None:
-        pieces = []
-        for qa, qb in q_runs:
-            q = plan.q_meta.slice(qa, qb)
-            for ka, kb in k_runs:
-                k = plan.k_meta.slice(ka, kb)
-                kind = _classify(q, k, plan.spec)
-                if kind is None:
-                    continue
-                sub = TilePlan(q, k, plan.spec, plan.q_block, plan.k_block) if kind == "tiles" else None
-                if sub is not None and sub.tiles_needed == 0:
-                    continue
-                pieces.append(Piece(slice(qa, qb), slice(ka, kb), kind, sub))
-    plan.__dict__[_PIECES_ATTR] = pieces
-    return pieces
+def hop_pieces(plan: TilePlan, max_piece: int | None = None) -> list[Piece] | None:
+    """The visible pieces of the hop of ``plan`` (cached on it), or None when the hop has no run structure.
+
+    ``max_piece`` cuts the runs into parts of at most that many tokens (the diagonal of a causal run
+    becomes causal parts, the rest full or invisible parts): it bounds the kernel's per-call buffers
+    (``dq, dk, dv`` of a piece) at the cost of more, smaller kernel calls.
+    """
+    cache = plan.__dict__.setdefault(_PIECES_ATTR, {})
+    if max_piece in cache:
+        return cache[max_piece]
+    if None not in cache:  # classify the maximal runs once; the cut parts follow from their kinds
+        q_runs, k_runs = _runs(plan.q_meta.index), _runs(plan.k_meta.index)
+        pieces = None
+        if q_runs is not None and k_runs is not None:
+            pieces = []
+            for qa, qb in q_runs:
+                q = plan.q_meta.slice(qa, qb)
+                for ka, kb in k_runs:
+                    k = plan.k_meta.slice(ka, kb)
+                    kind = _classify(q, k, plan.spec)
+                    if kind is None:
+                        continue
+                    sub = TilePlan(q, k, plan.spec, plan.q_block, plan.k_block) if kind == "tiles" else None
+                    if sub is not None and sub.tiles_needed == 0:
+                        continue
+                    pieces.append(Piece(slice(qa, qb), slice(ka, kb), kind, sub))
+        cache[None] = pieces
+    whole = cache[None]
+    cache[max_piece] = None if whole is None else [part for p in whole for part in _split(p, max_piece)]
+    return cache[max_piece]
 
 
-def _use_fused(q: Tensor, plan: TilePlan, fused: Fused) -> list[Piece] | None:
+def _use_fused(q: Tensor, plan: TilePlan, fused: Fused, max_piece: int | None) -> list[Piece] | None:
     """The pieces to run, or None for the plain tile kernels on the whole hop."""
     if fused is False:
         return None
@@ -145,7 +174,7 @@ def _use_fused(q: Tensor, plan: TilePlan, fused: Fused) -> list[Piece] | None:
             raise ValueError(f"ring hop: fused=True but no fused kernel with LSE for device {q.device.type}, "
                              f"dtype {q.dtype}, head_dim {q.shape[-1]}; use fused='auto' or False")
         return None
-    pieces = hop_pieces(plan)
+    pieces = hop_pieces(plan, max_piece)
     if pieces is None or all(p.kind == "tiles" for p in pieces):
         return None  # nothing for the fused kernel: one tile pass over the whole hop
     return pieces
@@ -199,22 +228,29 @@ def _fused_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
 
 
 def hop_forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float, *,
-                fused: Fused = "auto") -> tuple[Tensor, Tensor]:
+                fused: Fused = "auto", max_piece: int | None = None,
+                into: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Attention of ``q [B, H, Tq, hd]`` over ``k, v [B, Hk, Tk, hd]`` under ``plan``: ``(out [B, H, Tq, hd],
     lse [B, H, Tq])`` in the accumulation dtype, equal to :func:`forward_tiles` (rows seeing no key: 0, -inf).
 
     ``fused``: ``"auto"`` runs the fused kernel on the pieces it can express when the device/dtype has
     one; ``True`` also, but raises when there is none; ``False`` always runs the tile kernels.
+    ``max_piece``: see :func:`hop_pieces`. ``into``: a running ``(out, lse)`` pair (accumulation dtype) to
+    merge this hop into in place and return, instead of new buffers (no query-sized temporary per hop).
     """
-    pieces = _use_fused(q, plan, fused)
-    if pieces is None:
-        return forward_tiles(q, k, v, plan, scale)
-    from mmgrow.ops.ring import merge_partials  # the ring imports this module
+    from mmgrow.ops.ring import merge_into  # the ring imports this module
 
+    pieces = _use_fused(q, plan, fused, max_piece)
+    if pieces is None:
+        o, l = forward_tiles(q, k, v, plan, scale)
+        return (o, l) if into is None else merge_into(*into, o, l)
     acc, kdt, H = accumulation_dtype(q.dtype), _kernel_dtype(q), q.shape[1]
-    out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)
-    lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
-    seen: set[tuple[int, int]] = set()
+    if into is None:
+        out = q.new_zeros((*q.shape[:-1], v.shape[-1]), dtype=acc)
+        lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
+    else:
+        out, lse = into
+    seen: set[tuple[int, int]] = set() if into is None else {(p.qs.start, p.qs.stop) for p in pieces}
     for p in pieces:
         qp = q[:, :, p.qs]
         if p.kind == "tiles":
@@ -225,10 +261,11 @@ def hop_forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float, *
             o, l = o.to(acc), l.to(acc)
         key = (p.qs.start, p.qs.stop)
         if key in seen:
-            o, l = merge_partials(out[:, :, p.qs], lse[:, :, p.qs], o, l)
+            merge_into(out[:, :, p.qs], lse[:, :, p.qs], o, l)
+        else:
+            out[:, :, p.qs] = o
+            lse[:, :, p.qs] = l
         seen.add(key)
-        out[:, :, p.qs] = o
-        lse[:, :, p.qs] = l
     return out, lse
 
 
@@ -244,25 +281,28 @@ def _kernel_out(dout: Tensor, delta: Tensor) -> Tensor | None:
 
 def hop_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, delta: Tensor, plan: TilePlan,
                  scale: float, *, dq_into: Tensor | None = None, out: Tensor | None = None,
-                 fused: Fused = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                 fused: Fused = "auto", max_piece: int | None = None, dk_into: Tensor | None = None,
+                 dv_into: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of the hop of ``plan`` given the *final* ``lse`` and ``delta`` rows: ``(dq, dk, dv)`` in the
     accumulation dtype, equal to :func:`backward_tiles` (``dq_into``: added into that buffer and returned).
 
     ``out``: the final output ``[B, H, Tq, hd]`` when ``delta = rowsum(dout * out)`` exactly (no ``d lse``
     term); the fused kernel then reads it as is. Without it one with the same row sums is derived from
-    ``delta``.
+    ``delta``. ``dk_into``, ``dv_into``: like ``dq_into`` for the key and value gradients (accumulation
+    dtype, shaped like ``k``, ``v``): the lean ring adds each hop into its travelling accumulators.
     """
-    pieces = _use_fused(q, plan, fused)
+    pieces = _use_fused(q, plan, fused, max_piece)
     kout = None
     if pieces is not None:
         kout = out if out is not None else _kernel_out(dout.to(accumulation_dtype(q.dtype)),
                                                        delta.to(accumulation_dtype(q.dtype)))
     if pieces is None or kout is None:
-        return backward_tiles(q, k, v, dout, lse, delta, plan, scale, dq_into=dq_into)
+        dq, dk, dv = backward_tiles(q, k, v, dout, lse, delta, plan, scale, dq_into=dq_into)
+        return dq, _add_into(dk_into, dk), _add_into(dv_into, dv)
     acc, kdt, H, Hk = accumulation_dtype(q.dtype), _kernel_dtype(q), q.shape[1], k.shape[1]
     dq = dq_into if dq_into is not None else torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dk = dk_into if dk_into is not None else torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = dv_into if dv_into is not None else torch.zeros(v.shape, dtype=acc, device=v.device)
     for p in pieces:
         qp, kp, vp = q[:, :, p.qs], k[:, :, p.ks], v[:, :, p.ks]
         if p.kind == "tiles":
@@ -277,4 +317,9 @@ def hop_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, del
         dq[:, :, p.qs] += dq_p
         dk[:, :, p.ks] += dk_p
         dv[:, :, p.ks] += dv_p
+        del dq_p, dk_p, dv_p  # before the next piece's buffers exist
     return dq, dk, dv
+
+
+def _add_into(into: Tensor | None, x: Tensor) -> Tensor:
+    return x if into is None else into.add_(x)
