@@ -64,7 +64,7 @@ from mmgrow.ops.blockwise import (
     blockwise_attention,
     output_delta,
 )
-from mmgrow.ops.ring_hop import Fused, hop_backward, hop_forward
+from mmgrow.ops.ring_hop import Fused, fused_pieces, hop_backward, hop_forward
 from mmgrow.ops.ring_plan import RingPlan
 from mmgrow.ops.token_meta import TokenMeta
 from mmgrow.protocols import ContextParallel, MaskSpec
@@ -81,7 +81,9 @@ class RingStats:
     tiles_skipped:  tiles of the whole local-queries x all-keys grid not computed (masked out, or
                     beyond the planned hops);
     backward_hops_sent: ring steps of ``(K, V, dK, dV)`` in the backward (``n_hops``), not counting
-                    the final trip of the gradients to their owners.
+                    the final trip of the gradients to their owners;
+    fused_calls:    forward fused-kernel calls (pieces of :mod:`mmgrow.ops.ring_hop`; 0 when every
+                    hop ran the tile kernels).
     """
 
     hops_planned: int = 0
@@ -90,6 +92,7 @@ class RingStats:
     tiles_computed: int = 0
     tiles_skipped: int = 0
     backward_hops_sent: int = 0
+    fused_calls: int = 0
 
 
 def _merge_weights(lse_a: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -229,6 +232,7 @@ class _RingAttention(torch.autograd.Function):
             grid = cp.world_size * -(-q.shape[2] // q_block) * -(-k.shape[2] // k_block)
             stats.hops_planned, stats.hops_sent, stats.hops_computed = plan.n_hops, sent, len(tile_plans)
             stats.tiles_computed, stats.tiles_skipped = computed, grid - computed
+            stats.fused_calls = _count_fused(q, tile_plans, ctx.schedule if not overlap else None, fused)
         return out, lse
 
     @staticmethod
@@ -249,6 +253,16 @@ def _overlap_piece(x: Tensor) -> int | None:
     """Fused-piece cap of the overlapped ring: on CPU 1024 tokens bound the kernel's per-call buffers at
     no measurable speed cost; on GPUs the kernels want whole runs."""
     return 1024 if x.device.type == "cpu" else None
+
+
+def _count_fused(q: Tensor, tile_plans: dict[int, TilePlan], schedule: dict | None, fused: Fused) -> int:
+    """Fused-kernel calls of the forward (what :func:`hop_forward` runs for these plans)."""
+    if schedule is None:
+        plans = [(t, _overlap_piece(q)) for t in tile_plans.values()]
+    else:
+        plans = [(tile_plans[0], LEAN_CHUNK)] if 0 in tile_plans else []
+        plans += [(s.recv, LEAN_CHUNK) for steps in schedule.values() for s in steps if s.recv is not None]
+    return sum(sum(p.kind != "tiles" for p in fused_pieces(q, t, fused, m) or ()) for t, m in plans)
 
 
 def _forward_overlapped(q, k, v, plan, tile_plans, cp, scale, fused):

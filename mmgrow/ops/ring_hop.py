@@ -163,8 +163,9 @@ def hop_pieces(plan: TilePlan, max_piece: int | None = None) -> list[Piece] | No
     return cache[max_piece]
 
 
-def _use_fused(q: Tensor, plan: TilePlan, fused: Fused, max_piece: int | None) -> list[Piece] | None:
-    """The pieces to run, or None for the plain tile kernels on the whole hop."""
+def fused_pieces(q: Tensor, plan: TilePlan, fused: Fused, max_piece: int | None = None) -> list[Piece] | None:
+    """The pieces :func:`hop_forward` runs for queries like ``q`` (device, dtype, head dim), or None when it runs
+    the plain tile kernels on the whole hop."""
     if fused is False:
         return None
     if fused not in (True, "auto"):
@@ -240,7 +241,7 @@ def hop_forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float, *
     """
     from mmgrow.ops.ring import merge_into  # the ring imports this module
 
-    pieces = _use_fused(q, plan, fused, max_piece)
+    pieces = fused_pieces(q, plan, fused, max_piece)
     if pieces is None:
         o, l = forward_tiles(q, k, v, plan, scale)
         return (o, l) if into is None else merge_into(*into, o, l)
@@ -250,7 +251,6 @@ def hop_forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float, *
         lse = q.new_full(q.shape[:-1], float("-inf"), dtype=acc)
     else:
         out, lse = into
-    seen: set[tuple[int, int]] = set() if into is None else {(p.qs.start, p.qs.stop) for p in pieces}
     for p in pieces:
         qp = q[:, :, p.qs]
         if p.kind == "tiles":
@@ -259,13 +259,9 @@ def hop_forward(q: Tensor, k: Tensor, v: Tensor, plan: TilePlan, scale: float, *
             o, l = _fused_forward(qp.to(kdt), _expand_kv(k[:, :, p.ks].to(kdt), H), _expand_kv(v[:, :, p.ks].to(kdt), H),
                                   p.kind == "causal", scale)
             o, l = o.to(acc), l.to(acc)
-        key = (p.qs.start, p.qs.stop)
-        if key in seen:
-            merge_into(out[:, :, p.qs], lse[:, :, p.qs], o, l)
-        else:
-            out[:, :, p.qs] = o
-            lse[:, :, p.qs] = l
-        seen.add(key)
+        # always a merge: pieces of one query row may cover different query ranges (a tiles pair is not
+        # cut), and merging into the initial 0 / -inf rows is exact (weight 0 on them)
+        merge_into(out[:, :, p.qs], lse[:, :, p.qs], o, l)
     return out, lse
 
 
@@ -291,7 +287,7 @@ def hop_backward(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, lse: Tensor, del
     ``delta``. ``dk_into``, ``dv_into``: like ``dq_into`` for the key and value gradients (accumulation
     dtype, shaped like ``k``, ``v``): the lean ring adds each hop into its travelling accumulators.
     """
-    pieces = _use_fused(q, plan, fused, max_piece)
+    pieces = fused_pieces(q, plan, fused, max_piece)
     kout = None
     if pieces is not None:
         kout = out if out is not None else _kernel_out(dout.to(accumulation_dtype(q.dtype)),
