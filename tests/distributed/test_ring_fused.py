@@ -14,11 +14,14 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from mmgrow.ops import ring as ring_module
 from mmgrow.ops import ring_hop
 from mmgrow.ops.attention_ref import dense_attention
 from mmgrow.ops.blockwise import TilePlan, backward_tiles, forward_tiles
@@ -196,10 +199,58 @@ def _ring_case(rank: int, world_size: int, case, layout: str, overlap: bool) -> 
     return {"errors": errors, "fused_calls": stats.fused_calls}
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while active and still alive (what the ring allocates)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                storage = t.untyped_storage()
+                self.live[storage.data_ptr()] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._free, storage.data_ptr())
+        return out
+
+
+def _ring_peak_bytes(rank: int, world_size: int, overlap: bool) -> int:
+    """Peak live bytes the ring allocates in one forward + backward (causal, zigzag, float64, T_local = 32)."""
+    T, H = 64, 2
+    cp = ContextParallel(group=dist.group.WORLD, rank=rank, world_size=world_size, layout="zigzag")
+    index = shard_indices(T, world_size, rank, "zigzag")
+    meta = _meta(index.tolist(), B=1)
+    q, k, v = (_rand(1, H, T // world_size, 16, seed=i).requires_grad_() for i in range(3))
+    g = _rand(1, H, T // world_size, 16, seed=5)
+    ring_attention(q, k, v, meta, MaskSpec(), cp, q_block=8, k_block=8, overlap=overlap)[0].backward(g)  # warm up
+    q.grad = k.grad = v.grad = None
+    mode = _LiveBytes()
+    for t in (q, k, v, g):  # the inputs are not the ring's allocations
+        mode.live[t.untyped_storage().data_ptr()] = 0
+    with mode:
+        out, _ = ring_attention(q, k, v, meta, MaskSpec(), cp, q_block=8, k_block=8, overlap=overlap)
+        out.backward(g)
+        del out
+    return mode.peak
+
+
 def _ring_worker(rank: int, world_size: int) -> list:
+    ring_module.LEAN_CHUNK = 5  # chunks smaller than a zigzag half, ragged, crossing its run boundary
     rows = []
     for case, layout, overlap in itertools.product(RING_CASES, ("zigzag", "contiguous"), (True, False)):
         rows.append((case[0], layout, overlap, _ring_case(rank, world_size, case, layout, overlap)))
+    if world_size == 2:
+        ring_module.LEAN_CHUNK = 4
+        rows.append(("peak bytes", None, None, {True: _ring_peak_bytes(rank, world_size, True),
+                                                 False: _ring_peak_bytes(rank, world_size, False)}))
     return rows
 
 
@@ -216,9 +267,24 @@ def test_fused_ring_matches_the_float64_oracle(world_size: int) -> None:
     fused_by_case: dict[str, int] = {}
     for rank_rows in _launch(world_size):
         for name, layout, overlap, row in rank_rows:
+            if name == "peak bytes":
+                continue
             bad = {k: e for k, e in row["errors"].items() if not e < TOL}
             assert not bad, f"W={world_size} {name} {layout} overlap={overlap}: {bad}"
             fused_by_case[name] = fused_by_case.get(name, 0) + row["fused_calls"]
     for name, _, _, _, _, must_fuse in RING_CASES:
         if must_fuse:
             assert fused_by_case[name] > 0, f"{name}: the fused kernel never ran in the ring"
+
+
+@pytest.mark.slow
+def test_lean_ring_allocates_chunks_not_shards() -> None:
+    """Tensor bytes the ring allocates (2 ranks, T_local = 32, 4-token chunks): the lean mode stays within
+    its outputs (out, dq, dk, dv: 4 shard-sized tensors) plus two shards' worth of chunk buffers and plan
+    facts (measured: 5.7); the overlapped mode holds at least four more shard-sized buffers (in-flight
+    K/V, travelling and arriving dK/dV; measured: 12.8)."""
+    shard_bytes = 1 * 2 * 32 * 16 * 8  # [B, H, T_local, hd] float64
+    for rank_rows in _launch(2):
+        peaks = next(row for name, _, _, row in rank_rows if name == "peak bytes")
+        assert peaks[False] <= 6 * shard_bytes, peaks
+        assert peaks[True] >= peaks[False] + 4 * shard_bytes, peaks
