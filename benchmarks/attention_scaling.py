@@ -30,6 +30,7 @@ during one more pass minus the resident set before it (:class:`PeakRSS`). CUDA: 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import math
 import platform
@@ -335,15 +336,17 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, " \
         f"{torch.get_num_threads()} threads"
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"attention_{args.device}.json")
+    merged: list[str] = []
     if args.merge and out.exists():  # keep the rows not re-measured now (and their order)
         old = json.loads(out.read_text())
         new = {(r["method"], r["T"]): r for r in rows}
+        merged = [f"{m} T={T}" for m, T in new]
         kept = [new.pop((r["method"], r["T"]), r) for r in old["rows"]]
         rows = kept + list(new.values())
         methods = list(dict.fromkeys(r["method"] for r in rows))
         args.lengths = sorted({r["T"] for r in rows})
     summary = summarise(rows, methods, args.lengths)
-    result = {"on": args.device, "device": device_name, "dtype": str(dtype), "heads": heads, "head_dim": args.head_dim,
+    result = {"on": args.device, "merged": merged, "device": device_name, "dtype": str(dtype), "heads": heads, "head_dim": args.head_dim,
               "window": WINDOW, "block": BLOCK, "torch": torch.__version__, "rows": rows, "summary": summary}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -375,8 +378,13 @@ def write_doc(result: dict, args: argparse.Namespace) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = sorted({r["T"] for r in rows})
     by = {(r["method"], r["T"]): r for r in rows}
-    table = [[m] + [f"{by[(m, T)]['time_s'] * 1000:.1f} / {by[(m, T)]['peak_mb']:.0f}" if (m, T) in by else "-"
-                    for T in lengths] for m in methods]
+    loaded = set(result.get("merged", []))  # re-measured cells: their times carry a mark (measured under load)
+
+    def cell(m: str, T: int) -> str:
+        mark = "†" if f"{m} T={T}" in loaded else ""
+        return f"{by[(m, T)]['time_s'] * 1000:.1f}{mark} / {by[(m, T)]['peak_mb']:.0f}" if (m, T) in by else "-"
+
+    table = [[m] + [cell(m, T) for T in lengths] for m in methods]
     s = result["summary"]
     goals = []
     if result["on"] == "cuda":  # the goals are CPU goals; on a GPU, report the fused kernels
@@ -399,9 +407,16 @@ def write_doc(result: dict, args: argparse.Namespace) -> None:
         if key.endswith("_peak_times_P_over_blockwise"):
             goals.append(f"{key.split('_peak')[0]} per-rank peak x P / blockwise peak: {value:.2f} (goal <= 1.3)")
     cmd = f"python benchmarks/attention_scaling.py --device {args.device}" + (f" --dtype {args.dtype}" if args.dtype else "")
+    if result.get("merged"):  # say which cells this run re-measured
+        cmd += " --merge --methods ... --lengths ..."
+        goals.append(f"Cells re-measured on {_dt.date.today().isoformat()} with `--merge`: "
+                     f"{', '.join(result['merged'])}; all other cells come from the previous full run. The "
+                     "re-measured cells ran on a shared, loaded CPU: their memory is reliable, their times (marked "
+                     "†) are not (measured under load).")
     note = (f"Cells: median time of one forward+backward (ms) / peak memory above the inputs (MB); {result['dtype']}, "
             f"B=1, H={result['heads']}, head_dim={result['head_dim']}, causal, window {WINDOW}, tiles {BLOCK}. "
-            "ring_P: per rank, P processes on the same machine.\n\n" + "\n".join(f"- {g}" for g in goals))
+            "ring_P: per rank, P processes on the same machine (overlapped ring); ringlean_P: the lean mode "
+            "(`overlap=False`).\n\n" + "\n".join(f"- {g}" for g in goals))
     update_benchmarks_md(f"attention_{args.device}", f"Attention backends vs sequence length ({args.device})", cmd,
                          result["device"], ["method"] + [f"T={T}" for T in lengths], table, note)
 
