@@ -290,22 +290,38 @@ def _forward_overlapped(q, k, v, plan, tile_plans, cp, scale, fused):
     return out, lse, sent
 
 
+def _lean_steps(schedule: dict[int, list[_LeanStep]]) -> list[tuple[int, _LeanStep]]:
+    return [(d, step) for d, steps in schedule.items() for step in steps]
+
+
+def _post_kv(cp: ContextParallel, k: Tensor, v: Tensor, steps: list, i: int) -> tuple | None:
+    """Post the K and V chunk exchange of step ``i`` (None past the end): (requests, k chunk, v chunk)."""
+    if i >= len(steps):
+        return None
+    d, step = steps[i]
+    req_k, k_c = _kv_chunk(cp, k, step, d)
+    req_v, v_c = _kv_chunk(cp, v, step, d)
+    return req_k + req_v, k_c, v_c
+
+
 def _forward_lean(q, k, v, plan, tile_plans, cp, scale, fused, schedule):
     """Hop 0 on the local shard, then for hop ``d`` each needed key chunk of rank ``r - d`` straight from
-    its owner (which sends it from its own K/V: no rank keeps a copy of a whole shard), no overlap."""
+    its owner (which sends it from its own K/V: no rank keeps a copy of a whole shard). The next chunk's
+    transfer is posted before this chunk is computed, so transfers overlap compute one chunk ahead."""
     acc = accumulation_dtype(q.dtype)
     out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+    steps = _lean_steps(schedule)
+    pending = _post_kv(cp, k, v, steps, 0)
     if 0 in tile_plans:
         hop_forward(q, k, v, tile_plans[0], scale, fused=fused, max_piece=LEAN_CHUNK, into=(out, lse))
-    for d, steps in schedule.items():
-        for step in steps:
-            req_k, k_c = _kv_chunk(cp, k, step, d)
-            req_v, v_c = _kv_chunk(cp, v, step, d)
-            _wait(req_k + req_v)
-            if step.recv is not None:
-                hop_forward(q, k_c, v_c, step.recv, scale, fused=fused, max_piece=LEAN_CHUNK, into=(out, lse))
-            del k_c, v_c
+    for i, (_, step) in enumerate(steps):
+        requests, k_c, v_c = pending
+        pending = _post_kv(cp, k, v, steps, i + 1)
+        _wait(requests)
+        if step.recv is not None:
+            hop_forward(q, k_c, v_c, step.recv, scale, fused=fused, max_piece=LEAN_CHUNK, into=(out, lse))
+        del k_c, v_c
     return out, lse, plan.n_hops
 
 
@@ -357,33 +373,44 @@ def _backward_overlapped(ctx, q, k, v, dout, lse, delta, kernel_out, dq):
 
 def _backward_lean(ctx, q, k, v, dout, lse, delta, kernel_out, dq):
     """``(dK, dV)`` of this rank's shard: hop 0 adds into them directly; for hop ``d`` each needed key
-    chunk comes from its owner ``r - d``, and its partial ``dK, dV`` go straight back to it (while ours
-    come back from ``r + d``), chunk by chunk, no overlap."""
+    chunk comes from its owner ``r - d`` (posted one chunk ahead), and its partial ``dK, dV`` go straight
+    back to it while ours come back from ``r + d`` (added one chunk later, so that transfer overlaps too)."""
     cp, scale = ctx.cp, ctx.scale
     r, W = cp.rank, cp.world_size
     acc = accumulation_dtype(q.dtype)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     opts = {"out": kernel_out, "fused": ctx.fused, "max_piece": LEAN_CHUNK}
+    steps = _lean_steps(ctx.schedule)
+    pending = _post_kv(cp, k, v, steps, 0)
     if 0 in ctx.tile_plans:
         hop_backward(q, k, v, dout, lse, delta, ctx.tile_plans[0], scale, dq_into=dq, dk_into=dk, dv_into=dv, **opts)
-    for d, steps in ctx.schedule.items():
-        for step in steps:
-            req_k, k_c = _kv_chunk(cp, k, step, d)
-            req_v, v_c = _kv_chunk(cp, v, step, d)
-            _wait(req_k + req_v)
-            send = []
-            if step.recv is not None:
-                _, dk_c, dv_c = hop_backward(q, k_c, v_c, dout, lse, delta, step.recv, scale, dq_into=dq, **opts)
-                send = [dk_c, dv_c]
-            del k_c, v_c
-            shape = (*k.shape[:2], step.b - step.a, k.shape[-1])
-            recv = [torch.empty(shape, dtype=acc, device=k.device) for _ in range(2)] if step.send else []
-            _wait(_exchange(cp, send, recv, (r - d) % W, (r + d) % W, _TAG_GRAD))
+    arriving = None  # (requests, receive buffers, step) of the previous chunk's partial gradients
+
+    def land(arriving) -> None:
+        if arriving is not None:
+            requests, recv, step = arriving
+            _wait(requests)
             if recv:
                 dk[:, :, step.a:step.b] += recv[0]
                 dv[:, :, step.a:step.b] += recv[1]
-            del send, recv
+
+    for i, (d, step) in enumerate(steps):
+        requests, k_c, v_c = pending
+        pending = _post_kv(cp, k, v, steps, i + 1)
+        _wait(requests)
+        send = []
+        if step.recv is not None:
+            _, dk_c, dv_c = hop_backward(q, k_c, v_c, dout, lse, delta, step.recv, scale, dq_into=dq, **opts)
+            send = [dk_c, dv_c]
+        del k_c, v_c
+        shape = (*k.shape[:2], step.b - step.a, k.shape[-1])
+        recv = [torch.empty(shape, dtype=acc, device=k.device) for _ in range(2)] if step.send else []
+        posted = (_exchange(cp, send, recv, (r - d) % W, (r + d) % W, _TAG_GRAD), recv, step)
+        land(arriving)
+        arriving = posted
+        del send, recv, posted
+    land(arriving)
     return dk, dv
 
 
@@ -413,8 +440,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
             ``dK, dV`` buffers per rank; ``False`` is the lean mode: at hop ``d`` each key chunk of
             :data:`LEAN_CHUNK` tokens comes straight from its owner ``r - d`` and its partial ``dK, dV``
             go straight back, so a rank holds only chunk-sized transfer buffers (no shard copy, no
-            travelling accumulators); transfers no longer hide behind compute, and the messages are
-            many and small.
+            travelling accumulators); transfers overlap compute one chunk ahead only, and the messages
+            are many and small.
 
     Returns:
         ``(out [B, H, T_local, hd] in q's dtype, lse [B, H, T_local] in float32, float64 for float64
