@@ -340,7 +340,7 @@ def main() -> None:
     if args.merge and out.exists():  # keep the rows not re-measured now (and their order)
         old = json.loads(out.read_text())
         new = {(r["method"], r["T"]): r for r in rows}
-        merged = [f"{m} T={T}" for m, T in new]
+        merged = list(dict.fromkeys(old.get("merged", []) + [f"{m} T={T}" for m, T in new]))  # since the full run
         kept = [new.pop((r["method"], r["T"]), r) for r in old["rows"]]
         rows = kept + list(new.values())
         methods = list(dict.fromkeys(r["method"] for r in rows))
