@@ -12,8 +12,8 @@ Methods (all causal, ``B = 1``; ``W`` = window):
 * ``flex`` / ``flex_window`` (CUDA only): FlexAttention with a block mask (:mod:`mmgrow.ops.flex`);
 * ``ring_P`` (CPU only): :func:`mmgrow.ops.ring.ring_attention` over ``P`` gloo processes holding
   ``T / P`` tokens each (zigzag layout, fused per-hop kernel); time and memory are per rank (the slowest /
-  largest rank); ``ringlean_P``: the same in the lean mode (``overlap=False``: one K/V and ``dK, dV``
-  copy rotated in place, no transfer hidden behind compute).
+  largest rank); ``ringlean_P``: the same in the lean mode (``lean=True``: K/V chunks straight from
+  their owner, partial ``dK, dV`` straight back).
 
 CPU: every (method, T) runs in a fresh subprocess. Time is the median of ``--repeats`` passes after a
 first (warm-up) pass. Then freed memory is made to leave the resident set (glibc
@@ -194,7 +194,7 @@ def measure_cpu(method: str, T: int, repeats: int, heads: int, head_dim: int) ->
 
 
 def _ring_worker(rank: int, world: int, T: int, repeats: int, heads: int, head_dim: int, store_path: str,
-                 results, overlap: bool) -> None:
+                 results, lean: bool) -> None:
     import torch.distributed as dist
 
     from mmgrow.ops.ring import ring_attention
@@ -215,7 +215,7 @@ def _ring_worker(rank: int, world: int, T: int, repeats: int, heads: int, head_d
     meta = TokenMeta(index, index)
 
     def run(q=q, k=k, v=v, grad=grad, meta=meta):
-        out, _ = ring_attention(q, k, v, meta, _spec(False), cp, q_block=BLOCK, k_block=BLOCK, overlap=overlap)
+        out, _ = ring_attention(q, k, v, meta, _spec(False), cp, q_block=BLOCK, k_block=BLOCK, lean=lean)
         torch.autograd.backward(out, grad)
         for t in (q, k, v):
             t.grad = None
@@ -237,16 +237,16 @@ def _ring_worker(rank: int, world: int, T: int, repeats: int, heads: int, head_d
     dist.destroy_process_group()
 
 
-def measure_ring(world: int, T: int, repeats: int, heads: int, head_dim: int, overlap: bool = True) -> dict:
+def measure_ring(world: int, T: int, repeats: int, heads: int, head_dim: int, lean: bool = False) -> dict:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_ring_worker, args=(world, T, repeats, heads, head_dim, f"{tmp}/store", results, overlap),
+        mp.start_processes(_ring_worker, args=(world, T, repeats, heads, head_dim, f"{tmp}/store", results, lean),
                            nprocs=world, start_method="spawn")
         rows = [results.get() for _ in range(world)]
-    return {"method": f"{'ring' if overlap else 'ringlean'}_{world}", "T": T, "time_s": max(r[1] for r in rows), "peak_mb": max(r[2] for r in rows),
+    return {"method": f"{'ringlean' if lean else 'ring'}_{world}", "T": T, "time_s": max(r[1] for r in rows), "peak_mb": max(r[2] for r in rows),
             "per_rank": sorted(rows)}
 
 
@@ -308,7 +308,7 @@ def main() -> None:
     if args.worker:  # one CPU measurement in this fresh process
         method, T = args.worker[0], int(args.worker[1])
         row = (measure_ring(int(method.split("_")[1]), T, args.repeats, heads, args.head_dim,
-                            overlap=method.startswith("ring_"))
+                            lean=method.startswith("ringlean_"))
                if method.startswith(("ring_", "ringlean_")) else measure_cpu(method, T, args.repeats, heads, args.head_dim))
         print(json.dumps(row))
         return
@@ -416,7 +416,7 @@ def write_doc(result: dict, args: argparse.Namespace) -> None:
     note = (f"Cells: median time of one forward+backward (ms) / peak memory above the inputs (MB); {result['dtype']}, "
             f"B=1, H={result['heads']}, head_dim={result['head_dim']}, causal, window {WINDOW}, tiles {BLOCK}. "
             "ring_P: per rank, P processes on the same machine (overlapped ring); ringlean_P: the lean mode "
-            "(`overlap=False`).\n\n" + "\n".join(f"- {g}" for g in goals))
+            "(`lean=True`).\n\n" + "\n".join(f"- {g}" for g in goals))
     update_benchmarks_md(f"attention_{args.device}", f"Attention backends vs sequence length ({args.device})", cmd,
                          result["device"], ["method"] + [f"T={T}" for T in lengths], table, note)
 

@@ -209,13 +209,13 @@ def _kv_chunk(cp: ContextParallel, x: Tensor, step: _LeanStep, d: int) -> tuple[
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused, overlap):
+    def forward(ctx, q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused, lean):
         ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the fused backward reads out as is
         plan = RingPlan.build(meta, spec, cp, q_block, k_block, owner=plan_owner)
         acc = accumulation_dtype(q.dtype)
         tile_plans = {hop: TilePlan(meta, plan.metas[plan.source(hop)], spec, q_block, k_block)
                       for hop in range(plan.n_hops + 1) if plan.computes(hop)}
-        if overlap:
+        if not lean:
             out, lse, sent = _forward_overlapped(q, k, v, plan, tile_plans, cp, scale, fused)
         else:
             ctx.schedule = _lean_schedule(plan, spec, q_block, k_block)
@@ -226,13 +226,13 @@ class _RingAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.tile_plans, ctx.cp, ctx.scale, ctx.stats = plan, tile_plans, cp, scale, stats
-        ctx.fused, ctx.overlap = fused, overlap
+        ctx.fused, ctx.lean = fused, lean
         if stats is not None:
             computed = sum(t.tiles_needed for t in tile_plans.values())
             grid = cp.world_size * -(-q.shape[2] // q_block) * -(-k.shape[2] // k_block)
             stats.hops_planned, stats.hops_sent, stats.hops_computed = plan.n_hops, sent, len(tile_plans)
             stats.tiles_computed, stats.tiles_skipped = computed, grid - computed
-            stats.fused_calls = _count_fused(q, tile_plans, ctx.schedule if not overlap else None, fused)
+            stats.fused_calls = _count_fused(q, tile_plans, ctx.schedule if lean else None, fused)
         return out, lse
 
     @staticmethod
@@ -242,7 +242,7 @@ class _RingAttention(torch.autograd.Function):
         delta = _output_delta(out, dout, dlse)
         kernel_out = out if dlse is None else None  # with a d lse term the hop derives an out' from delta
         dq = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
-        run = _backward_overlapped if ctx.overlap else _backward_lean
+        run = _backward_lean if ctx.lean else _backward_overlapped
         dk, dv = run(ctx, q, k, v, dout, lse, delta, kernel_out, dq)
         if ctx.stats is not None:
             ctx.stats.backward_hops_sent = ctx.plan.n_hops
@@ -417,7 +417,7 @@ def _backward_lean(ctx, q, k, v, dout, lse, delta, kernel_out, dq):
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskSpec, cp: ContextParallel | None, *,
                    scale: float | None = None, q_block: int = DEFAULT_BLOCK, k_block: int = DEFAULT_BLOCK,
                    stats: RingStats | None = None, plan_owner: Any | None = None,
-                   fused: Fused = "auto", overlap: bool = True) -> tuple[Tensor, Tensor]:
+                   fused: Fused = "auto", lean: bool = False) -> tuple[Tensor, Tensor]:
     """Exact masked attention of this rank's queries over the keys of every rank of ``cp``.
 
     Args:
@@ -436,12 +436,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
         fused: per-hop kernel (:mod:`mmgrow.ops.ring_hop`): ``"auto"`` runs the fused SDPA kernel with
             LSE on the pieces of a hop it can express (CPU flash, CUDA memory-efficient), tiles elsewhere;
             ``False`` forces the tile kernels; ``True`` raises where the device/dtype has no fused kernel.
-        overlap: ``True`` (default) overlaps every transfer with compute, at the cost of second K/V and
-            ``dK, dV`` buffers per rank; ``False`` is the lean mode: at hop ``d`` each key chunk of
+        lean: ``False`` (default): whole K/V shards travel round the ring with the next hop's transfer
+            and the travelling ``dK, dV`` in flight during each hop's compute (second K/V and ``dK, dV``
+            buffers per rank). ``True``, the lean mode: at hop ``d`` each key chunk of
             :data:`LEAN_CHUNK` tokens comes straight from its owner ``r - d`` and its partial ``dK, dV``
-            go straight back, so a rank holds only chunk-sized transfer buffers (no shard copy, no
-            travelling accumulators); transfers overlap compute one chunk ahead only, and the messages
-            are many and small.
+            go straight back, so a rank holds only chunk-sized transfer buffers besides its outputs;
+            transfers overlap compute one chunk ahead, with many small messages and kernel calls.
 
     Returns:
         ``(out [B, H, T_local, hd] in q's dtype, lse [B, H, T_local] in float32, float64 for float64
@@ -464,4 +464,4 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
             stats.tiles_computed, stats.tiles_skipped = tiles.tiles_needed, tiles.tiles_total - tiles.tiles_needed
         return blockwise_attention(q, k, v, meta, meta, spec, scale=scale, q_block=q_block, k_block=k_block)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _RingAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused, overlap)
+    return _RingAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused, lean)

@@ -169,7 +169,7 @@ RING_CASES = [  # (name, spec, H, Hk, segments, fused must run)
 SEQ = {2: 32, 3: 48, 4: 64}
 
 
-def _ring_case(rank: int, world_size: int, case, layout: str, overlap: bool) -> dict:
+def _ring_case(rank: int, world_size: int, case, layout: str, lean: bool) -> dict:
     _, spec, H, Hk, segments, _ = case
     T = SEQ[world_size]
     cp = ContextParallel(group=dist.group.WORLD, rank=rank, world_size=world_size, layout=layout)
@@ -181,7 +181,7 @@ def _ring_case(rank: int, world_size: int, case, layout: str, overlap: bool) -> 
     meta = TokenMeta(*(None if t is None else t[:, index] for t in full_meta.tensors()))
     q, k, v = (shard(full[n], world_size, rank, layout, dim=2).requires_grad_() for n in ("q", "k", "v"))
     stats = RingStats()
-    out, lse = ring_attention(q, k, v, meta, spec, cp, q_block=3, k_block=4, stats=stats, overlap=overlap)
+    out, lse = ring_attention(q, k, v, meta, spec, cp, q_block=3, k_block=4, stats=stats, lean=lean)
     fin = torch.isfinite(lse)
     loss = (out * shard(full["g"], world_size, rank, layout, dim=2)).sum() + \
         (torch.where(fin, lse, 0.0) * shard(g_lse, world_size, rank, layout, dim=2)).sum()
@@ -222,7 +222,7 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def _ring_peak_bytes(rank: int, world_size: int, overlap: bool) -> int:
+def _ring_peak_bytes(rank: int, world_size: int, lean: bool) -> int:
     """Peak live bytes the ring allocates in one forward + backward (causal, zigzag, float64, T_local = 64)."""
     T, H = 128, 2
     cp = ContextParallel(group=dist.group.WORLD, rank=rank, world_size=world_size, layout="zigzag")
@@ -230,13 +230,13 @@ def _ring_peak_bytes(rank: int, world_size: int, overlap: bool) -> int:
     meta = _meta(index.tolist(), B=1)
     q, k, v = (_rand(1, H, T // world_size, 16, seed=i).requires_grad_() for i in range(3))
     g = _rand(1, H, T // world_size, 16, seed=5)
-    ring_attention(q, k, v, meta, MaskSpec(), cp, q_block=8, k_block=8, overlap=overlap)[0].backward(g)  # warm up
+    ring_attention(q, k, v, meta, MaskSpec(), cp, q_block=8, k_block=8, lean=lean)[0].backward(g)  # warm up
     q.grad = k.grad = v.grad = None
     mode = _LiveBytes()
     for t in (q, k, v, g):  # the inputs are not the ring's allocations
         mode.live[t.untyped_storage().data_ptr()] = 0
     with mode:
-        out, _ = ring_attention(q, k, v, meta, MaskSpec(), cp, q_block=8, k_block=8, overlap=overlap)
+        out, _ = ring_attention(q, k, v, meta, MaskSpec(), cp, q_block=8, k_block=8, lean=lean)
         out.backward(g)
         del out
     return mode.peak
@@ -245,12 +245,12 @@ def _ring_peak_bytes(rank: int, world_size: int, overlap: bool) -> int:
 def _ring_worker(rank: int, world_size: int) -> list:
     ring_module.LEAN_CHUNK = 5  # chunks smaller than a zigzag half, ragged, crossing its run boundary
     rows = []
-    for case, layout, overlap in itertools.product(RING_CASES, ("zigzag", "contiguous"), (True, False)):
-        rows.append((case[0], layout, overlap, _ring_case(rank, world_size, case, layout, overlap)))
+    for case, layout, lean in itertools.product(RING_CASES, ("zigzag", "contiguous"), (False, True)):
+        rows.append((case[0], layout, lean, _ring_case(rank, world_size, case, layout, lean)))
     if world_size == 2:
         ring_module.LEAN_CHUNK = 4
-        rows.append(("peak bytes", None, None, {True: _ring_peak_bytes(rank, world_size, True),
-                                                 False: _ring_peak_bytes(rank, world_size, False)}))
+        rows.append(("peak bytes", None, None, {"overlapped": _ring_peak_bytes(rank, world_size, False),
+                                                 "lean": _ring_peak_bytes(rank, world_size, True)}))
     return rows
 
 
@@ -266,11 +266,11 @@ def test_fused_ring_matches_the_float64_oracle(world_size: int) -> None:
     dq, dk, dv within 1e-12 of dense float64 attention over the whole sequence, on every rank."""
     fused_by_case: dict[str, int] = {}
     for rank_rows in _launch(world_size):
-        for name, layout, overlap, row in rank_rows:
+        for name, layout, lean, row in rank_rows:
             if name == "peak bytes":
                 continue
             bad = {k: e for k, e in row["errors"].items() if not e < TOL}
-            assert not bad, f"W={world_size} {name} {layout} overlap={overlap}: {bad}"
+            assert not bad, f"W={world_size} {name} {layout} lean={lean}: {bad}"
             fused_by_case[name] = fused_by_case.get(name, 0) + row["fused_calls"]
     for name, _, _, _, _, must_fuse in RING_CASES:
         if must_fuse:
@@ -286,5 +286,5 @@ def test_lean_ring_allocates_chunks_not_shards() -> None:
     shard_bytes = 1 * 2 * 64 * 16 * 8  # [B, H, T_local, hd] float64
     for rank_rows in _launch(2):
         peaks = next(row for name, _, _, row in rank_rows if name == "peak bytes")
-        assert peaks[False] <= 6 * shard_bytes, peaks
-        assert peaks[True] >= peaks[False] + 4 * shard_bytes, peaks
+        assert peaks["lean"] <= 6 * shard_bytes, peaks
+        assert peaks["overlapped"] >= peaks["lean"] + 4 * shard_bytes, peaks
