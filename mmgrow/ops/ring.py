@@ -11,8 +11,10 @@ computes the same ``needed[r][s]`` matrix from conservative tile tests and the s
 computed (a window or non-crossing documents shorten the ring); a hop whose pair is not needed on
 this rank computes nothing (its K/V still pass through for the ranks further on).
 
-**Forward.** Hop ``d`` computes this shard's partial attention against source ``s`` with the
-blockwise kernel, ``(O_d, lse_d) = forward_tiles(q, K_s, V_s)``, and folds it into the running pair
+**Forward.** Hop ``d`` computes this shard's partial attention against source ``s``,
+``(O_d, lse_d) = hop_forward(q, K_s, V_s)`` (:mod:`mmgrow.ops.ring_hop`: a fused SDPA kernel with
+LSE on the parts of the hop a kernel can express, the tile kernels of :mod:`mmgrow.ops.blockwise`
+elsewhere), and folds it into the running pair
 with the log-sum-exp merge, in float32 (float64 for float64 inputs) whatever the input dtype:
 
 .. math::
@@ -30,16 +32,25 @@ Rows that see no key anywhere return ``O = 0``, ``lse = -inf``.
 whenever a hop's compute outlasts one K/V transfer.
 
 **Backward** (custom autograd): ``delta = rowsum(dO * O) - d lse`` once, then the hops again with
-the *final* ``lse``: every hop adds ``backward_tiles(q, K_s, V_s, dO, lse, delta)`` to the local ``dQ``
+the *final* ``lse``: every hop adds ``hop_backward(q, K_s, V_s, dO, lse, delta)`` to the local ``dQ``
 and to a float32 ``dK_s, dV_s`` accumulator that travels with ``K_s, V_s``. The accumulator
 received from the previous rank is waited for only after this hop's own contribution is computed,
 so both transfers overlap compute. After the last hop rank ``r`` holds the complete gradient of
 source ``(r - n_hops) mod W`` (every rank that needed it has added its part) and sends it straight
 home (one more ring step when ``n_hops = W - 1``).
 
-**Memory.** Per rank: the blockwise kernel's ``O(T_local * block)`` activations, two K/V buffers
-(current and in-flight) and, in the backward, two float32 ``dK, dV`` accumulators; the saved tensors
-are ``q, k, v, O, lse`` of the local shard only.
+**Memory.** Per rank: the hop kernels' buffers, two K/V buffers (current and in-flight) and, in the
+backward, this hop's ``dK, dV`` plus the outgoing and the arriving float32 accumulators; the saved
+tensors are ``q, k, v, O, lse`` of the local shard only. About 12 shard-sized tensors at the backward's
+peak: 2.0x (P = 2) and 3.5x (P = 4) the single-process blockwise peak summed over ranks.
+
+**Lean mode** (``lean=True``). No whole shard travels: at hop ``d`` every key chunk of
+:data:`LEAN_CHUNK` tokens that rank ``r`` needs comes straight from its owner ``r - d`` (sent from the
+owner's own K/V), and its partial ``dK, dV`` go straight back to the owner, which adds them into its
+gradient: no travelling accumulators, no final trip home. A rank holds its outputs (``O, dQ, dK,
+dV``) plus chunk-sized buffers: 0.9x (P = 2) and 1.07x (P = 4) the blockwise peak at T = 16K. The
+next chunk is posted before the current one is computed (overlap one chunk ahead); the cost is many
+small messages and kernel calls.
 
 **Why float32 accumulators.** Partial outputs, LSEs and ``dK/dV`` summed over ``W`` hops in a low
 precision (bf16) lose bits at every merge, so the error grows with the ring size and the backward
