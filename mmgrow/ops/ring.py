@@ -218,6 +218,28 @@ def _kv_chunk(cp: ContextParallel, x: Tensor, step: _LeanStep, d: int) -> tuple[
     return requests, (recv[0] if recv else None)
 
 
+class _LocalAttention(torch.autograd.Function):
+    """One process (``W = 1``): the single hop over the local keys, fused where the mask allows."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tiles, scale, fused):
+        ctx.set_materialize_grads(False)
+        out, lse = hop_forward(q, k, v, tiles, scale, fused=fused, max_piece=_overlap_piece(q))
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.tiles, ctx.scale, ctx.fused = tiles, scale, fused
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        delta = _output_delta(out, dout, dlse)
+        dq, dk, dv = hop_backward(q, k, v, dout, lse, delta, ctx.tiles, ctx.scale, out=out if dlse is None else None,
+                                  fused=ctx.fused, max_piece=_overlap_piece(q))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused, lean):
@@ -437,8 +459,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
         meta: the mask facts of this rank's tokens with *global* stream indices
             (``TokenMeta.from_context(ctx)`` gives them when ``ctx.cp`` is set).
         spec: the mask rule.
-        cp: the context-parallel group; ``None`` or a world size of 1 runs
-            :func:`~mmgrow.ops.blockwise.blockwise_attention` unchanged.
+        cp: the context-parallel group; ``None`` or a world size of 1 runs the single local hop (fused
+            where the mask allows, else exactly :func:`~mmgrow.ops.blockwise.blockwise_attention`).
         scale: score scale, default ``1 / sqrt(hd)``.
         q_block, k_block: tile sizes of the local computation (and the granularity of the hop plan).
         stats: a :class:`RingStats` to fill in (forward counts; ``backward_hops_sent`` after backward).
@@ -467,12 +489,16 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
                          f"({meta.length}) must cover the same T_local tokens of this rank")
     if q_block < 1 or k_block < 1:
         raise ValueError(f"ring_attention: block sizes must be positive, got {q_block}, {k_block}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if cp is None or cp.world_size == 1:
+        tiles = TilePlan(meta, meta, spec, q_block, k_block)
+        pieces = fused_pieces(q, tiles, fused, _overlap_piece(q))
         if stats is not None:
-            tiles = TilePlan(meta, meta, spec, q_block, k_block)
             stats.hops_planned = stats.hops_sent = stats.backward_hops_sent = 0
             stats.hops_computed = int(tiles.tiles_needed > 0)
             stats.tiles_computed, stats.tiles_skipped = tiles.tiles_needed, tiles.tiles_total - tiles.tiles_needed
-        return blockwise_attention(q, k, v, meta, meta, spec, scale=scale, q_block=q_block, k_block=k_block)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+            stats.fused_calls = sum(p.kind != "tiles" for p in pieces or ())
+        if pieces is None:  # nothing for a fused kernel: exactly the blockwise kernel
+            return blockwise_attention(q, k, v, meta, meta, spec, scale=scale, q_block=q_block, k_block=k_block)
+        return _LocalAttention.apply(q, k, v, tiles, scale, fused)
     return _RingAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused, lean)
