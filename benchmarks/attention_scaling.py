@@ -11,7 +11,9 @@ Methods (all causal, ``B = 1``; ``W`` = window):
   tiles for ``W = 512``); ``sliding_window_chunks``: the vectorised chunks (the kernel for small windows);
 * ``flex`` / ``flex_window`` (CUDA only): FlexAttention with a block mask (:mod:`mmgrow.ops.flex`);
 * ``ring_P`` (CPU only): :func:`mmgrow.ops.ring.ring_attention` over ``P`` gloo processes holding
-  ``T / P`` tokens each; time and memory are per rank (the slowest / largest rank).
+  ``T / P`` tokens each (zigzag layout, fused per-hop kernel); time and memory are per rank (the slowest /
+  largest rank); ``ringlean_P``: the same in the lean mode (``lean=True``: K/V chunks straight from
+  their owner, partial ``dK, dV`` straight back).
 
 CPU: every (method, T) runs in a fresh subprocess. Time is the median of ``--repeats`` passes after a
 first (warm-up) pass. Then freed memory is made to leave the resident set (glibc
@@ -21,11 +23,14 @@ during one more pass minus the resident set before it (:class:`PeakRSS`). CUDA: 
 
     python benchmarks/attention_scaling.py --device cpu                     # float32, the CPU table
     python benchmarks/attention_scaling.py --device cuda --dtype bfloat16   # the GPU table
+    python benchmarks/attention_scaling.py --methods blockwise ring_2 ringlean_2 --lengths 16384 --merge
+        # re-measure some rows and merge them into the saved result (and the doc table)
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import math
 import platform
@@ -189,7 +194,7 @@ def measure_cpu(method: str, T: int, repeats: int, heads: int, head_dim: int) ->
 
 
 def _ring_worker(rank: int, world: int, T: int, repeats: int, heads: int, head_dim: int, store_path: str,
-                 results) -> None:
+                 results, lean: bool) -> None:
     import torch.distributed as dist
 
     from mmgrow.ops.ring import ring_attention
@@ -210,7 +215,7 @@ def _ring_worker(rank: int, world: int, T: int, repeats: int, heads: int, head_d
     meta = TokenMeta(index, index)
 
     def run(q=q, k=k, v=v, grad=grad, meta=meta):
-        out, _ = ring_attention(q, k, v, meta, _spec(False), cp, q_block=BLOCK, k_block=BLOCK)
+        out, _ = ring_attention(q, k, v, meta, _spec(False), cp, q_block=BLOCK, k_block=BLOCK, lean=lean)
         torch.autograd.backward(out, grad)
         for t in (q, k, v):
             t.grad = None
@@ -232,16 +237,16 @@ def _ring_worker(rank: int, world: int, T: int, repeats: int, heads: int, head_d
     dist.destroy_process_group()
 
 
-def measure_ring(world: int, T: int, repeats: int, heads: int, head_dim: int) -> dict:
+def measure_ring(world: int, T: int, repeats: int, heads: int, head_dim: int, lean: bool = False) -> dict:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_ring_worker, args=(world, T, repeats, heads, head_dim, f"{tmp}/store", results),
+        mp.start_processes(_ring_worker, args=(world, T, repeats, heads, head_dim, f"{tmp}/store", results, lean),
                            nprocs=world, start_method="spawn")
         rows = [results.get() for _ in range(world)]
-    return {"method": f"ring_{world}", "T": T, "time_s": max(r[1] for r in rows), "peak_mb": max(r[2] for r in rows),
+    return {"method": f"{'ringlean' if lean else 'ring'}_{world}", "T": T, "time_s": max(r[1] for r in rows), "peak_mb": max(r[2] for r in rows),
             "per_rank": sorted(rows)}
 
 
@@ -288,6 +293,8 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the measured (method, T) rows of the saved result, keep the others")
     ap.add_argument("--doc-from", default=None, help="rewrite docs/benchmarks.md from a saved JSON result")
     ap.add_argument("--worker", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -300,8 +307,9 @@ def main() -> None:
     heads = args.heads or (8 if cuda else 2)
     if args.worker:  # one CPU measurement in this fresh process
         method, T = args.worker[0], int(args.worker[1])
-        row = (measure_ring(int(method.split("_")[1]), T, args.repeats, heads, args.head_dim)
-               if method.startswith("ring_") else measure_cpu(method, T, args.repeats, heads, args.head_dim))
+        row = (measure_ring(int(method.split("_")[1]), T, args.repeats, heads, args.head_dim,
+                            lean=method.startswith("ringlean_"))
+               if method.startswith(("ring_", "ringlean_")) else measure_cpu(method, T, args.repeats, heads, args.head_dim))
         print(json.dumps(row))
         return
 
@@ -309,7 +317,8 @@ def main() -> None:
     methods = args.methods or (["dense", "sdpa", "sdpa_window_mask", "flex", "flex_window", "blockwise",
                                 "sliding_window", "sliding_window_chunks"] if cuda else
                                ["dense", "sdpa", "sdpa_window_mask", "blockwise", "sliding_window",
-                                "sliding_window_chunks"] + [f"ring_{p}" for p in args.rings])
+                                "sliding_window_chunks"] + [f"{kind}_{p}" for kind in ("ring", "ringlean")
+                                                              for p in args.rings])
     rows = []
     for T in args.lengths:
         for method in methods:
@@ -326,10 +335,19 @@ def main() -> None:
             print(f"{method:>18} T={T:>6}  {row['time_s'] * 1000:10.1f} ms  peak {row['peak_mb']:9.1f} MB", flush=True)
     device_name = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, " \
         f"{torch.get_num_threads()} threads"
-    summary = summarise(rows, methods, args.lengths)
-    result = {"on": args.device, "device": device_name, "dtype": str(dtype), "heads": heads, "head_dim": args.head_dim,
-              "window": WINDOW, "block": BLOCK, "torch": torch.__version__, "rows": rows, "summary": summary}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"attention_{args.device}.json")
+    merged: list[str] = []
+    if args.merge and out.exists():  # keep the rows not re-measured now (and their order)
+        old = json.loads(out.read_text())
+        new = {(r["method"], r["T"]): r for r in rows}
+        merged = list(dict.fromkeys(old.get("merged", []) + [f"{m} T={T}" for m, T in new]))  # since the full run
+        kept = [new.pop((r["method"], r["T"]), r) for r in old["rows"]]
+        rows = kept + list(new.values())
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        args.lengths = sorted({r["T"] for r in rows})
+    summary = summarise(rows, methods, args.lengths)
+    result = {"on": args.device, "merged": merged, "device": device_name, "dtype": str(dtype), "heads": heads, "head_dim": args.head_dim,
+              "window": WINDOW, "block": BLOCK, "torch": torch.__version__, "rows": rows, "summary": summary}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps(summary, indent=1))
@@ -347,7 +365,7 @@ def summarise(rows: list[dict], methods: list[str], lengths: list[int]) -> dict:
         s["sliding_window_speedup_vs_masked_sdpa"] = by[("sdpa_window_mask", T)]["time_s"] / by[("sliding_window", T)]["time_s"]
     s["sliding_window_slope_2k_16k"] = slope(rows, "sliding_window", 2048, 16384)
     for m in methods:
-        if m.startswith("ring_") and (m, T) in by and ("blockwise", T) in by:
+        if m.startswith(("ring_", "ringlean_")) and (m, T) in by and ("blockwise", T) in by:
             p = int(m.split("_")[1])
             s[f"{m}_peak_times_P_over_blockwise"] = by[(m, T)]["peak_mb"] * p / by[("blockwise", T)]["peak_mb"]
     return s
@@ -360,8 +378,13 @@ def write_doc(result: dict, args: argparse.Namespace) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = sorted({r["T"] for r in rows})
     by = {(r["method"], r["T"]): r for r in rows}
-    table = [[m] + [f"{by[(m, T)]['time_s'] * 1000:.1f} / {by[(m, T)]['peak_mb']:.0f}" if (m, T) in by else "-"
-                    for T in lengths] for m in methods]
+    loaded = set(result.get("merged", []))  # re-measured cells: their times carry a mark (measured under load)
+
+    def cell(m: str, T: int) -> str:
+        mark = "†" if f"{m} T={T}" in loaded else ""
+        return f"{by[(m, T)]['time_s'] * 1000:.1f}{mark} / {by[(m, T)]['peak_mb']:.0f}" if (m, T) in by else "-"
+
+    table = [[m] + [cell(m, T) for T in lengths] for m in methods]
     s = result["summary"]
     goals = []
     if result["on"] == "cuda":  # the issue's goals are CPU goals; on a GPU, report the fused kernels
@@ -384,9 +407,16 @@ def write_doc(result: dict, args: argparse.Namespace) -> None:
         if key.endswith("_peak_times_P_over_blockwise"):
             goals.append(f"{key.split('_peak')[0]} per-rank peak x P / blockwise peak: {value:.2f} (goal <= 1.3)")
     cmd = f"python benchmarks/attention_scaling.py --device {args.device}" + (f" --dtype {args.dtype}" if args.dtype else "")
+    if result.get("merged"):  # say which cells this run re-measured
+        cmd += " --merge --methods ... --lengths ..."
+        goals.append(f"Cells re-measured on {_dt.date.today().isoformat()} with `--merge`: "
+                     f"{', '.join(result['merged'])}; all other cells come from the previous full run. The "
+                     "re-measured cells ran on a shared, loaded CPU: their memory is reliable, their times (marked "
+                     "†) are not (measured under load).")
     note = (f"Cells: median time of one forward+backward (ms) / peak memory above the inputs (MB); {result['dtype']}, "
             f"B=1, H={result['heads']}, head_dim={result['head_dim']}, causal, window {WINDOW}, tiles {BLOCK}. "
-            "ring_P: per rank, P processes on the same machine.\n\n" + "\n".join(f"- {g}" for g in goals))
+            "ring_P: per rank, P processes on the same machine (overlapped ring); ringlean_P: the lean mode "
+            "(`lean=True`).\n\n" + "\n".join(f"- {g}" for g in goals))
     update_benchmarks_md(f"attention_{args.device}", f"Attention backends vs sequence length ({args.device})", cmd,
                          result["device"], ["method"] + [f"T={T}" for T in lengths], table, note)
 
