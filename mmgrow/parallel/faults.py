@@ -44,6 +44,12 @@ from typing import Any
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 """Seconds a collective may wait for the other ranks (torch's own default is 1800)."""
 
+STARTUP_TIMEOUT_S = 300.0
+"""The rendezvous (``init_process_group``) waits at least this long, whatever ``collective_timeout_s`` says:
+ranks start at different times (imports, a slow node), which is not a stall. The strategies create the
+group with ``max(collective_timeout_s, STARTUP_TIMEOUT_S)`` and then lower it
+(:func:`apply_collective_timeout`)."""
+
 COLLECTIVE_FAILURE_EXIT = 4
 """Exit code of ``mmgrow fit`` when a collective timed out or a peer rank vanished (2: bad input, 3: diverged)."""
 
@@ -68,12 +74,32 @@ def collective_timeout(seconds: Any, owner: str) -> timedelta:
     return timedelta(seconds=float(seconds))
 
 
+def startup_timeout(seconds: float) -> timedelta:
+    """The rendezvous timeout for a collective timeout of ``seconds``: ``max(seconds, STARTUP_TIMEOUT_S)``."""
+    return timedelta(seconds=max(float(seconds), STARTUP_TIMEOUT_S))
+
+
+def apply_collective_timeout(seconds: float, groups: Any = ()) -> None:
+    """Set ``seconds`` as the timeout of the default process group and of ``groups`` (e.g. a device mesh's
+    sub-groups: ``new_group`` gives them torch's default, not the default group's).
+
+    Call after ``init_process_group`` (which ran with :func:`startup_timeout`) on every rank."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=float(seconds))
+    dist.set_timeout(timeout)
+    for group in groups:
+        if group is not None:
+            dist.set_timeout(timeout, group)
+
+
 # ---------------------------------------------------------------------------------------------- recognising
 
 # Backend messages of a collective that could not complete. Lower-case substrings / regexes; the first
 # group of a timeout pattern, where there is one, is the timeout in milliseconds as the backend saw it.
 _TIMEOUT_PATTERNS = (
     re.compile(r"timed out waiting (\d+)\s*ms"),                          # gloo: recv/send of a collective
+    re.compile(r"timed out after (\d+) seconds? waiting for clients"),    # TCPStore rendezvous (s, not ms)
     re.compile(r"ran for (\d+) milliseconds before timing out"),          # NCCL watchdog
     re.compile(r"collective operation timeout"),                          # NCCL watchdog, other wording
     re.compile(r"wait timeout after (\d+)\s*ms"),                         # TCPStore / barrier on the store
@@ -110,8 +136,8 @@ class CollectiveFailure(RuntimeError):
     def __str__(self) -> str:
         limit = f"{self.timeout_s:g} s" if self.timeout_s is not None else "its timeout"
         if self.kind == "timeout":
-            head = (f"a collective did not complete within {limit} (collective_timeout_s): another rank stalled "
-                    f"or died")
+            head = (f"a collective did not complete within {limit} (collective_timeout_s): another rank stalled, "
+                    f"died or did not start")
         else:
             head = (f"a collective lost its peer (connection closed) before the {limit} timeout "
                     f"(collective_timeout_s): another rank died")
@@ -151,7 +177,9 @@ def _classify(exc: BaseException) -> CollectiveFailure | None:
     for pattern in _TIMEOUT_PATTERNS:
         match = pattern.search(low)
         if match:
-            seen_s = float(match.group(1)) / 1000.0 if match.groups() else None
+            seen_s = None
+            if match.groups():
+                seen_s = float(match.group(1)) / (1.0 if "seconds" in pattern.pattern else 1000.0)
             return CollectiveFailure("timeout", _configured_timeout_s or seen_s, first[:300])
     for pattern in _PEER_PATTERNS:
         if pattern.search(low):

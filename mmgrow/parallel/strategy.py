@@ -38,7 +38,13 @@ from typing import Any, Literal
 
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
-from mmgrow.parallel.faults import DEFAULT_COLLECTIVE_TIMEOUT_S, collective_timeout, stop_launched_ranks
+from mmgrow.parallel.faults import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
+    apply_collective_timeout,
+    collective_timeout,
+    startup_timeout,
+    stop_launched_ranks,
+)
 from mmgrow.parallel.sharding import LAYOUTS
 from mmgrow.protocols import ContextParallel
 
@@ -64,7 +70,9 @@ class ContextParallelStrategy(DDPStrategy):
                  collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S, **kwargs: Any) -> None:
         if "timeout" in kwargs:
             raise ValueError("ContextParallelStrategy: give collective_timeout_s (seconds), not timeout")
-        super().__init__(timeout=collective_timeout(collective_timeout_s, type(self).__name__), **kwargs)
+        collective_timeout(collective_timeout_s, type(self).__name__)  # validates
+        # the rendezvous waits longer (ranks start at different times); setup_distributed lowers it
+        super().__init__(timeout=startup_timeout(collective_timeout_s), **kwargs)
         self.collective_timeout_s = float(collective_timeout_s)
         if context_parallel is not None and (isinstance(context_parallel, bool) or not isinstance(context_parallel, int)
                                              or context_parallel < 1):
@@ -109,6 +117,7 @@ class ContextParallelStrategy(DDPStrategy):
         super().setup_distributed()
         cp = self.context_parallel
         if cp == 1:
+            apply_collective_timeout(self.collective_timeout_s)
             return
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -122,6 +131,7 @@ class ContextParallelStrategy(DDPStrategy):
                                f"({self.global_rank // cp}, {self.global_rank % cp}) the data sampler assumes")
         self._handle = ContextParallel(group=self.device_mesh.get_group("cp"), rank=cp_rank, world_size=cp,
                                        layout=self.layout)
+        apply_collective_timeout(self.collective_timeout_s, [self.device_mesh.get_group(d) for d in ("dp", "cp")])
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
