@@ -1,0 +1,234 @@
+"""Decoding with the KV cache sharded over a context-parallel group (2 and 3 gloo CPU processes).
+
+Oracle: the same float64 ``UnifiedModel`` (two ring-attention layers, GQA, tiles smaller than a
+shard) decoding in ONE process with the ordinary :class:`~mmgrow.layers.attention.KVCache` (no
+``ctx.cp``: the layer is plain blockwise attention), greedy. Each world size is launched once; every
+rank loops over the cases (both layouts x causal / sliding window x prompt lengths that need padding
+or not) and returns, per case, the largest logit difference from the oracle at every step, whether
+the greedy tokens equal the oracle's (and ``objective.generate``'s on the plain model), whether all
+ranks returned identical tokens and logits, and its cache slice sizes. The tests assert those.
+
+A prompt no single rank could hold cannot be tested by memory here; instead every rank's cache is
+checked to hold exactly its shard's real prompt tokens plus its share of the new ones (fewest-first),
+never the whole prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mmgrow.layers.attention import FullAttention, KVCache
+from mmgrow.layers.ring import RingAttention
+from mmgrow.models.unified import UnifiedModel
+from mmgrow.objectives.autoregressive import AutoregressiveObjective
+from mmgrow.ops.attention_ref import dense_attention
+from mmgrow.ops.blockwise import TilePlan, forward_tiles
+from mmgrow.ops.ring_decode import ShardedKVCache, merge_over_ranks, sharded_decode_attention
+from mmgrow.ops.token_meta import TokenMeta, tile_mask
+from mmgrow.parallel.context_decode import generate_context_parallel
+from mmgrow.parallel.sharding import shard_indices, shard_multiple
+from mmgrow.protocols import ContextParallel, MaskSpec, MixerCapabilityError, SeqContext
+from mmgrow.testing.distributed import run_distributed
+
+VOCAB = {"text": 29}
+NEW_TOKENS = 6
+BATCH = 2
+TOL = 1e-10
+CASES = [  # (layout, mask, prompt length)
+    ("zigzag", MaskSpec(), 21), ("contiguous", MaskSpec(), 21), ("zigzag", MaskSpec(), 24),
+    ("zigzag", MaskSpec(window=5), 21), ("contiguous", MaskSpec(window=7), 22),
+]
+
+
+def _model(mixer=RingAttention) -> UnifiedModel:
+    torch.manual_seed(0)
+    factory = functools.partial(mixer, num_heads=4, num_kv_heads=2, **(
+        {"query_block": 3, "key_block": 4} if mixer is RingAttention else {}))
+    model = UnifiedModel(token_space=VOCAB, dim=16, depth=2, mixer=factory, init_std=0.3).double()
+    return model.eval()
+
+
+def _prompt(T0: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB["text"], (BATCH, T0), generator=torch.Generator().manual_seed(T0))
+
+
+@torch.no_grad()
+def _reference(model: UnifiedModel, prompt: torch.Tensor, mask: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding in one process with the ordinary KV cache: ``(tokens [B, N], logits [B, N, V])``."""
+    B, T0 = prompt.shape
+    states = model.init_states(B, "cpu", torch.float64)
+    assert all(isinstance(s, KVCache) for s in states)
+    out = model(prompt, SeqContext(positions=torch.arange(T0).expand(B, T0), mask=mask), states=states)
+    tokens, logits = [], []
+    for step in range(NEW_TOKENS):
+        step_logits = out.logits(out.hidden[:, -1], "text")
+        logits.append(step_logits)
+        tokens.append(step_logits.argmax(-1))
+        if step < NEW_TOKENS - 1:
+            ctx = SeqContext(positions=torch.full((B, 1), T0 + step), mask=mask)
+            out = model(tokens[-1][:, None], ctx, states=out.states)
+    return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+def _expected_sizes(T0: int, world_size: int, layout: str) -> list[int]:
+    """Real prompt tokens of each rank's shard, then the fed new tokens (all but the last) fewest-first."""
+    T = T0 + (-T0 % shard_multiple(world_size, layout))
+    sizes = [int((shard_indices(T, world_size, r, layout) < T0).sum()) for r in range(world_size)]
+    for _ in range(NEW_TOKENS - 1):
+        sizes[min(range(world_size), key=lambda r: (sizes[r], r))] += 1
+    return sizes
+
+
+def _worker(rank: int, world_size: int) -> list[dict]:
+    model = _model()
+    objective = AutoregressiveObjective().bind(VOCAB)
+    results = []
+    for layout, mask, T0 in CASES:
+        prompt = _prompt(T0)
+        ref_tokens, ref_logits = _reference(model, prompt, mask)
+        plain_tokens = objective.generate(model, prompt, modality="text", max_new_tokens=NEW_TOKENS, greedy=True)
+        cp = ContextParallel(group=None, rank=rank, world_size=world_size, layout=layout)
+        res = generate_context_parallel(model, objective, prompt, cp, modality="text", max_new_tokens=NEW_TOKENS,
+                                        greedy=True, mask=None if mask == MaskSpec() else mask, return_details=True)
+        # identical on every rank: gather the logits and compare bitwise
+        parts = [torch.empty_like(res.logits) for _ in range(world_size)]
+        dist.all_gather(parts, res.logits.contiguous())
+        caches = list(res.states)
+        results.append({
+            "case": (layout, mask.window, T0),
+            "step_err": (res.logits - ref_logits).abs().amax(dim=(0, 2)).tolist(),
+            "tokens_equal": bool(torch.equal(res.tokens, ref_tokens)),
+            "plain_equal": bool(torch.equal(plain_tokens, ref_tokens)) if mask == MaskSpec() else True,
+            "ranks_identical": all(torch.equal(p, parts[0]) for p in parts),
+            "cache_types": sorted({type(c).__name__ for c in caches}),
+            "sizes": [list(c.sizes) for c in caches],
+            "local": [[c.size, c.k.shape[2], c.v.shape[2], c.index.shape[1]] for c in caches],
+            "indices": [sorted(c.index[0].tolist()) for c in caches],
+            "seen": [c.seen for c in caches],
+        })
+    return results
+
+
+@functools.cache
+def _run(world_size: int) -> list[list[dict]]:
+    return run_distributed(_worker, world_size, timeout=180)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_decode_matches_single_process_kv_cache(world_size):
+    per_rank = _run(world_size)
+    for case_idx, case in enumerate(per_rank[0]):
+        for rank, results in enumerate(per_rank):
+            got = results[case_idx]
+            assert got["case"] == case["case"]
+            assert max(got["step_err"]) <= TOL, (world_size, rank, got["case"], got["step_err"])
+            assert got["tokens_equal"], (world_size, rank, got["case"])
+            assert got["plain_equal"], (world_size, rank, got["case"])
+            assert got["ranks_identical"], (world_size, rank, got["case"])
+        print(world_size, case["case"], f"max logit error {max(case['step_err']):.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_each_rank_caches_only_its_shard_and_share_of_new_tokens(world_size):
+    per_rank = _run(world_size)
+    for case_idx, (layout, _, T0) in enumerate(CASES):
+        expected = _expected_sizes(T0, world_size, layout)
+        stream = T0 + (-T0 % shard_multiple(world_size, layout)) + NEW_TOKENS - 1
+        union = [set() for _ in range(2)]
+        for rank, results in enumerate(per_rank):
+            got = results[case_idx]
+            assert got["cache_types"] == ["ShardedKVCache"], got["cache_types"]
+            for layer in range(2):
+                assert got["sizes"][layer] == expected, (world_size, got["case"], got["sizes"], expected)
+                assert got["local"][layer] == [expected[rank]] * 4, (world_size, rank, got["case"], got["local"])
+                assert expected[rank] < T0, "a rank holds the whole prompt"
+                assert got["seen"][layer] == stream
+                assert not union[layer] & set(got["indices"][layer]), "a token is cached on two ranks"
+                union[layer] |= set(got["indices"][layer])
+        T = T0 + (-T0 % shard_multiple(world_size, layout))
+        real = set(range(T0)) | set(range(T, T + NEW_TOKENS - 1))  # the padding is not cached anywhere
+        assert union == [real, real], (world_size, layout, T0)
+        assert max(expected) <= math.ceil((T0 + NEW_TOKENS - 1) / world_size) + 1, expected
+
+
+# ------------------------------------------------------------------------------------ single process
+
+
+def test_merge_over_ranks_equals_attention_over_the_union():
+    torch.manual_seed(1)
+    B, H, Hk, T, S, hd = 2, 4, 2, 3, 17, 8
+    q = torch.randn(B, H, T, hd, dtype=torch.float64)
+    k, v = torch.randn(B, Hk, S, hd, dtype=torch.float64), torch.randn(B, Hk, S, hd, dtype=torch.float64)
+    keys = TokenMeta(torch.arange(S).expand(B, S), torch.arange(S).expand(B, S))
+    queries = TokenMeta(torch.arange(S - T, S).expand(B, T), torch.arange(S - T, S).expand(B, T))
+    spec = MaskSpec(window=6)  # the first slice below then holds no visible key: an empty partial
+    expected, expected_lse = dense_attention(q, k, v, tile_mask(queries, keys, spec))
+    cuts = [0, 5, 6, 12, S]  # uneven slices, one of a single key
+    outs, lses = zip(*(forward_tiles(q, k[:, :, a:b], v[:, :, a:b], TilePlan(queries, keys.slice(a, b), spec, 2, 3),
+                                     1 / math.sqrt(hd)) for a, b in itertools.pairwise(cuts)))
+    assert bool(torch.isinf(lses[0]).all())
+    out, lse = merge_over_ranks(torch.stack(outs), torch.stack(lses))
+    assert float((out - expected).abs().max()) <= 1e-12
+    assert float((lse - expected_lse).abs().max()) <= 1e-12
+
+
+def test_non_context_parallel_mixer_is_refused():
+    cp = ContextParallel(group=None, rank=0, world_size=2)
+    torch.manual_seed(0)
+    ring = functools.partial(RingAttention, num_heads=4, num_kv_heads=2)
+    full = functools.partial(FullAttention, num_heads=4, num_kv_heads=2)
+    model = UnifiedModel(token_space=VOCAB, dim=16, depth=2, mixer=[ring, full]).double()
+    with pytest.raises(MixerCapabilityError, match=r"these have not: FullAttention \(layer 1\); use"):
+        generate_context_parallel(model, AutoregressiveObjective().bind(VOCAB), _prompt(8), cp, modality="text",
+                                  max_new_tokens=2, greedy=True)
+
+
+def _cache(sizes: tuple[int, ...], local: int, seen: int) -> ShardedKVCache:
+    cp = ContextParallel(group=None, rank=0, world_size=len(sizes))
+    kv = torch.zeros(1, 2, local, 4, dtype=torch.float64)
+    ids = torch.zeros(1, local, dtype=torch.long)
+    return ShardedKVCache(kv, kv.clone(), ids, ids.clone(), ids.clone(), ids.clone(), sizes, seen, cp)
+
+
+def test_cache_size_mismatch_is_a_named_error():
+    q = torch.zeros(1, 4, 1, 4, dtype=torch.float64)
+    meta = TokenMeta(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="cache size mismatch on rank 0: it holds 3 tokens but .* says 4"):
+        sharded_decode_attention(q, meta, _cache((4, 4), 3, 8), MaskSpec())
+    with pytest.raises(ValueError, match="sizes for 3 ranks, but its group has world size 2"):
+        cache = _cache((3, 3), 3, 8)
+        cache.sizes = (3, 3, 3)
+        sharded_decode_attention(q, meta, cache, MaskSpec())
+    with pytest.raises(ValueError, match="cache size mismatch: 6 tokens cached over the group but only 5 seen"):
+        sharded_decode_attention(q, meta, _cache((3, 3), 3, 5), MaskSpec())
+
+
+def test_fewest_cached_tokens_get_the_new_ones_ties_to_lowest_rank():
+    assert _cache((5, 4, 4), 5, 13).next_owner() == 1
+    assert _cache((4, 4, 4), 4, 12).next_owner() == 0
+    cache = _cache((4, 3), 4, 7)
+    k = torch.ones(1, 2, 1, 4, dtype=torch.float64)
+    meta = TokenMeta(*(torch.full((1, 1), 7, dtype=torch.long) for _ in range(4)))
+    after = cache.append(k, k, meta)  # rank 1 has fewer: this rank (0) keeps its slice, only the counts move
+    assert after.sizes == (4, 4) and after.size == 4 and after.seen == 8
+    after = after.append(k, k, meta)  # tie: rank 0 takes it
+    assert after.sizes == (5, 4) and after.size == 5 and float(after.k[0, 0, -1, 0]) == 1.0
+
+
+def test_sharded_chunk_on_a_filled_cache_is_refused():
+    layer = RingAttention(dim=16, num_heads=4, num_kv_heads=2).double()
+    cp = ContextParallel(group=None, rank=0, world_size=2)
+    x = torch.zeros(1, 4, 16, dtype=torch.float64)
+    ctx = SeqContext(positions=torch.arange(4).expand(1, 4), cp=cp)
+    with pytest.raises(MixerCapabilityError, match="can only prefill an empty cache"):
+        layer(x, ctx, _cache((3, 3), 3, 6))
+    assert isinstance(layer.init_state(1, "cpu", torch.float64, cp=cp), ShardedKVCache)
+    assert isinstance(layer.init_state(1, "cpu", torch.float64), KVCache)
