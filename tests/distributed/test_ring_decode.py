@@ -58,19 +58,25 @@ def _prompt(T0: int) -> torch.Tensor:
     return torch.randint(0, VOCAB["text"], (BATCH, T0), generator=torch.Generator().manual_seed(T0))
 
 
-@torch.no_grad()
 def _reference(model: UnifiedModel, prompt: torch.Tensor, mask: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    return _reference_n(model, prompt, NEW_TOKENS, mask)
+
+
+@torch.no_grad()
+def _reference_n(model: UnifiedModel, prompt: torch.Tensor, new_tokens: int, mask: MaskSpec | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decoding in one process with the ordinary KV cache: ``(tokens [B, N], logits [B, N, V])``."""
+    mask = MaskSpec() if mask is None else mask
     B, T0 = prompt.shape
     states = model.init_states(B, "cpu", torch.float64)
     assert all(isinstance(s, KVCache) for s in states)
     out = model(prompt, SeqContext(positions=torch.arange(T0).expand(B, T0), mask=mask), states=states)
     tokens, logits = [], []
-    for step in range(NEW_TOKENS):
+    for step in range(new_tokens):
         step_logits = out.logits(out.hidden[:, -1], "text")
         logits.append(step_logits)
         tokens.append(step_logits.argmax(-1))
-        if step < NEW_TOKENS - 1:
+        if step < new_tokens - 1:
             ctx = SeqContext(positions=torch.full((B, 1), T0 + step), mask=mask)
             out = model(tokens[-1][:, None], ctx, states=out.states)
     return torch.stack(tokens, 1), torch.stack(logits, 1)
@@ -112,6 +118,16 @@ def _worker(rank: int, world_size: int) -> list[dict]:
             "indices": [sorted(c.index[0].tolist()) for c in caches],
             "seen": [c.seen for c in caches],
         })
+    # sampling with a different RNG seed on every rank: all ranks still decode group rank 0's samples
+    prompt = _prompt(21)
+    cp = ContextParallel(group=None, rank=rank, world_size=world_size)
+    sampled = generate_context_parallel(model, objective, prompt, cp, modality="text", max_new_tokens=NEW_TOKENS,
+                                        temperature=2.0, generator=torch.Generator().manual_seed(100 + rank))
+    rank0 = objective.generate(model, prompt, modality="text", max_new_tokens=NEW_TOKENS, temperature=2.0,
+                               generator=torch.Generator().manual_seed(100))
+    mine = objective.generate(model, prompt, modality="text", max_new_tokens=NEW_TOKENS, temperature=2.0,
+                              generator=torch.Generator().manual_seed(100 + rank))
+    results.append({"sampled": sampled.tolist(), "rank0_seed": rank0.tolist(), "own_seed": mine.tolist()})
     return results
 
 
@@ -120,11 +136,21 @@ def _run(world_size: int) -> list[list[dict]]:
     return run_distributed(_worker, world_size, timeout=180)
 
 
+def _long_prompt_worker(rank: int, world_size: int, T0: int, new_tokens: int) -> dict:
+    """Greedy decoding of a long prompt (default 512-token tiles); this rank's cached K/V bytes per layer."""
+    model = _model()
+    cp = ContextParallel(group=None, rank=rank, world_size=world_size)
+    res = generate_context_parallel(model, AutoregressiveObjective().bind(VOCAB), _prompt(T0), cp, modality="text",
+                                    max_new_tokens=new_tokens, greedy=True, return_details=True)
+    return {"bytes": [c.k.nbytes + c.v.nbytes for c in res.states], "sizes": list(res.states[0].sizes),
+            "tokens": res.tokens.tolist()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_decode_matches_single_process_kv_cache(world_size):
     per_rank = _run(world_size)
-    for case_idx, case in enumerate(per_rank[0]):
+    for case_idx, case in enumerate(per_rank[0][:len(CASES)]):
         for rank, results in enumerate(per_rank):
             got = results[case_idx]
             assert got["case"] == case["case"]
@@ -157,6 +183,35 @@ def test_each_rank_caches_only_its_shard_and_share_of_new_tokens(world_size):
         real = set(range(T0)) | set(range(T, T + NEW_TOKENS - 1))  # the padding is not cached anywhere
         assert union == [real, real], (world_size, layout, T0)
         assert max(expected) <= math.ceil((T0 + NEW_TOKENS - 1) / world_size) + 1, expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sampling_ranks_decode_group_rank_0s_tokens(world_size):
+    per_rank = [results[len(CASES)] for results in _run(world_size)]
+    assert all(r["sampled"] == per_rank[0]["sampled"] for r in per_rank)
+    assert per_rank[0]["sampled"] == per_rank[0]["rank0_seed"]
+    # the seeds differ enough that a rank left to its own RNG would have decoded something else
+    assert any(r["own_seed"] != r["sampled"] for r in per_rank[1:])
+
+
+@pytest.mark.slow
+def test_long_prompt_cache_bytes_per_rank():
+    """T0 = 1021 over 4 ranks (zigzag, padded to 1024): each rank caches a quarter of the K/V bytes of the
+    single-process cache, and the decoded tokens equal single-process decoding."""
+    T0, new, W = 1021, 9, 4
+    per_rank = run_distributed(_long_prompt_worker, W, T0, new, timeout=240)
+    model = _model()
+    ref_tokens, _ = _reference_n(model, _prompt(T0), new)
+    whole = 2 * BATCH * 2 * 4 * (T0 + new - 1) * 8  # k and v, [B, Hk=2, S, hd=4] float64, per layer
+    for rank, got in enumerate(per_rank):
+        assert got["tokens"] == ref_tokens.tolist()
+        assert sum(got["sizes"]) == T0 + new - 1
+        for layer_bytes in got["bytes"]:
+            assert layer_bytes == 2 * BATCH * 2 * 4 * got["sizes"][rank] * 8
+            assert layer_bytes <= whole / W + 2 * BATCH * 2 * 4 * 8, (layer_bytes, whole)
+    print(f"K/V bytes per layer: single process {whole}, per rank {[g['bytes'][0] for g in per_rank]} "
+          f"(sizes {per_rank[0]['sizes']})")
 
 
 # ------------------------------------------------------------------------------------ single process
