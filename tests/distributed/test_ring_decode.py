@@ -32,8 +32,8 @@ from mmgrow.ops.blockwise import TilePlan, forward_tiles
 from mmgrow.ops.ring_decode import ShardedKVCache, merge_over_ranks, sharded_decode_attention
 from mmgrow.ops.token_meta import TokenMeta, tile_mask
 from mmgrow.parallel.context_decode import generate_context_parallel
-from mmgrow.parallel.sharding import shard_indices, shard_multiple
-from mmgrow.protocols import ContextParallel, MaskSpec, MixerCapabilityError, SeqContext
+from mmgrow.parallel.sharding import shard, shard_context, shard_indices, shard_multiple
+from mmgrow.protocols import NO_BLOCK, PAD_SEGMENT, ContextParallel, MaskSpec, MixerCapabilityError, SeqContext
 from mmgrow.testing.distributed import run_distributed
 
 VOCAB = {"text": 29}
@@ -47,10 +47,10 @@ CASES = [  # (layout, mask, prompt length)
 ]
 
 
-def _model(mixer=RingAttention) -> UnifiedModel:
+def _model(block: int = 3) -> UnifiedModel:
+    """Two ring layers (GQA); ``block``-query x ``block + 1``-key tiles (smaller than a shard by default)."""
     torch.manual_seed(0)
-    factory = functools.partial(mixer, num_heads=4, num_kv_heads=2, **(
-        {"query_block": 3, "key_block": 4} if mixer is RingAttention else {}))
+    factory = functools.partial(RingAttention, num_heads=4, num_kv_heads=2, query_block=block, key_block=block + 1)
     model = UnifiedModel(token_space=VOCAB, dim=16, depth=2, mixer=factory, init_std=0.3).double()
     return model.eval()
 
@@ -119,6 +119,7 @@ def _worker(rank: int, world_size: int) -> list[dict]:
             "indices": [sorted(c.index[0].tolist()) for c in caches],
             "seen": [c.seen for c in caches],
         })
+    results.append(_layer_cases(rank, world_size))
     # sampling with a different RNG seed on every rank: all ranks still decode group rank 0's samples
     prompt = _prompt(21)
     cp = ContextParallel(group=None, rank=rank, world_size=world_size)
@@ -132,14 +133,50 @@ def _worker(rank: int, world_size: int) -> list[dict]:
     return results
 
 
+@torch.no_grad()
+def _layer_cases(rank: int, world_size: int) -> dict:
+    """One ring layer on a packed prompt (3 documents, a bidirectional block across shard boundaries,
+    padding at the end), then 3 replicated tokens continuing the last document: the largest difference
+    from the same layer with the ordinary KV cache in one process, prefill and decode outputs, per mask."""
+    errors = {}
+    for name, mask in (("causal", MaskSpec()), ("window 6", MaskSpec(window=6))):
+        torch.manual_seed(3)
+        layer = RingAttention(dim=16, num_heads=4, num_kv_heads=2, query_block=3, key_block=4).double().eval()
+        B, T, D = 2, 24, 16
+        seg = torch.tensor([0] * 9 + [1] * 10 + [2] * 3 + [PAD_SEGMENT] * 2).expand(B, T)
+        pos = torch.cat([torch.arange(9), torch.arange(10), torch.arange(3), torch.zeros(2, dtype=torch.long)])
+        blk = torch.full((T,), NO_BLOCK)
+        blk[6:13] = 4
+        ctx = SeqContext(positions=pos.expand(B, T), segment_ids=seg, block_ids=blk.expand(B, T), mask=mask)
+        x = torch.randn(B, T, D, dtype=torch.float64)
+        steps = [torch.randn(B, 1, D, dtype=torch.float64) for _ in range(3)]
+        step_ctx = [SeqContext(positions=torch.full((B, 1), 3 + i), segment_ids=torch.full((B, 1), 2), mask=mask)
+                    for i in range(len(steps))]
+
+        ref, state = layer(x, ctx, layer.init_state(B, "cpu", torch.float64))
+        ref_steps = []
+        for i, xs in enumerate(steps):
+            y, state = layer(xs, step_ctx[i], state)
+            ref_steps.append(y)
+        cp = ContextParallel(group=None, rank=rank, world_size=world_size, layout="zigzag")
+        got, state = layer(shard(x, world_size, rank, "zigzag"), shard_context(ctx, cp),
+                           layer.init_state(B, "cpu", torch.float64, cp=cp))
+        err = float((got - shard(ref, world_size, rank, "zigzag")).abs().max())
+        for i, xs in enumerate(steps):
+            y, state = layer(xs, step_ctx[i], state)
+            err = max(err, float((y - ref_steps[i]).abs().max()))
+        errors[name] = (err, state.size, list(state.sizes))
+    return errors
+
+
 @functools.cache
 def _run(world_size: int) -> list[list[dict]]:
     return run_distributed(_worker, world_size, timeout=180)
 
 
 def _long_prompt_worker(rank: int, world_size: int, T0: int, new_tokens: int) -> dict:
-    """Greedy decoding of a long prompt (default 512-token tiles); this rank's cached K/V bytes per layer."""
-    model = _model()
+    """Greedy decoding of a long prompt (128-token tiles); this rank's cached K/V bytes per layer."""
+    model = _model(128)
     cp = ContextParallel(group=None, rank=rank, world_size=world_size)
     res = generate_context_parallel(model, AutoregressiveObjective().bind(VOCAB), _prompt(T0), cp, modality="text",
                                     max_new_tokens=new_tokens, greedy=True, return_details=True)
@@ -191,11 +228,21 @@ def test_each_rank_caches_only_its_shard_and_share_of_new_tokens(world_size):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sampling_ranks_decode_group_rank_0s_tokens(world_size):
-    per_rank = [results[len(CASES)] for results in _run(world_size)]
+    per_rank = [results[len(CASES) + 1] for results in _run(world_size)]
     assert all(r["sampled"] == per_rank[0]["sampled"] for r in per_rank)
     assert per_rank[0]["sampled"] == per_rank[0]["rank0_seed"]
     # the seeds differ enough that a rank left to its own RNG would have decoded something else
     assert any(r["own_seed"] != r["sampled"] for r in per_rank[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ring_layer_sharded_cache_with_documents_blocks_and_window(world_size):
+    per_rank = [results[len(CASES)] for results in _run(world_size)]
+    for rank, cases in enumerate(per_rank):
+        for name, (err, size, sizes) in cases.items():
+            assert err <= TOL, (world_size, rank, name, err)
+            assert size == sizes[rank] and sum(sizes) == 22 + 3, (name, sizes)  # the 2 padding tokens dropped
 
 
 @pytest.mark.slow
@@ -204,7 +251,7 @@ def test_long_prompt_cache_bytes_per_rank():
     single-process cache, and the decoded tokens equal single-process decoding."""
     T0, new, W = 1021, 9, 4
     per_rank = run_distributed(_long_prompt_worker, W, T0, new, timeout=240)
-    model = _model()
+    model = _model(128)
     ref_tokens, _ = _reference_n(model, _prompt(T0), new)
     whole = 2 * BATCH * 2 * 4 * (T0 + new - 1) * 8  # k and v, [B, Hk=2, S, hd=4] float64, per layer
     for rank, got in enumerate(per_rank):
