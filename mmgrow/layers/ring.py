@@ -77,29 +77,30 @@ class RingAttention(BlockwiseAttention):
 
     def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, state: KVCache | ShardedKVCache,
                            dropout_p: float) -> tuple[Tensor, KVCache | ShardedKVCache]:
-        name = f"{type(self).__name__} (layer {self.layer_idx})"
-        if _is_sharded(ctx):  # a sharded prompt: ring prefill, keep this rank's shard as its cache slice
-            if not isinstance(state, ShardedKVCache):
-                self._check_cache(state, k)  # a KVCache of the right shape, or a named error
-            empty = state.seen == 0 if isinstance(state, ShardedKVCache) else state.size == 0 and state.seen == 0
-            if not empty:
-                raise MixerCapabilityError(f"{name}: a sharded chunk (ctx.cp world size {ctx.cp.world_size}) can only "
-                                           "prefill an empty cache; prefill the whole prompt in one sharded call, "
-                                           "then decode replicated tokens with ctx.cp=None")
-            if isinstance(state, ShardedKVCache) and state.cp.world_size != ctx.cp.world_size:
-                raise ValueError(f"{name}: the cache was made for a group of {state.cp.world_size} ranks but ctx.cp "
-                                 f"has {ctx.cp.world_size}")
-            self._check_cache(KVCache(state.k, state.v, state.positions, state.segment_ids, state.block_ids), k)
-            out = self.attend(q, k, v, ctx, dropout_p)
-            return out, ShardedKVCache.from_shard(k, v, TokenMeta.from_context(ctx), ctx.cp)
-        if isinstance(state, ShardedKVCache):  # replicated new tokens; the cache is spread over state.cp
-            self._check_cache(KVCache(state.k, state.v, state.positions, state.segment_ids, state.block_ids), k)
+        sharded_cache = isinstance(state, ShardedKVCache)
+        if not (_is_sharded(ctx) or sharded_cache):
+            return super()._attend_with_cache(q, k, v, ctx, state, dropout_p)
+        # shape / dtype / device checks of the ordinary cache (a ShardedKVCache seen through the same fields)
+        self._check_cache(KVCache(state.k, state.v, state.positions, state.segment_ids, state.block_ids)
+                          if sharded_cache else state, k)
+        if not _is_sharded(ctx):  # replicated new tokens; the cache is spread over state.cp
             queries = state.query_meta(ctx)
             state = state.append(k, v, queries)
             out, _ = sharded_decode_attention(q, queries, state, ctx.mask, q_block=self.query_block,
                                               k_block=self.key_block)
             return out, state
-        return super()._attend_with_cache(q, k, v, ctx, state, dropout_p)
+        # a sharded prompt: the ring prefill, and this rank's shard becomes its cache slice
+        name = f"{type(self).__name__} (layer {self.layer_idx})"
+        if state.seen != 0 or state.size != 0:
+            raise MixerCapabilityError(f"{name}: a sharded chunk (ctx.cp world size {ctx.cp.world_size}) can only "
+                                       f"prefill an empty cache, but this one has seen {state.seen} tokens; prefill "
+                                       "the whole prompt in one sharded call, then decode replicated tokens with "
+                                       "ctx.cp=None")
+        if sharded_cache and state.cp.world_size != ctx.cp.world_size:
+            raise ValueError(f"{name}: the cache was made for a group of {state.cp.world_size} ranks but ctx.cp has "
+                             f"{ctx.cp.world_size}")
+        out = self.attend(q, k, v, ctx, dropout_p)
+        return out, ShardedKVCache.from_shard(k, v, TokenMeta.from_context(ctx), ctx.cp)
 
     def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype,
                    cp: ContextParallel | None = None) -> KVCache | ShardedKVCache:

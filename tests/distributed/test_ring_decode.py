@@ -333,7 +333,10 @@ def test_sharded_chunk_on_a_filled_cache_is_refused():
     cp = ContextParallel(group=None, rank=0, world_size=2)
     x = torch.zeros(1, 4, 16, dtype=torch.float64)
     ctx = SeqContext(positions=torch.arange(4).expand(1, 4), cp=cp)
-    with pytest.raises(MixerCapabilityError, match="can only prefill an empty cache"):
+    with pytest.raises(MixerCapabilityError, match="can only prefill an empty cache, but this one has seen 6"):
         layer(x, ctx, _cache((3, 3), 3, 6))
+    filled = layer(x, SeqContext(positions=torch.arange(4).expand(1, 4)), layer.init_state(1, "cpu", torch.float64))[1]
+    with pytest.raises(MixerCapabilityError, match="has seen 4 tokens"):
+        layer(x, ctx, filled)  # an ordinary cache that already holds tokens
     assert isinstance(layer.init_state(1, "cpu", torch.float64, cp=cp), ShardedKVCache)
     assert isinstance(layer.init_state(1, "cpu", torch.float64), KVCache)
