@@ -180,8 +180,15 @@ def _long_prompt_worker(rank: int, world_size: int, T0: int, new_tokens: int) ->
     cp = ContextParallel(group=None, rank=rank, world_size=world_size)
     res = generate_context_parallel(model, AutoregressiveObjective().bind(VOCAB), _prompt(T0), cp, modality="text",
                                     max_new_tokens=new_tokens, greedy=True, return_details=True)
+    # then as 2 context-parallel groups of 2 (a (dp=2, cp=2) layout), each decoding its own prompt
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    sub = ContextParallel(group=groups[rank // 2], rank=rank % 2, world_size=2, layout="contiguous")
+    prompt = _prompt(13 + rank // 2)
+    sub_tokens = generate_context_parallel(model, AutoregressiveObjective().bind(VOCAB), prompt, sub, modality="text",
+                                           max_new_tokens=new_tokens, temperature=3.0,
+                                           generator=torch.Generator().manual_seed(rank))
     return {"bytes": [c.k.nbytes + c.v.nbytes for c in res.states], "sizes": list(res.states[0].sizes),
-            "tokens": res.tokens.tolist()}
+            "tokens": res.tokens.tolist(), "sub_tokens": sub_tokens.tolist()}
 
 
 @pytest.mark.slow
@@ -248,7 +255,8 @@ def test_ring_layer_sharded_cache_with_documents_blocks_and_window(world_size):
 @pytest.mark.slow
 def test_long_prompt_cache_bytes_per_rank():
     """T0 = 1021 over 4 ranks (zigzag, padded to 1024): each rank caches a quarter of the K/V bytes of the
-    single-process cache, and the decoded tokens equal single-process decoding."""
+    single-process cache, and the decoded tokens equal single-process decoding. Then the same 4 processes as
+    two groups of 2 (``cp.group`` a sub-group, as under a (dp, cp) mesh), sampling with per-rank seeds."""
     T0, new, W = 1021, 9, 4
     per_rank = run_distributed(_long_prompt_worker, W, T0, new, timeout=240)
     model = _model(128)
@@ -260,6 +268,13 @@ def test_long_prompt_cache_bytes_per_rank():
         for layer_bytes in got["bytes"]:
             assert layer_bytes == 2 * BATCH * 2 * 4 * got["sizes"][rank] * 8
             assert layer_bytes <= whole / W + 2 * BATCH * 2 * 4 * 8, (layer_bytes, whole)
+    # sub-groups: each group follows its own group rank 0 (global ranks 0 and 2), whose seed decides
+    for group_rank0 in (0, 2):
+        prompt = _prompt(13 + group_rank0 // 2)
+        expected = AutoregressiveObjective().bind(VOCAB).generate(
+            model, prompt, modality="text", max_new_tokens=new, temperature=3.0,
+            generator=torch.Generator().manual_seed(group_rank0))
+        assert per_rank[group_rank0]["sub_tokens"] == per_rank[group_rank0 + 1]["sub_tokens"] == expected.tolist()
     print(f"K/V bytes per layer: single process {whole}, per rank {[g['bytes'][0] for g in per_rank]} "
           f"(sizes {per_rank[0]['sizes']})")
 
