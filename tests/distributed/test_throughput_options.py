@@ -1,0 +1,223 @@
+"""Throughput options under every strategy: gradient accumulation, activation checkpointing, compiled
+blocks and bf16 change speed and memory, not the training (beyond bf16 rounding).
+
+Model level (float64, 2 gloo processes, one layout per run): each rank trains on its data-parallel batch of
+4 rows as 2 micro-batches of 2 rows, as Lightning's ``accumulate_grad_batches=2`` does it (each micro-batch
+loss divided by 2, backward after each, DDP's ``no_sync`` on the first, one optimizer step). Against a
+single unsharded process:
+
+* **even** micro-batches (the same target-token weight per modality in both halves): the accumulated
+  gradients equal the gradients of the *whole* batch of 4 rows, to 1e-10;
+* **uneven** micro-batches: they equal the gradients of the *mean of the two micro-batch losses* to 1e-10,
+  and differ from the whole-batch gradients (checked) -- the objective averages over each micro-batch's
+  own tokens, so accumulation weights every micro-batch equally, not every token;
+* FSDP layouts repeat the even case with activation checkpointing and ``compile_blocks``
+  (``aot_eager``) on: the same gradients to 1e-10;
+* context-parallel layouts also run the float32 copy under ``torch.autocast(bfloat16)`` (ring attention
+  with bf16 inputs, float32 accumulators): loss and gradients within bf16 rounding of float64.
+
+End to end (``mmgrow fit``, 2 processes, 3 optimizer steps of 2 micro-batches): bf16-mixed (or FSDP's
+``param_dtype: bfloat16``) with ``accumulate_grad_batches=2`` under ``ddp``, ``ContextParallelStrategy``,
+``fsdp2`` and ``MeshParallelStrategy(context_parallel=2)`` logs finite losses within bf16 rounding of the
+float32 run of the same data layout.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mmgrow.batch import TokenBatch
+from mmgrow.testing.distributed import run_distributed
+
+pytestmark = pytest.mark.slow
+
+SIZES = {"text": 13, "video": 9}
+LENGTH = 16
+TOL = 1e-10
+# bf16 keeps 8 significant bits: one rounding is up to 2^-9 = 2e-3 relative. Under autocast (float32 master
+# weights, float32 accumulators in the ring, cross-entropy in float32) measured for the ring model at cp = 2,
+# DDP and FSDP alike: loss 1.5e-5 relative to float64 (per-token rounding errors average out over ~60
+# targets), gradients 4.6e-3 of the largest gradient. Tolerances: about 1 bf16 rounding for the loss, 8 for
+# the gradients; a float32 run would be ~1e-7 off (checked below that bf16 really ran), a wrong scale O(1).
+BF16_LOSS_RTOL = 2e-3
+BF16_GRAD_RTOL = 3e-2
+
+
+def make_batch(seed: int, even: bool) -> TokenBatch:
+    """4 rows, two packed examples each. ``even``: rows 2-3 repeat the modalities and loss mask of rows 0-1
+    (new token ids), so both micro-batches carry the same target weight per modality; otherwise rows 2-3
+    have their own, much sparser loss mask."""
+    from mmgrow.tokenspace import TokenSpace
+
+    space = TokenSpace.from_dict(SIZES)
+    g = torch.Generator().manual_seed(seed)
+    seg = torch.zeros(4, LENGTH, dtype=torch.long)
+    seg[:, 9:] = 1
+    mods = (torch.rand(4, LENGTH, generator=g) < 0.5).long()
+    mask = (torch.rand(4, LENGTH, generator=g) < 0.85).float()
+    if even:
+        mods[2:], mask[2:] = mods[:2], mask[:2]
+    else:
+        mask[2:] *= (torch.rand(2, LENGTH, generator=g) < 0.3).float()
+        mask[2:, 1] = 1  # every row keeps a target
+    mask[:, 0] = 0
+    local = torch.where(mods == 0, torch.randint(0, SIZES["text"], seg.shape, generator=g),
+                        torch.randint(0, SIZES["video"], seg.shape, generator=g))
+    positions = torch.cat([torch.arange(9), torch.arange(LENGTH - 9)]).expand(4, -1).clone()
+    return TokenBatch(input_ids=local + mods * space.offset("video"), modality_ids=mods, positions=positions,
+                      segment_ids=seg, block_ids=torch.full_like(seg, -1), loss_mask=mask,
+                      example_weight=torch.ones(4, LENGTH))
+
+
+def rows(batch: TokenBatch, start: int, stop: int) -> TokenBatch:
+    from dataclasses import fields, replace
+
+    return replace(batch, **{f.name: getattr(batch, f.name)[start:stop] for f in fields(batch)
+                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+def make_model(recurrent: bool):
+    """Ring attention (grouped-query heads) or gated_deltanet with a ttt_linear memory branch; depth 2."""
+    from mmgrow.models.factories import factory_from_spec
+    from mmgrow.models.unified import UnifiedModel
+
+    torch.manual_seed(0)
+    if recurrent:
+        return UnifiedModel(token_space=SIZES, dim=16, depth=2, mixer=factory_from_spec(
+            {"class_path": "gated_deltanet", "init_args": {"num_heads": 2}}),
+            memory=factory_from_spec({"class_path": "ttt_linear"})).double()
+    return UnifiedModel(token_space=SIZES, dim=32, depth=2, mixer=factory_from_spec(
+        {"class_path": "ring", "init_args": {"num_heads": 4, "num_kv_heads": 2, "query_block": 4,
+                                             "key_block": 4}})).double()
+
+
+def _loss(model, objective, batch, cp):
+    from mmgrow.parallel.context_batch import context_parallel_loss
+
+    if cp is None:
+        return objective.step(model, batch)[0]
+    return context_parallel_loss(model, objective, batch, cp)[0]
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        out[name.replace("module.", "", 1).replace("_orig_mod.", "")] = _full(p.grad) if p.grad is not None else None
+    return out
+
+
+def _diff(grads, ref) -> float:
+    missing = [n for n, g in grads.items() if g is None]
+    assert not missing and set(grads) == set(ref), (missing, sorted(set(grads) ^ set(ref)))
+    return max(float((grads[n] - ref[n]).abs().max()) for n in ref)
+
+
+def _reference(model, objective, batches, whole: bool) -> tuple[dict[str, torch.Tensor], float]:
+    """One process: the mean over data-parallel batches of the whole-batch loss (``whole``) or of the mean
+    of the two micro-batch losses; its gradients and their scale."""
+    ref = copy.deepcopy(model)
+    losses = [objective.step(ref, b)[0] if whole else
+              (objective.step(ref, rows(b, 0, 2))[0] + objective.step(ref, rows(b, 2, 4))[0]) / 2 for b in batches]
+    torch.stack(losses).mean().backward()
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    return grads, max(float(g.abs().max()) for g in grads.values())
+
+
+def _accumulate(model, objective, batch, cp, ddp: bool) -> None:
+    """Lightning's accumulate_grad_batches=2: loss / 2, backward per micro-batch, no gradient sync on the first."""
+    import contextlib
+
+    for k, (start, stop) in enumerate(((0, 2), (2, 4))):
+        sync = model.no_sync() if ddp and k == 0 else contextlib.nullcontext()
+        with sync:
+            (_loss(model, objective, rows(batch, start, stop), cp) / 2).backward()
+
+
+def _layout_worker(rank: int, world_size: int, strategy: str, dp: int, cp: int, recurrent: bool) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmgrow.objectives.autoregressive import AutoregressiveObjective
+    from mmgrow.parallel.mesh import ParallelDims, build_device_mesh
+    from mmgrow.parallel.parallelize import ParallelPlan, parallelize
+    from mmgrow.protocols import ContextParallel
+
+    base = make_model(recurrent)
+    objective = AutoregressiveObjective()
+    objective.bind(base.token_space)
+    mesh, fsdp_mesh = build_device_mesh(ParallelDims(dp=dp, cp=cp, tp=1), "cpu")
+    handle = (ContextParallel(group=mesh.get_group("cp"), rank=mesh.get_local_rank("cp"), world_size=cp,
+                              layout="zigzag") if cp > 1 else None)
+    d = mesh.get_local_rank("dp")
+    out: dict = {}
+
+    def wrapped(dtype=torch.float64, **plan_options):
+        model = copy.deepcopy(base).to(dtype)
+        if strategy == "ddp":  # Lightning's DDP and ContextParallelStrategy: DDP over all dp x cp ranks
+            return DistributedDataParallel(model), True
+        parallelize(model, ParallelPlan(mesh=mesh, fsdp_mesh=fsdp_mesh, **plan_options))
+        return model, False
+
+    for even in (True, False):
+        batches = [make_batch(10 * k + (0 if even else 5), even) for k in range(dp)]
+        model, ddp = wrapped()
+        _accumulate(model, objective, batches[d], handle, ddp)
+        grads = _grads(model)
+        whole, scale = _reference(base, objective, batches, whole=True)
+        micro, _ = _reference(base, objective, batches, whole=False)
+        out["even" if even else "uneven"] = {"vs_whole": _diff(grads, whole) / scale,
+                                             "vs_micro_mean": _diff(grads, micro) / scale, "scale": scale}
+        if even and strategy == "fsdp2":
+            model, _ = wrapped(activation_checkpointing=True, compile_blocks={"backend": "aot_eager"})
+            _accumulate(model, objective, batches[d], handle, False)
+            out["checkpoint_compile_vs_whole"] = _diff(_grads(model), whole) / scale
+        if even and cp > 1:
+            model, ddp = wrapped(torch.float32)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = _loss(model, objective, batches[d], handle)
+            loss.backward()
+            ref = copy.deepcopy(base)
+            ref_loss = objective.step(ref, batches[d])[0]
+            ref_loss.backward()
+            ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+            out["bf16"] = {"loss_dtype": str(loss.dtype),
+                           "loss_rel": abs(float(loss.detach()) - float(ref_loss.detach())) / float(ref_loss.detach()),
+                           "grad_rel": max(float((_full(g).double() - ref_grads[n]).abs().max())
+                                           for n, g in _grads(model).items()) / scale}
+    return out
+
+
+CASES = [
+    pytest.param("ddp", 2, 1, False, id="ddp-ring"),
+    pytest.param("ddp", 1, 2, False, id="context_parallel-ring-cp2"),
+    pytest.param("fsdp2", 2, 1, True, id="fsdp2-gated_deltanet-memory"),
+    pytest.param("fsdp2", 1, 2, False, id="fsdp2-ring-cp2"),
+]
+
+
+@pytest.mark.parametrize("strategy,dp,cp,recurrent", CASES)
+def test_accumulation_checkpointing_compile_bf16_per_layout(strategy, dp, cp, recurrent):
+    results = run_distributed(_layout_worker, dp * cp, strategy, dp, cp, recurrent, timeout=240)
+    for rank, r in enumerate(results):
+        print(rank, r)
+        even, uneven = r["even"], r["uneven"]
+        assert even["scale"] > 1e-3 and uneven["scale"] > 1e-3, r  # gradients are not trivially zero
+        # even micro-batches: accumulation == one step on the whole batch
+        assert even["vs_whole"] <= TOL and even["vs_micro_mean"] <= TOL, (rank, r)
+        # uneven: == the mean of the micro-batch losses, != the whole batch's token mean
+        assert uneven["vs_micro_mean"] <= TOL, (rank, r)
+        assert uneven["vs_whole"] > 1e-4, (rank, r)
+        if strategy == "fsdp2":
+            assert r["checkpoint_compile_vs_whole"] <= TOL, (rank, r)
+        if cp > 1:
+            bf16 = r["bf16"]
+            assert bf16["loss_rel"] <= BF16_LOSS_RTOL and bf16["grad_rel"] <= BF16_GRAD_RTOL, (rank, bf16)
+            assert bf16["grad_rel"] > 1e-4, (rank, bf16)  # bf16 really ran (float32 would be ~1e-7 off)
