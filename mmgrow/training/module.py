@@ -306,6 +306,9 @@ class MMGrowModule(pl.LightningModule):
 
         state = full_state_dict(self.model)  # collective; full tensors on rank 0 only
         if not self.trainer.is_global_zero:
+            # cached here too: rank 0 reuses its copy at this step without a gather, so another rank that
+            # gathered again would wait in a collective rank 0 never joins
+            self.__dict__["_inference_copy"] = (step, self.model)
             return self.model
         from mmgrow.training.export import build_model
 
