@@ -13,13 +13,15 @@ single unsharded process:
   own tokens, so accumulation weights every micro-batch equally, not every token;
 * FSDP layouts repeat the even case with activation checkpointing and ``compile_blocks``
   (``aot_eager``) on: the same gradients to 1e-10;
-* context-parallel layouts also run the float32 copy under ``torch.autocast(bfloat16)`` (ring attention
-  with bf16 inputs, float32 accumulators): loss and gradients within bf16 rounding of float64.
+* every layout also runs one step of the float32 copy under ``torch.autocast(bfloat16)`` (at cp = 2: ring
+  attention with bf16 inputs, float32 accumulators), FSDP layouts also with FSDP's ``param_dtype=bfloat16``:
+  loss and gradients within bf16 rounding of float64.
 
-End to end (``mmgrow fit``, 2 processes, 3 optimizer steps of 2 micro-batches): bf16-mixed (or FSDP's
-``param_dtype: bfloat16``) with ``accumulate_grad_batches=2`` under ``ddp``, ``ContextParallelStrategy``,
-``fsdp2`` and ``MeshParallelStrategy(context_parallel=2)`` logs finite losses within bf16 rounding of the
-float32 run of the same data layout.
+End to end (``mmgrow fit``, 2 processes, 3 optimizer steps of 2 micro-batches): bf16 with
+``accumulate_grad_batches=2`` -- ``ddp`` with bf16-mixed against its float32 run, and
+``MeshParallelStrategy(context_parallel=2)`` with bf16-mixed, FSDP ``param_dtype: bfloat16`` and activation
+checkpointing against the float32 ``ContextParallelStrategy`` run of the same layout -- logs finite losses within
+bf16 rounding, with every token counted once.
 """
 
 from __future__ import annotations
@@ -37,13 +39,16 @@ pytestmark = pytest.mark.slow
 SIZES = {"text": 13, "video": 9}
 LENGTH = 16
 TOL = 1e-10
-# bf16 keeps 8 significant bits: one rounding is up to 2^-9 = 2e-3 relative. Under autocast (float32 master
-# weights, float32 accumulators in the ring, cross-entropy in float32) measured for the ring model at cp = 2,
-# DDP and FSDP alike: loss 1.5e-5 relative to float64 (per-token rounding errors average out over ~60
-# targets), gradients 4.6e-3 of the largest gradient. Tolerances: about 1 bf16 rounding for the loss, 8 for
-# the gradients; a float32 run would be ~1e-7 off (checked below that bf16 really ran), a wrong scale O(1).
+# bf16 keeps 8 significant bits: one rounding is up to 2^-9 = 2e-3 relative. Measured against float64 (float32
+# master weights; autocast, or FSDP's param_dtype=bfloat16 with float32 reduction):
+# * ring model, every layout: loss <= 4.4e-5 relative (per-token rounding averages out over ~60 targets),
+#   gradients 4.6e-3 (autocast) / 6.7e-3 (param_dtype) of the largest gradient;
+# * gated_deltanet + ttt_linear memory (FSDP2): loss 1.6e-5, gradients 5.5e-2 / 8.5e-2 -- almost all of it in
+#   the TTT memory's inner bias ``b1`` (7.8e-2 of the largest gradient; every other parameter <= 7.6e-3): its
+#   gradient flows through the inner-loop updates, where bf16 errors compound over the sequence.
+# Tolerances ~5x and ~2x the measured; a float32 run is ~1e-7 off (checked below that bf16 ran), a scale bug O(1).
 BF16_LOSS_RTOL = 2e-3
-BF16_GRAD_RTOL = 3e-2
+BF16_GRAD_RTOL = {False: 3e-2, True: 0.2}  # keyed by ``recurrent``
 
 
 def make_batch(seed: int, even: bool) -> TokenBatch:
@@ -179,19 +184,19 @@ def _layout_worker(rank: int, world_size: int, strategy: str, dp: int, cp: int, 
             model, _ = wrapped(activation_checkpointing=True, compile_blocks={"backend": "aot_eager"})
             _accumulate(model, objective, batches[d], handle, False)
             out["checkpoint_compile_vs_whole"] = _diff(_grads(model), whole) / scale
-        if even and cp > 1:
-            model, ddp = wrapped(torch.float32)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = _loss(model, objective, batches[d], handle)
-            loss.backward()
-            ref = copy.deepcopy(base)
-            ref_loss = objective.step(ref, batches[d])[0]
-            ref_loss.backward()
-            ref_grads = {n: p.grad for n, p in ref.named_parameters()}
-            out["bf16"] = {"loss_dtype": str(loss.dtype),
-                           "loss_rel": abs(float(loss.detach()) - float(ref_loss.detach())) / float(ref_loss.detach()),
-                           "grad_rel": max(float((_full(g).double() - ref_grads[n]).abs().max())
-                                           for n, g in _grads(model).items()) / scale}
+        if even:
+            # one step on the whole batch in bf16: the loss of this rank's batch, the gradient of the dp mean
+            variants = {"bf16_autocast": ({}, True)}
+            if strategy == "fsdp2":  # FSDP's own policy: parameters gathered and computed in bf16, fp32 reduction
+                variants["bf16_param_dtype"] = ({"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}, False)
+            ref_loss = float(objective.step(copy.deepcopy(base), batches[d])[0])
+            for key, (plan_options, autocast) in variants.items():
+                model, _ = wrapped(torch.float32, **plan_options)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = _loss(model, objective, batches[d], handle)
+                loss.backward()
+                out[key] = {"loss_rel": abs(float(loss.detach()) - ref_loss) / ref_loss,
+                            "grad_rel": _diff({n: g.double() for n, g in _grads(model).items()}, whole) / scale}
     return out
 
 
@@ -217,10 +222,10 @@ def test_accumulation_checkpointing_compile_bf16_per_layout(strategy, dp, cp, re
         assert uneven["vs_whole"] > 1e-4, (rank, r)
         if strategy == "fsdp2":
             assert r["checkpoint_compile_vs_whole"] <= TOL, (rank, r)
-        if cp > 1:
-            bf16 = r["bf16"]
-            assert bf16["loss_rel"] <= BF16_LOSS_RTOL and bf16["grad_rel"] <= BF16_GRAD_RTOL, (rank, bf16)
-            assert bf16["grad_rel"] > 1e-4, (rank, bf16)  # bf16 really ran (float32 would be ~1e-7 off)
+        for key in ("bf16_autocast", "bf16_param_dtype") if strategy == "fsdp2" else ("bf16_autocast",):
+            bf16 = r[key]
+            assert bf16["loss_rel"] <= BF16_LOSS_RTOL and bf16["grad_rel"] <= BF16_GRAD_RTOL[recurrent], (rank, key, bf16)
+            assert bf16["grad_rel"] > 1e-4, (rank, key, bf16)  # bf16 really ran (float32 would be ~1e-7 off)
 
 
 # ---------------------------------------------------------------------------------------------- mmgrow fit
@@ -235,9 +240,9 @@ FIT = ["fit", "--config", "recipes/lwm/ring_cpu.yaml", "--trainer.max_steps", st
        "--trainer.callbacks+=mmgrow.training.samples.GenerateSamples", "--trainer.callbacks.num_samples", "0"]
 # Per logged step, |bf16 - float32| / float32 of the train loss. bf16 rounds to 2^-9 = 2e-3 relative; the
 # loss averages ~350 per-token errors per micro-batch and 3 AdamW steps (lr 3e-3) carry weight differences
-# forward. Measured (3 steps, under load): ddp / fsdp2 autocast 2.6e-4, FSDP param_dtype=bfloat16 6.1e-4,
-# context parallel (both strategies) 3.1e-4. A wrong accumulation scale or a dropped micro-batch changes the
-# curve from step 1 by far more.
+# forward. Measured (3 steps): ddp autocast 2.6e-4; MeshParallelStrategy cp = 2 with autocast + FSDP
+# param_dtype=bfloat16 + checkpointing 5.9e-4 (autocast alone gave 3.1e-4, the same bits as
+# ContextParallelStrategy). A wrong accumulation scale or a dropped micro-batch changes the curve far more.
 FIT_RTOL = 2e-3
 
 
@@ -262,20 +267,16 @@ def _fit(run, *extra: str) -> tuple[list[float], dict]:
 
 
 FIT_CASES = [
-    # dp = 2 (each rank its own batches): ddp and FSDP2 (autocast, then FSDP's own bf16 parameters)
+    # dp = 2 (each rank its own batches): ddp
     pytest.param(["--trainer.strategy", "ddp"],
-                 {"ddp-bf16-mixed": ["--trainer.strategy", "ddp", "--trainer.precision", "bf16-mixed"],
-                  "fsdp2-param_dtype-bf16": ["--trainer.strategy.class_path", MESH,
-                                             "--trainer.strategy.init_args.context_parallel", "1",
-                                             "--trainer.strategy.init_args.param_dtype", "bfloat16"]},
-                 id="dp2"),
-    # dp = 1, cp = 2 (ring attention over the pair): DDP-based and FSDP2-based context parallelism; the
-    # latter with activation checkpointing on too
+                 {"ddp-bf16-mixed": ["--trainer.strategy", "ddp", "--trainer.precision", "bf16-mixed"]}, id="dp2"),
+    # dp = 1, cp = 2 (ring attention over the pair): the float32 run under ContextParallelStrategy (DDP), the bf16
+    # run under MeshParallelStrategy (FSDP2 over the cp pair) with autocast, FSDP's bf16 parameters and
+    # activation checkpointing at once
     pytest.param([],
-                 {"context_parallel-bf16-mixed": ["--trainer.precision", "bf16-mixed"],
-                  "mesh-cp2-bf16-mixed-checkpointing": ["--trainer.strategy.class_path", MESH,
-                                                        "--trainer.precision", "bf16-mixed",
-                                                        "--model.activation_checkpointing", "true"]},
+                 {"mesh-cp2-bf16-mixed-param_dtype-checkpointing": [
+                     "--trainer.strategy.class_path", MESH, "--trainer.precision", "bf16-mixed",
+                     "--trainer.strategy.init_args.param_dtype", "bfloat16", "--model.activation_checkpointing", "true"]},
                  id="cp2"),
 ]
 

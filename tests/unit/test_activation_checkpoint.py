@@ -128,6 +128,11 @@ def test_checkpointing_is_off_without_grad_and_with_decoding_state():
     with torch.no_grad():
         block(x, ctx)
     assert calls == [False], calls
+    calls.clear()
+    state = block.init_state(1, "cpu", torch.float64)
+    y, new_state = block(x, ctx, state)
+    y.sum().backward()
+    assert calls == [True] and new_state is not None, calls  # decoding: plain forward, the state comes back
 
 
 # float32 eps is 1.2e-7; aot_eager decomposes ops (e.g. RMSNorm, SwiGLU) into primitives whose sums run in
