@@ -213,3 +213,37 @@ def test_run_distributed_with_a_stalled_rank_raises_within_its_timeout(tmp_path)
     assert "rank 1" in str(info.value), str(info.value)
     pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids), pids
+
+
+def _mesh_group_times_out(rank: int, world_size: int, seconds: float) -> tuple[float, str]:
+    """Build the (dp, cp, tp) mesh and set the timeout on its groups as MeshParallelStrategy does; rank 1 stops,
+    rank 0 all-reduces on ``cp`` until it fails, then wakes rank 1 (SIGCONT), whose all-reduce fails the same way."""
+    import torch
+
+    from mmgrow.parallel.faults import apply_collective_timeout, collective_failure, collective_timeout
+    from mmgrow.parallel.mesh import ParallelDims, build_device_mesh
+
+    collective_timeout(seconds, "test")  # recorded: the message names it
+    mesh, fsdp_mesh = build_device_mesh(ParallelDims(cp=world_size), "cpu")
+    apply_collective_timeout(seconds, [mesh.get_group(a) for a in ("dp", "cp", "tp")] + [fsdp_mesh.get_group()])
+    pids = [None] * world_size
+    dist.all_gather_object(pids, os.getpid())
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(2), group=mesh.get_group("cp"))
+        took, message = time.monotonic() - start, "the all-reduce returned"
+    except RuntimeError as exc:
+        took, message = time.monotonic() - start, str(collective_failure(exc))
+    if rank == 0:
+        os.kill(pids[1], signal.SIGCONT)
+    return took, message
+
+
+def test_mesh_sub_groups_get_the_collective_timeout():
+    """init_device_mesh alone gives sub-groups torch's 30 min; with the timeout applied to them rank 0 fails after
+    ~2 s on ``cp`` although the default group of run_distributed has 60 s."""
+    (took, message), _ = run_distributed(_mesh_group_times_out, 2, 2.0, timeout=60, threads_per_rank=1)
+    assert "within 2 s (collective_timeout_s)" in message, message
+    assert 1.8 <= took < 2.0 + 3.0, f"rank 0 failed after {took:.1f} s, expected about 2 s"
