@@ -16,6 +16,13 @@ A user error is an exception with an int ``exit_code`` attribute, a file-system 
 ``ValueError`` / ``TypeError`` raised by mmgrow's own code (its validation, :mod:`mmgrow.checks`);
 a ``ValueError`` raised inside torch is not one, since its message rarely names the recipe field.
 A library that wraps an error (``raise X from err``) is looked through to its cause.
+
+A **collective failure** (a gloo/NCCL timeout or a lost peer rank: another rank stalled or died) is
+reported the same way, as :class:`mmgrow.parallel.faults.CollectiveFailure`'s one line naming the
+configured ``collective_timeout_s``, exit code 4. When the failing process launched the other ranks
+(Lightning's subprocess launcher: rank 0 of ``mmgrow fit --trainer.devices N``), any exception also
+kills those ranks first -- with or without ``--debug`` -- so that a stopped or blocked rank is not
+left behind (:func:`mmgrow.parallel.faults.stop_launched_ranks`).
 """
 
 from __future__ import annotations
@@ -85,7 +92,10 @@ def run_command(fn: Callable[[list[str]], int], argv: list[str]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
-        reported = None if debug else user_error(exc)
+        from mmgrow.parallel.faults import collective_failure, stop_launched_ranks
+
+        stop_launched_ranks()  # rank 0 failed: the ranks it launched must not outlive it
+        reported = None if debug else (collective_failure(exc) or user_error(exc))
         if reported is None:
             raise
         print(f"mmgrow: error: {one_line(reported)}", file=sys.stderr)

@@ -26,23 +26,41 @@ Without a context-parallel group (``ctx.cp`` None or a world size of 1) the laye
 :class:`~mmgrow.layers.blockwise.BlockwiseAttention` does, KV-cache decoding included; where that
 would run the tile kernel (CPU, or ``kernel="native"``) it runs the single local hop of
 :func:`~mmgrow.ops.ring.ring_attention` instead, which is the fused kernel with LSE where the mask
-allows (``fused``) and exactly the tile kernel elsewhere. Decoding with a KV cache on a sharded
-sequence is not supported.
+allows (``fused``) and exactly the tile kernel elsewhere.
+
+**Decoding with the cache sharded over the group** (LWM's ring inference,
+:mod:`mmgrow.ops.ring_decode`, driven by
+:func:`mmgrow.parallel.context_decode.generate_context_parallel`). Which tokens arrive is told by
+the context, which cached ones exist by the state:
+
+* ``ctx.cp`` set (world size > 1): the incoming tokens are a **sharded prompt**. With an empty state
+  (a plain :class:`~mmgrow.layers.attention.KVCache` from :meth:`init_state`, or an empty
+  :class:`~mmgrow.ops.ring_decode.ShardedKVCache` from ``init_state(..., cp=cp)``) the layer runs the
+  ring prefill as in training and returns a ``ShardedKVCache`` holding only this rank's shard;
+* ``ctx.cp`` None and a ``ShardedKVCache`` state: the incoming tokens are **replicated** (the same on
+  every rank, as for any unsharded model), their K/V go to one rank's slice and the queries attend
+  to every rank's slice through one all-gather of partial results.
+
+So a prompt no rank could hold is prefilled in shards, and every later token costs each rank
+attention over its own ``~T / W`` slice. A sharded chunk on top of a non-empty cache (chunked
+sharded prefill) is refused with :class:`~mmgrow.protocols.MixerCapabilityError`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from mmgrow.layers.attention import KVCache
 from mmgrow.layers.blockwise import BlockwiseAttention
 from mmgrow.ops.ring import ring_attention
 from mmgrow.ops.ring_allgather import allgather_attention
+from mmgrow.ops.ring_decode import ShardedKVCache, sharded_decode_attention
 from mmgrow.ops.ring_plan import TRANSPORTS, RingPlan, choose_transport
 from mmgrow.ops.token_meta import TokenMeta
-from mmgrow.protocols import MixerCapabilityError, SeqContext
+from mmgrow.protocols import ContextParallel, MixerCapabilityError, SeqContext
 
 
 def _is_sharded(ctx: SeqContext) -> bool:
@@ -68,6 +86,8 @@ class RingAttention(BlockwiseAttention):
     """
 
     supports_context_parallel = True
+    supports_sharded_decode = True
+    """KV-cache decoding with the cache sharded over ``ctx.cp`` (see the module docstring)."""
 
     def __init__(self, *, dim: int, layer_idx: int = 0, transport: str = "auto", lean: bool = False,
                  fused: bool | str = "auto", **blockwise: Any) -> None:
@@ -111,10 +131,38 @@ class RingAttention(BlockwiseAttention):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, transport={self.transport!r}, lean={self.lean}, fused={self.fused!r}"
 
-    def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, state: KVCache,
-                           dropout_p: float) -> tuple[Tensor, KVCache]:
-        if _is_sharded(ctx):
-            raise MixerCapabilityError(f"{type(self).__name__}: KV-cache decoding on a context-parallel sharded "
-                                       f"sequence (world size {ctx.cp.world_size}) is not supported; decode "
-                                       "without ctx.cp")
-        return super()._attend_with_cache(q, k, v, ctx, state, dropout_p)
+    def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, state: KVCache | ShardedKVCache,
+                           dropout_p: float) -> tuple[Tensor, KVCache | ShardedKVCache]:
+        sharded_cache = isinstance(state, ShardedKVCache)
+        if not (_is_sharded(ctx) or sharded_cache):
+            return super()._attend_with_cache(q, k, v, ctx, state, dropout_p)
+        # shape / dtype / device checks of the ordinary cache (a ShardedKVCache seen through the same fields)
+        self._check_cache(KVCache(state.k, state.v, state.positions, state.segment_ids, state.block_ids)
+                          if sharded_cache else state, k)
+        if not _is_sharded(ctx):  # replicated new tokens; the cache is spread over state.cp
+            queries = state.query_meta(ctx)
+            state = state.append(k, v, queries)
+            out, _ = sharded_decode_attention(q, queries, state, ctx.mask, q_block=self.query_block,
+                                              k_block=self.key_block)
+            return out, state
+        # a sharded prompt: the ring prefill, and this rank's shard becomes its cache slice
+        name = f"{type(self).__name__} (layer {self.layer_idx})"
+        if state.seen != 0 or state.size != 0:
+            raise MixerCapabilityError(f"{name}: a sharded chunk (ctx.cp world size {ctx.cp.world_size}) can only "
+                                       f"prefill an empty cache, but this one has seen {state.seen} tokens; prefill "
+                                       "the whole prompt in one sharded call, then decode replicated tokens with "
+                                       "ctx.cp=None")
+        if sharded_cache and state.cp.world_size != ctx.cp.world_size:
+            raise ValueError(f"{name}: the cache was made for a group of {state.cp.world_size} ranks but ctx.cp has "
+                             f"{ctx.cp.world_size}")
+        out = self.attend(q, k, v, ctx, dropout_p)
+        return out, ShardedKVCache.from_shard(k, v, TokenMeta.from_context(ctx), ctx.cp)
+
+    def init_state(self, batch_size: int, device: torch.device | str, dtype: torch.dtype,
+                   cp: ContextParallel | None = None) -> KVCache | ShardedKVCache:
+        """An empty KV cache; with a context-parallel ``cp`` (world size > 1) an empty
+        :class:`~mmgrow.ops.ring_decode.ShardedKVCache` on that group. A plain empty cache works for a
+        sharded prefill too (the layer turns it into a sharded one); ``cp`` makes the intent explicit."""
+        if cp is None or cp.world_size == 1:
+            return super().init_state(batch_size, device, dtype)
+        return ShardedKVCache.empty(batch_size, self.num_kv_heads, self.head_dim, cp, device, dtype)

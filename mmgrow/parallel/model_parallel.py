@@ -31,25 +31,21 @@ usual ``model.safetensors`` is gathered on rank 0 at the end of ``fit``.
 
 from __future__ import annotations
 
-import math
-from datetime import timedelta
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
+from mmgrow.parallel.faults import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
+    apply_collective_timeout,
+    collective_timeout,
+    startup_timeout,
+)
 from mmgrow.parallel.fsdp import parse_dtype
 from mmgrow.parallel.mesh import ParallelDims, build_device_mesh
 from mmgrow.parallel.parallelize import ParallelPlan
 from mmgrow.parallel.sharding import LAYOUTS
 from mmgrow.protocols import ContextParallel
-
-DEFAULT_COLLECTIVE_TIMEOUT_S = 1800.0
-
-
-def _timeout(seconds: Any, owner: str) -> timedelta:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"{owner}: collective_timeout_s must be a positive number of seconds, got {seconds!r}")
-    return timedelta(seconds=float(seconds))
 
 
 class MeshParallelStrategy(ModelParallelStrategy):
@@ -92,9 +88,10 @@ class MeshParallelStrategy(ModelParallelStrategy):
             raise ValueError(f"{name}: data_parallel must be a positive int or 'auto', got {data_parallel!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"{name}: layout must be one of {LAYOUTS}, got {layout!r}")
+        collective_timeout(collective_timeout_s, name)  # validates (mmgrow.parallel.faults)
         super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend,
-                         timeout=_timeout(collective_timeout_s, name))
+                         timeout=startup_timeout(collective_timeout_s))  # lowered once the mesh exists
         self.data_parallel_arg = data_parallel
         self.context_parallel = context_parallel
         self.tensor_parallel = tensor_parallel
@@ -135,6 +132,8 @@ class MeshParallelStrategy(ModelParallelStrategy):
                              "context_parallel strategies for replicated training)")
         self._device_mesh, self._fsdp_mesh = build_device_mesh(self.dims, self.root_device.type)
         self.lightning_module._device_mesh = self._device_mesh
+        apply_collective_timeout(self.collective_timeout_s, [self._device_mesh.get_group(a) for a in ("dp", "cp", "tp")]
+                                 + [self._fsdp_mesh.get_group()])
         if self.dims.cp > 1:
             mesh = self._device_mesh
             self._handle = ContextParallel(group=mesh.get_group("cp"), rank=mesh.get_local_rank("cp"),

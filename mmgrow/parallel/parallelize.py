@@ -37,21 +37,23 @@ class ParallelPlan:
     reduce_dtype: torch.dtype | None = None
     reshard_after_forward: bool = True
     activation_checkpointing: bool = False
-    compile_blocks: bool = False
+    # False (eager), True (torch.compile defaults) or torch.compile kwargs (mmgrow.parallel.compile)
+    compile_blocks: bool | dict[str, Any] = False
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan) -> dict[str, Any]:
     """Apply ``plan`` to ``model`` in place; returns what was done (for logs and summary.json)."""
     from mmgrow.parallel.activation_checkpoint import checkpoint_blocks
-    from mmgrow.parallel.compile import compile_blocks
+    from mmgrow.parallel.compile import compile_blocks, compile_options
 
     done: dict[str, Any] = {}
     if plan.mesh is not None and plan.mesh["tp"].size() > 1:
         done["tensor_parallel_layers"] = len(apply_tensor_parallel(model, plan.mesh["tp"]))
     if plan.activation_checkpointing:
         done["checkpointed_blocks"] = checkpoint_blocks(model)
-    if plan.compile_blocks:
-        done["compiled_blocks"] = compile_blocks(model)
+    options = compile_options(plan.compile_blocks)
+    if options is not None:
+        done["compiled_blocks"] = compile_blocks(model, **options)
     if plan.mesh is not None and plan.fsdp:
         done["fsdp_units"] = apply_fsdp(model, plan.fsdp_mesh, param_dtype=plan.param_dtype,
                                         reduce_dtype=plan.reduce_dtype,

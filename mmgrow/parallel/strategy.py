@@ -23,6 +23,11 @@ Recipes::
         class_path: mmgrow.parallel.strategy.ContextParallelStrategy
         init_args: {context_parallel: 4, layout: zigzag}    # dp = 8 / 4 = 2
 
+``collective_timeout_s`` (default :data:`~mmgrow.parallel.faults.DEFAULT_COLLECTIVE_TIMEOUT_S`, 600 s)
+bounds every collective: a stalled or dead rank fails the run after that long with a message naming
+it (:mod:`mmgrow.parallel.faults`), instead of torch's 30 minutes. With ``context_parallel=1`` this
+strategy is plain DDP, so every multi-process recipe can set it.
+
 or ``--trainer.strategy context_parallel`` (registered in Lightning's ``StrategyRegistry`` when this
 module is imported, which the mmgrow CLI does): every process of a node in one group.
 """
@@ -33,6 +38,13 @@ from typing import Any, Literal
 
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
+from mmgrow.parallel.faults import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
+    apply_collective_timeout,
+    collective_timeout,
+    startup_timeout,
+    stop_launched_ranks,
+)
 from mmgrow.parallel.sharding import LAYOUTS
 from mmgrow.protocols import ContextParallel
 
@@ -46,15 +58,22 @@ class ContextParallelStrategy(DDPStrategy):
             (``cp = devices``, ``dp = num_nodes``).
         layout: how a sequence is split over a group: ``"zigzag"`` (chunks ``r`` and ``2cp-1-r`` on
             rank ``r``: equal causal work per rank) or ``"contiguous"``.
-        **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes
-            (``process_group_backend``, ``timeout``, ``find_unused_parameters`` ...).
+        collective_timeout_s: seconds a collective may wait for the other ranks before the run fails
+            with an error naming this value (DDP's ``timeout``); a positive finite number.
+        **kwargs: everything else :class:`~lightning.pytorch.strategies.DDPStrategy` takes
+            (``process_group_backend``, ``find_unused_parameters`` ...).
     """
 
     strategy_name = "context_parallel"
 
     def __init__(self, context_parallel: int | None = 1, layout: Literal["zigzag", "contiguous"] = "zigzag",
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S, **kwargs: Any) -> None:
+        if "timeout" in kwargs:
+            raise ValueError("ContextParallelStrategy: give collective_timeout_s (seconds), not timeout")
+        collective_timeout(collective_timeout_s, type(self).__name__)  # validates
+        # the rendezvous waits longer (ranks start at different times); setup_distributed lowers it
+        super().__init__(timeout=startup_timeout(collective_timeout_s), **kwargs)
+        self.collective_timeout_s = float(collective_timeout_s)
         if context_parallel is not None and (isinstance(context_parallel, bool) or not isinstance(context_parallel, int)
                                              or context_parallel < 1):
             raise ValueError(f"ContextParallelStrategy: context_parallel must be a positive int or None (all "
@@ -98,6 +117,7 @@ class ContextParallelStrategy(DDPStrategy):
         super().setup_distributed()
         cp = self.context_parallel
         if cp == 1:
+            apply_collective_timeout(self.collective_timeout_s)
             return
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -111,6 +131,7 @@ class ContextParallelStrategy(DDPStrategy):
                                f"({self.global_rank // cp}, {self.global_rank % cp}) the data sampler assumes")
         self._handle = ContextParallel(group=self.device_mesh.get_group("cp"), rank=cp_rank, world_size=cp,
                                        layout=self.layout)
+        apply_collective_timeout(self.collective_timeout_s, [self.device_mesh.get_group(d) for d in ("dp", "cp")])
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -122,6 +143,12 @@ class ContextParallelStrategy(DDPStrategy):
     def context_parallel_handle(self) -> ContextParallel | None:
         """The group of this rank's context-parallel axis (``None`` when ``cp == 1`` or before setup)."""
         return self._handle
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Rank 0 failed (a collective timed out, say): kill the ranks it launched, which Lightning leaves
+        running when the launching process itself fails -- a stopped rank would otherwise stay forever."""
+        super().on_exception(exception)
+        stop_launched_ranks()
 
     def teardown(self) -> None:
         self._handle = None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -85,6 +86,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         for p in procs:
             if p.is_alive():
                 p.terminate()
+                try:  # a stopped rank (SIGSTOP, a debugger) acts on SIGTERM only once continued
+                    os.kill(p.pid, signal.SIGCONT)
+                except OSError:
+                    pass
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():

@@ -247,6 +247,7 @@ def _make_cli_class(links: list[tuple[str, str]]):
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
+    import mmgrow.parallel.model_parallel
     import mmgrow.parallel.strategy  # noqa: F401 - registers the "context_parallel" strategy name
     from mmgrow.training.callbacks import ExportWeights, PlotMetrics, RunSummary
     from mmgrow.training.checkpointing import StepCheckpoint

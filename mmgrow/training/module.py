@@ -91,6 +91,11 @@ class MMGrowModule(pl.LightningModule):
             loss is a deterministic function of the weights: comparable across steps and runs (a
             learning-rate sweep reads differences of a fraction of a percent), and training's random
             stream is untouched by validation. None = draw from the global RNG.
+        activation_checkpointing: recompute every block in the backward instead of keeping its
+            activations (:mod:`mmgrow.parallel.activation_checkpoint`); same gradients, less memory.
+        compile_blocks: ``torch.compile`` each block: ``false``, ``true`` (torch's defaults) or a mapping
+            of ``torch.compile`` keyword arguments such as ``{backend: aot_eager}``
+            (:mod:`mmgrow.parallel.compile`).
     """
 
     def __init__(
@@ -121,7 +126,7 @@ class MMGrowModule(pl.LightningModule):
         head: str = "per_modality",
         eval_seed: int | None = 0,
         activation_checkpointing: bool = False,
-        compile_blocks: bool = False,
+        compile_blocks: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if vocab is None:
@@ -141,6 +146,9 @@ class MMGrowModule(pl.LightningModule):
         check_optimizer_hparams("MMGrowModule", lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         if eval_seed is not None:
             int_at_least("MMGrowModule", "eval_seed", eval_seed, 0)
+        from mmgrow.parallel.compile import compile_options
+
+        compile_options(compile_blocks, "MMGrowModule: compile_blocks")  # a typo fails here, not at step 1
         self.save_hyperparameters(ignore=["objective", "growth"])
         self.growth = [strategy_from_spec(s) for s in growth or []]  # bad specs fail here, not mid-setup
         self.vocab = dict(vocab)
@@ -276,7 +284,7 @@ class MMGrowModule(pl.LightningModule):
         make = getattr(self._strategy(), "parallel_plan", None)
         plan = make() if callable(make) else ParallelPlan()
         plan.activation_checkpointing = bool(self.hparams.get("activation_checkpointing", False))
-        plan.compile_blocks = bool(self.hparams.get("compile_blocks", False))
+        plan.compile_blocks = self.hparams.get("compile_blocks", False) or False
         if plan.mesh is None and not (plan.activation_checkpointing or plan.compile_blocks):
             return None
         return plan
