@@ -114,6 +114,34 @@ def _run_model(layout: str, rank: int, world_size: int) -> dict:
             "grad scale": max(float(g.abs().max()) for g in ring_grads.values())}
 
 
+def _run_auto_layer(rank: int, world_size: int) -> dict:
+    """RingAttention(transport="auto") with GQA 4:1 on the shards: the transport it picks per mask, and its
+    output against the same layer forced to each transport."""
+    from mmgrow.layers.ring import RingAttention
+
+    T, D = SEQ_LEN[world_size], 16
+    # contiguous: a window then needs one hop (under zigzag its late chunks reach W - 1 ranks back)
+    cp = ContextParallel(group=dist.group.WORLD, rank=rank, world_size=world_size, layout="contiguous")
+    x = shard(torch.randn(2, T, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64), world_size,
+              rank, "contiguous")
+    found = {}
+    for name, spec in (("causal", MaskSpec()), ("window 3", MaskSpec(window=3))):
+        ctx = shard_context(_full_context(Case(name, spec), T, world_size), cp)
+        outputs = {}
+        for transport in ("auto", "ring", "allgather"):
+            torch.manual_seed(0)
+            layer = RingAttention(dim=D, num_heads=4, num_kv_heads=1, query_block=Q_BLOCK, key_block=K_BLOCK,
+                                  transport=transport).double()
+            with torch.no_grad():
+                outputs[transport] = layer(x, ctx)[0]
+            if transport == "auto":
+                meta = TokenMeta.from_context(ctx)
+                q = torch.empty(2, 4, T // world_size, 1)
+                found[name] = layer.transport_for(q, q[:, :1], ctx, meta)
+        found[f"{name} error"] = max(_error(outputs["auto"], outputs[t], False) for t in ("ring", "allgather"))
+    return found
+
+
 def _worker(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     T_local = SEQ_LEN[world_size] // world_size
@@ -121,7 +149,7 @@ def _worker(rank: int, world_size: int) -> dict:
              for layout in ("contiguous", "zigzag") for c in _cases(T_local) for fused in ("auto", False)}
     model = {layout: _run_model(layout, rank, world_size) for layout in ("contiguous", "zigzag")} \
         if world_size == 2 else {}
-    return {"cases": cases, "model": model}
+    return {"cases": cases, "model": model, "auto": _run_auto_layer(rank, world_size)}
 
 
 @functools.cache
@@ -177,6 +205,19 @@ def test_allgather_layer_in_a_model_equals_ring_and_one_process() -> None:
             assert d["loss vs one process"] <= F64_TOL and d["loss vs ring"] <= F64_TOL, (rank, layout, d)
             assert d["grads vs ring"] <= F64_TOL * max(1.0, d["grad scale"]), (rank, layout, d)
             assert d["grad scale"] > 0, (rank, layout, d)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_auto_transport_in_the_layer(world_size: int) -> None:
+    """GQA 4:1 (g = 4), contiguous shards: causal attention (every hop needed) picks the all-gather for
+    W = 3, 4 and the ring for W = 2; a window of 3 (one hop) picks the ring; the same on every rank, and equal to both forced
+    transports (1e-12)."""
+    results = _launch(world_size)
+    want = "allgather" if world_size >= 3 else "ring"
+    for rank, r in enumerate(results):
+        got = r["auto"]
+        assert (got["causal"], got["window 3"]) == (want, "ring"), (world_size, rank, got)
+        assert got["causal error"] <= 1e-12 and got["window 3 error"] <= 1e-12, (world_size, rank, got)
 
 
 # --------------------------------------------------------------------------------------------------
