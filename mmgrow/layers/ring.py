@@ -16,8 +16,17 @@ see only earlier ranks' keys, so rank 0 computes one hop and the last rank ``W``
 work; the token facts carry the global stream index of each token, so the mask is the same rule
 in either layout. ``T`` must be a multiple of ``W`` (contiguous) or ``2W`` (zigzag).
 
-Without a context-parallel group (``ctx.cp`` None or a world size of 1) the layer is exactly
-:class:`~mmgrow.layers.blockwise.BlockwiseAttention`, KV-cache decoding included.
+**Transports.** ``transport="ring"`` moves K/V shards round the ring
+(:func:`~mmgrow.ops.ring.ring_attention`); ``"allgather"`` gathers all K/V once and reduce-scatters
+their gradients (:func:`~mmgrow.ops.ring_allgather.allgather_attention`: one collective per pass,
+useful with grouped-query attention when every hop is needed); ``"auto"`` lets the batch's hop plan
+decide with :func:`~mmgrow.ops.ring_plan.choose_transport` (the same choice on every rank).
+
+Without a context-parallel group (``ctx.cp`` None or a world size of 1) the layer computes what
+:class:`~mmgrow.layers.blockwise.BlockwiseAttention` does, KV-cache decoding included; where that
+would run the tile kernel (CPU, or ``kernel="native"``) it runs the single local hop of
+:func:`~mmgrow.ops.ring.ring_attention` instead, which is the fused kernel with LSE where the mask
+allows (``fused``) and exactly the tile kernel elsewhere.
 
 **Decoding with the cache sharded over the group** (LWM's ring inference,
 :mod:`mmgrow.ops.ring_decode`, driven by
@@ -39,13 +48,17 @@ sharded prefill) is refused with :class:`~mmgrow.protocols.MixerCapabilityError`
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from mmgrow.layers.attention import KVCache
 from mmgrow.layers.blockwise import BlockwiseAttention
 from mmgrow.ops.ring import ring_attention
+from mmgrow.ops.ring_allgather import allgather_attention
 from mmgrow.ops.ring_decode import ShardedKVCache, sharded_decode_attention
+from mmgrow.ops.ring_plan import TRANSPORTS, RingPlan, choose_transport
 from mmgrow.ops.token_meta import TokenMeta
 from mmgrow.protocols import ContextParallel, MixerCapabilityError, SeqContext
 
@@ -59,21 +72,64 @@ class RingAttention(BlockwiseAttention):
 
     Same arguments as :class:`~mmgrow.layers.blockwise.BlockwiseAttention`; ``query_block`` and
     ``key_block`` are the tiles of each hop's local computation and the granularity at which the
-    ring decides which hops the mask needs.
+    ring decides which hops the mask needs. Besides:
+
+    Args:
+        transport: ``"ring"`` (K/V shards travel round the ring), ``"allgather"`` (K/V all-gathered once,
+            gradients reduce-scattered) or ``"auto"`` (default: per batch, the rule of
+            :func:`~mmgrow.ops.ring_plan.choose_transport`; always ``"ring"`` with ``lean=True``).
+        lean: the ring's memory-lean mode (K/V in owner-direct chunks, see
+            :func:`~mmgrow.ops.ring.ring_attention`); not combinable with ``transport="allgather"``.
+        fused: the per-hop kernel: ``"auto"`` (fused SDPA kernel with LSE where the mask and device
+            allow, tiles elsewhere), ``False`` (always the tile kernels), ``True`` (fused, raising where
+            the device/dtype has none).
     """
 
     supports_context_parallel = True
     supports_sharded_decode = True
     """KV-cache decoding with the cache sharded over ``ctx.cp`` (see the module docstring)."""
 
+    def __init__(self, *, dim: int, layer_idx: int = 0, transport: str = "auto", lean: bool = False,
+                 fused: bool | str = "auto", **blockwise: Any) -> None:
+        super().__init__(dim=dim, layer_idx=layer_idx, **blockwise)
+        if transport not in ("auto", *TRANSPORTS):
+            raise ValueError(f"{type(self).__name__}: transport must be one of 'auto', "
+                             f"{', '.join(repr(t) for t in TRANSPORTS)}; got {transport!r}")
+        if not isinstance(lean, bool):
+            raise TypeError(f"{type(self).__name__}: lean must be True or False, got {lean!r}")
+        if lean and transport == "allgather":
+            raise ValueError(f"{type(self).__name__}: lean=True is a mode of the ring transport (chunked K/V); the "
+                             "all-gather transport holds every rank's K/V at once -- use transport='ring' or 'auto' "
+                             "with lean=True, or lean=False")
+        if fused not in (True, False, "auto") or not isinstance(fused, (bool, str)):
+            raise ValueError(f"{type(self).__name__}: fused must be True, False or 'auto', got {fused!r}")
+        self.transport, self.lean, self.fused = transport, lean, fused
+
+    def transport_for(self, q: Tensor, k: Tensor, ctx: SeqContext, meta: TokenMeta) -> str:
+        """The transport of this call: the fixed one, or the plan's choice (plan cached on ``ctx``)."""
+        if self.transport != "auto":
+            return self.transport
+        if self.lean:
+            return "ring"
+        plan = RingPlan.build(meta, ctx.mask, ctx.cp, self.query_block, self.key_block, owner=ctx)
+        return choose_transport(plan, q.shape[1], k.shape[1], q.shape[2], ctx.cp.world_size)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, dropout_p: float) -> Tensor:
+        opts = {"q_block": self.query_block, "k_block": self.key_block, "fused": self.fused}
         if not _is_sharded(ctx):
-            return super().attend(q, k, v, ctx, dropout_p)
+            if self.kernel_for(ctx, q, dropout_p) != "native":  # CUDA sdpa/flex: fused already
+                return super().attend(q, k, v, ctx, dropout_p)
+            # where the tile kernel would run: the single local hop, fused where the mask allows
+            meta = TokenMeta.from_context(ctx)
+            return ring_attention(q, k, v, meta, ctx.mask, None, **opts)[0]
         meta = TokenMeta.from_context(ctx)  # global stream indices from ctx.cp and its layout
         # the hop plan is cached on ctx: all layers of a batch share one all-gather of the token facts
-        out, _ = ring_attention(q, k, v, meta, ctx.mask, ctx.cp, q_block=self.query_block, k_block=self.key_block,
-                                plan_owner=ctx)
-        return out
+        if self.transport_for(q, k, ctx, meta) == "allgather":
+            return allgather_attention(q, k, v, meta, ctx.mask, ctx.cp, plan_owner=ctx, **opts)[0]
+        return ring_attention(q, k, v, meta, ctx.mask, ctx.cp, plan_owner=ctx, lean=self.lean, **opts)[0]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, transport={self.transport!r}, lean={self.lean}, fused={self.fused!r}"
 
     def _attend_with_cache(self, q: Tensor, k: Tensor, v: Tensor, ctx: SeqContext, state: KVCache | ShardedKVCache,
                            dropout_p: float) -> tuple[Tensor, KVCache | ShardedKVCache]:

@@ -129,3 +129,72 @@ def _concat_summaries(parts: list[ChunkSummary]) -> ChunkSummary:
         return None if values[0] is None else torch.cat(values, dim=1)
 
     return ChunkSummary(*(cat(f.name) for f in fields(ChunkSummary)))
+
+
+TRANSPORTS = ("ring", "allgather")
+
+
+@dataclass(frozen=True)
+class TransportCost:
+    """Elements one rank moves and holds per attention call under a transport (multiply by ``head_dim``
+    and the element size for bytes). ``S = 2 Hk T_local`` is one shard's K/V per head-dim unit.
+
+    sent_forward:   K/V elements received in the forward;
+    sent_backward:  K/V plus gradient elements received in the backward (gradients in float32);
+    collectives:    dependent communication steps (forward + backward): each pays a latency and a sync;
+    kv_held:        K/V elements held at once in the forward beyond the rank's own shard.
+    """
+
+    sent_forward: int
+    sent_backward: int
+    collectives: int
+    kv_held: int
+
+
+def transport_cost(plan: RingPlan, kv_heads: int, local_len: int) -> dict[str, TransportCost]:
+    """The costs of both transports for ``plan`` (see :func:`choose_transport`).
+
+    ring: ``n_hops`` steps of ``S`` forward; backward ``n_hops`` steps of ``S`` K/V and ``S`` gradients
+    plus the trip home (``S``); two K/V buffers. allgather: ``(W - 1) S`` in one all-gather each pass,
+    ``(W - 1) S`` gradients in one reduce-scatter; the whole ``W S`` gathered buffer.
+    """
+    S, W, n = 2 * kv_heads * local_len, plan.world_size, plan.n_hops
+    home = 1 if n > 0 else 0
+    ring = TransportCost(n * S, n * 2 * S + home * S, 2 * n + home, 2 * S if n > 0 else 0)
+    comm = 1 if n > 0 else 0  # no rank needs another's keys: the all-gather variant sends nothing either
+    gather = TransportCost(comm * (W - 1) * S, comm * 2 * (W - 1) * S, 3 * comm, comm * W * S)
+    return {"ring": ring, "allgather": gather}
+
+
+def choose_transport(plan: RingPlan, q_heads: int, kv_heads: int, local_len: int, world_size: int) -> str:
+    """``"ring"`` or ``"allgather"`` for one attention call; the same answer on every rank.
+
+    Derived from :func:`transport_cost` (``S`` = one shard's K/V, ``Q = H T_local hd`` = one shard's
+    queries, ``g = H / Hk`` the grouped-query ratio):
+
+    1. **Bytes.** The ring moves ``n_hops S`` per pass, the all-gather always ``(W - 1) S``. When the mask
+       needs fewer than ``W - 1`` hops (a window, documents that stay near their shard) the ring moves
+       strictly less, so it wins: ``n_hops < W - 1 -> "ring"``.
+    2. **Latency.** At ``n_hops = W - 1`` both move the same K/V bytes (the all-gather saves the ring's
+       final trip of the gradients home), but the ring pays ``2 n_hops + 1`` dependent steps per
+       training step against 3 collectives. For ``W = 2`` both are one step each way, so the ring (the
+       default, with its transfers overlapped hop by hop) is kept: ``W <= 2 -> "ring"``.
+    3. **Memory.** The all-gather holds all ``W S = 2 W Q / g`` K/V elements at once (and as many
+       float32 gradients in the backward), the ring two buffers (``4 Q / g``). Allowing the gathered
+       K/V to be at most ``2 Q`` -- the size of the rank's own ``q`` and ``out``, so the all-gather never
+       more than doubles the activations of the call -- gives ``W <= g``: the all-gather only pays off
+       with few KV heads (GQA), which is exactly where torch CP and the llama3 recipe use it.
+
+    So: ``"allgather"`` iff ``n_hops == W - 1``, ``W >= 3`` and ``H / Hk >= W``; else ``"ring"``. Every input
+    is agreed by all ranks (the plan is built from all-gathered facts; heads and ``T_local`` are the
+    same everywhere), so no rank can pick a different transport and wait in a collective alone.
+    """
+    if q_heads < 1 or kv_heads < 1 or q_heads % kv_heads:
+        raise ValueError(f"choose_transport: q_heads ({q_heads}) must be a positive multiple of kv_heads ({kv_heads})")
+    if world_size != plan.world_size:
+        raise ValueError(f"choose_transport: world_size {world_size} differs from the plan's {plan.world_size}")
+    cost = transport_cost(plan, kv_heads, local_len)
+    same_bytes = cost["allgather"].sent_forward <= cost["ring"].sent_forward  # i.e. n_hops == W - 1 (and > 0)
+    fewer_steps = cost["allgather"].collectives < cost["ring"].collectives and world_size >= 3
+    fits = world_size * kv_heads <= q_heads  # W S <= 2 Q
+    return "allgather" if plan.n_hops > 0 and same_bytes and fewer_steps and fits else "ring"
