@@ -153,7 +153,9 @@ def _worker(rank: int, world_size: int) -> dict:
 
 
 @functools.cache
+@functools.cache
 def _launch(world_size: int) -> list[dict]:
+    """One multi-process run per world size, shared by the tests that read it (each launch costs seconds)."""
     return run_distributed(_worker, world_size, timeout=240)
 
 
