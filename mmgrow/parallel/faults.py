@@ -104,6 +104,7 @@ _TIMEOUT_PATTERNS = (
     re.compile(r"collective operation timeout"),                          # NCCL watchdog, other wording
     re.compile(r"wait timeout after (\d+)\s*ms"),                         # TCPStore / barrier on the store
     re.compile(r"socket timeout"),                                        # c10d store
+    re.compile(r"application timeout caused pair closure"),               # gloo: a pair closed on its timeout
 )
 _PEER_PATTERNS = (
     re.compile(r"connection closed by peer"),                             # gloo: the peer process is gone

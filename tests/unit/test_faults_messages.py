@@ -32,6 +32,7 @@ class DistBackendError(RuntimeError):  # same name as torch's: recognised by cla
     (DistBackendError("[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE) "
                       "ran for 600013 milliseconds before timing out."), "timeout"),
     (RuntimeError("Timed out after 301 seconds waiting for clients. 1/2 clients joined."), "timeout"),
+    (RuntimeError("Application timeout caused pair closure"), "timeout"),  # gloo, seen in a DDP optimizer step
     (RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5431"), "peer_lost"),
     (DistBackendError("Read error [127.0.0.1]:5431: Connection reset by peer"), "peer_lost"),
 ])
