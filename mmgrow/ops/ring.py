@@ -145,6 +145,27 @@ def _output_delta(out: Tensor, dout: Tensor, dlse: Tensor | None, rows: int = 10
         delta[:, :, a:a + rows] = output_delta(out[:, :, a:a + rows], dout[:, :, a:a + rows], None)
     return delta if dlse is None else delta - dlse.to(delta.dtype)
 
+def backward_inputs(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor, ...]:
+    """What every ring-style backward starts from: the saved ``(q, k, v, out, lse)``, ``dout`` (zeros when
+    the output was unused: ``set_materialize_grads(False)``) and ``delta = rowsum(dO * O) - d lse``."""
+    q, k, v, out, lse = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    return q, k, v, out, lse, dout, _output_delta(out, dout, dlse)
+
+
+def check_shard_inputs(owner: str, q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, q_block: int, k_block: int) -> None:
+    """``ValueError`` (naming ``owner``) unless ``q [B, H, T_local, hd]``, ``k, v [B, Hk, T_local, hd]`` and the
+    token facts cover the same ``T_local`` tokens and the block sizes are positive."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"{owner}: expected q [B, H, T_local, hd], k and v [B, Hk, T_local, hd]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2] or meta.length != q.shape[2]:
+        raise ValueError(f"{owner}: queries ({q.shape[2]}), keys ({k.shape[2]}) and token facts "
+                         f"({meta.length}) must cover the same T_local tokens of this rank")
+    if q_block < 1 or k_block < 1:
+        raise ValueError(f"{owner}: block sizes must be positive, got {q_block}, {k_block}")
+
+
 
 def _peer(cp: ContextParallel, group_rank: int) -> int:
     """The global rank of ``group_rank`` in ``cp.group`` (what ``P2POp`` addresses)."""
@@ -232,9 +253,7 @@ class _LocalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        delta = _output_delta(out, dout, dlse)
+        q, k, v, out, lse, dout, delta = backward_inputs(ctx, dout, dlse)
         dq, dk, dv = hop_backward(q, k, v, dout, lse, delta, ctx.tiles, ctx.scale, out=out if dlse is None else None,
                                   fused=ctx.fused, max_piece=_overlap_piece(q))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
@@ -270,9 +289,7 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        delta = _output_delta(out, dout, dlse)
+        q, k, v, out, lse, dout, delta = backward_inputs(ctx, dout, dlse)
         kernel_out = out if dlse is None else None  # with a d lse term the hop derives an out' from delta
         dq = torch.zeros(q.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
         run = _backward_lean if ctx.lean else _backward_overlapped
@@ -481,14 +498,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: MaskS
         input)``; rows with no visible key give ``0`` and ``-inf``. Both are differentiable; the
         gradients of ``k`` and ``v`` reach the rank that owns them.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
-        raise ValueError(f"ring_attention: expected q [B, H, T_local, hd], k and v [B, Hk, T_local, hd]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2] or meta.length != q.shape[2]:
-        raise ValueError(f"ring_attention: queries ({q.shape[2]}), keys ({k.shape[2]}) and token facts "
-                         f"({meta.length}) must cover the same T_local tokens of this rank")
-    if q_block < 1 or k_block < 1:
-        raise ValueError(f"ring_attention: block sizes must be positive, got {q_block}, {k_block}")
+    check_shard_inputs("ring_attention", q, k, v, meta, q_block, k_block)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if cp is None or cp.world_size == 1:
         tiles = TilePlan(meta, meta, spec, q_block, k_block)

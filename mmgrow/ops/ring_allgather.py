@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mmgrow.ops.blockwise import DEFAULT_BLOCK, TilePlan, accumulation_dtype
-from mmgrow.ops.ring import RingStats, _output_delta, _overlap_piece, ring_attention
+from mmgrow.ops.ring import RingStats, _overlap_piece, backward_inputs, check_shard_inputs, ring_attention
 from mmgrow.ops.ring_hop import Fused, fused_pieces, hop_backward, hop_forward
 from mmgrow.ops.ring_plan import RingPlan
 from mmgrow.ops.token_meta import TokenMeta
@@ -101,10 +101,8 @@ class _AllGatherAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, dout, delta = backward_inputs(ctx, dout, dlse)
         cp, r = ctx.cp, ctx.cp.rank
-        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
-        delta = _output_delta(out, dout, dlse)
         acc = accumulation_dtype(q.dtype)
         opts = {"out": out if dlse is None else None, "fused": ctx.fused, "max_piece": _overlap_piece(q)}
         communicate = ctx.plan.n_hops > 0
@@ -148,13 +146,9 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, meta: TokenMeta, spec: 
     if cp is None or cp.world_size == 1:
         return ring_attention(q, k, v, meta, spec, cp, scale=scale, q_block=q_block, k_block=k_block, stats=stats,
                               plan_owner=plan_owner, fused=fused)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0]:
-        raise ValueError(f"allgather_attention: expected q [B, H, T_local, hd], k and v [B, Hk, T_local, hd]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2] or meta.length != q.shape[2]:
-        raise ValueError(f"allgather_attention: queries ({q.shape[2]}), keys ({k.shape[2]}) and token facts "
-                         f"({meta.length}) must cover the same T_local tokens of this rank")
-    if q_block < 1 or k_block < 1:
-        raise ValueError(f"allgather_attention: block sizes must be positive, got {q_block}, {k_block}")
+    check_shard_inputs("allgather_attention", q, k, v, meta, q_block, k_block)
+    if k.shape != v.shape:  # K and V travel packed in one buffer
+        raise ValueError(f"allgather_attention: k and v must have the same shape, got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _AllGatherAttention.apply(q, k, v, meta, spec, cp, scale, q_block, k_block, stats, plan_owner, fused)
